@@ -1,0 +1,34 @@
+"""One error type that carries an exit code; it is caught only in ``tracer.cli.main``.
+
+Every failure a user can fix is one sentence plus the fix, with a distinct exit code,
+so scripts can tell "Ollama is down" from "bad capture directory" without parsing text.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1  # a generic failure, or a child command that failed
+    USAGE = 2  # bad command-line arguments (argparse uses 2 as well)
+    OLLAMA_UNREACHABLE = 3
+    MODEL_NOT_FOUND = 4
+    PERMISSION = 5  # missing root / CAP_BPF / ptrace
+    MISSING_DEPENDENCY = 6  # a tool or package is not installed
+    BAD_CAPTURE = 7  # a capture directory is missing, empty or corrupt
+    EXPORT_FAILED = 8  # the OTLP endpoint (Jaeger) is unreachable or refused the data
+    BUILD_FAILED = 9  # a testbed build step failed
+    OUTPUT_EXISTS = 10  # refusing to overwrite without --force
+    COMMAND_NOT_FOUND = 127  # the command given to `tracer capture` does not exist
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+
+
+class TracerError(Exception):
+    """A failure the user can act on: ``message`` is one sentence that includes the fix."""
+
+    def __init__(self, message: str, exit_code: ExitCode = ExitCode.FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code

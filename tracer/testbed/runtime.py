@@ -1,0 +1,186 @@
+"""Start, reuse and stop the testbed's processes.
+
+``up`` records what it started in ``state.json``; ``down`` stops exactly those processes
+(checked by pid *and* command line, so a recycled pid is never killed) and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from tracer.errors import ExitCode, TracerError
+from tracer.testbed.models import MODELFILE, SPECS, ModelSpec, write_model
+from tracer.testbed.steps import Progress, cache_dir, run_step
+
+STATE_SCHEMA = "tracer.testbed/1"
+
+
+def testbed_dir() -> Path:
+    path = Path(os.environ.get("TRACER_TESTBED_DIR") or cache_dir() / "testbed")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class ManagedProcess:
+    pid: int
+    argv: list[str]
+    log: str
+
+    def alive(self) -> bool:
+        """True only if ``pid`` still runs the command we started (pids get recycled)."""
+        try:
+            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return bool(cmdline) and cmdline[0].decode(errors="replace") == self.argv[0]
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if not self.alive():
+            return
+        # The process leads its own session, so its group also holds the runner children.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    return
+                time.sleep(0.1)
+
+
+@dataclass
+class TestbedState:
+    __test__ = False  # not a pytest test class
+
+    ollama: ManagedProcess | None = None
+    ollama_host: str | None = None
+    ollama_binary: str | None = None
+    jaeger: ManagedProcess | None = None
+    jaeger_endpoints: dict[str, str] | None = None
+    models: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> TestbedState:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except ValueError:
+            return cls()  # a torn state file is as good as none: up re-creates it
+        state = cls()
+        if raw.get("ollama"):
+            state.ollama = ManagedProcess(**raw["ollama"])
+        if raw.get("jaeger"):
+            state.jaeger = ManagedProcess(**raw["jaeger"])
+        state.ollama_host = raw.get("ollama_host")
+        state.ollama_binary = raw.get("ollama_binary")
+        state.jaeger_endpoints = raw.get("jaeger_endpoints")
+        state.models = list(raw.get("models", []))
+        return state
+
+    def save(self, path: Path) -> None:
+        payload: dict[str, Any] = {"schema": STATE_SCHEMA, **asdict(self)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        tmp.replace(path)
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ollama_version(host: str, timeout_s: float = 2.0) -> str | None:
+    try:
+        response = requests.get(f"{host}/api/version", timeout=timeout_s)
+        response.raise_for_status()
+        return str(response.json()["version"])
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+def start_ollama(binary: Path, directory: Path, progress: Progress) -> tuple[ManagedProcess, str]:
+    port = free_loopback_port()
+    host = f"http://127.0.0.1:{port}"
+    log = directory / "ollama.log"
+    env = dict(os.environ)
+    env.update(
+        OLLAMA_HOST=f"127.0.0.1:{port}",
+        OLLAMA_DEBUG="1",
+        OLLAMA_MODELS=str(directory / "ollama-models"),
+        OLLAMA_NOPRUNE="1",
+    )
+    argv = [str(binary), "serve"]
+    progress(f"starting ollama serve on {host} (log: {log})")
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    managed = ManagedProcess(pid=proc.pid, argv=argv, log=str(log))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TracerError(
+                f"ollama serve exited with code {proc.returncode} at start-up; read {log} for the cause.",
+                ExitCode.OLLAMA_UNREACHABLE,
+            )
+        if ollama_version(host, timeout_s=0.5) is not None:
+            return managed, host
+        time.sleep(0.2)
+    managed.stop()
+    raise TracerError(
+        f"ollama serve did not answer on {host} within 60 s; read {log} for the cause.",
+        ExitCode.OLLAMA_UNREACHABLE,
+    )
+
+
+def registered_models(host: str) -> set[str]:
+    response = requests.get(f"{host}/api/tags", timeout=10)
+    response.raise_for_status()
+    return {str(m["name"]) for m in response.json().get("models", [])}
+
+
+def ensure_models(
+    binary: Path, host: str, directory: Path, progress: Progress, specs: tuple[ModelSpec, ...] = SPECS
+) -> list[str]:
+    """Write each synthetic GGUF once (cached) and register it with ``ollama create``, offline."""
+    model_dir = cache_dir() / "models"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    present = registered_models(host)
+    env = dict(os.environ, OLLAMA_HOST=host.removeprefix("http://"))
+    for spec in specs:
+        gguf_path = model_dir / spec.filename
+        if not gguf_path.exists():
+            progress(f"writing synthetic {spec.arch} model {gguf_path.name} ({spec.vocab_size} tokens)")
+            write_model(spec, gguf_path)
+        if spec.name in present:
+            continue
+        modelfile = model_dir / f"{spec.filename}.Modelfile"
+        # FROM must be an existing path: otherwise Ollama treats it as a name and pulls.
+        modelfile.write_text(MODELFILE.format(filename=spec.filename))
+        run_step(
+            f"registering {spec.name} with ollama create",
+            [str(binary), "create", spec.name, "-f", str(modelfile)],
+            log_path=directory / "ollama-create.log",
+            progress=progress,
+            fix=f"read the server log {directory / 'ollama.log'}",
+            cwd=model_dir,
+            env=env,
+            every_s=30,
+        )
+    return [spec.name for spec in specs]
