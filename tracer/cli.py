@@ -15,10 +15,11 @@ from tracer.errors import ExitCode, TracerError
 def _commands() -> list[Command]:
     # Imported here so `tracer --version` stays fast and a broken optional import
     # in one subcommand cannot take the others down.
+    from tracer.commands.bench import BenchCommand
     from tracer.commands.doctor import DoctorCommand
     from tracer.commands.testbed import TestbedCommand
 
-    return [TestbedCommand(), DoctorCommand()]
+    return [TestbedCommand(), BenchCommand(), DoctorCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

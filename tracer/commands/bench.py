@@ -1,0 +1,220 @@
+"""Reproducible benchmarks against Ollama.
+
+`tracer bench interrupt` runs the seed's scenario: stream a first-stage /api/generate,
+interrupt it after N ms by closing the stream, immediately start a second-stage request and
+time "interrupt sent → second stage's first token". Iteration 0 (and up to --warmup) is a
+warm-up. It prints the per-iteration table, the interval's mean/median/min/max/stdev (n−1),
+and Ollama's own timing fields for the second stage, and the server phases rebuilt from the
+response (source=response). Client spans go wherever the OTEL_* variables say; with none set,
+nowhere. No prompt or completion text is recorded unless --record-content is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import requests
+from rich.console import Console
+from rich.table import Table
+
+from tracer import __version__
+from tracer.bench.interrupt import SCHEMA, BenchClient, BenchOptions, Iteration, run_iteration, summary
+from tracer.errors import ExitCode, TracerError
+from tracer.ollama_host import resolve_host
+from tracer.otel_setup import configure_from_env
+
+
+def _positive(kind: type[float] | type[int]) -> Any:
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+class BenchCommand:
+    """Run a built-in benchmark against Ollama (`tracer bench interrupt`)."""
+
+    name = "bench"
+
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
+        kinds = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+        p = kinds.add_parser(
+            "interrupt", help="stream, interrupt after N ms, stream again; time interrupt → first token",
+            description=(__doc__ or "").split("\n\n")[1],
+        )
+        p.add_argument("--host", help="Ollama base URL (default: $OLLAMA_HOST or 127.0.0.1:11434)")
+        p.add_argument("--model", required=True, help="model name, e.g. gemma3:4b or tracer-gemma3:test")
+        p.add_argument("--client", choices=("sdk", "http"), default="sdk",
+                       help="the ollama Python SDK, or raw HTTP with requests (default: sdk)")
+        p.add_argument("--interrupt-after-ms", type=_positive(float), default=500.0,
+                       help="close the first stream after this many ms (default: 500)")
+        p.add_argument("--iterations", type=_positive(int), default=4, help="measured iterations (default: 4)")
+        p.add_argument("--warmup", type=_non_negative, default=1, help="warm-up iterations (default: 1)")
+        p.add_argument("--prompt", help="first-stage prompt (default: a long story request)")
+        p.add_argument("--second-prompt", help="second-stage prompt")
+        p.add_argument("--num-predict", type=_positive(int), default=16,
+                       help="second-stage num_predict, so it runs to done with timing fields (default: 16)")
+        p.add_argument("--num-ctx", type=_positive(int), help="options.num_ctx for both stages")
+        p.add_argument("--record-content", action="store_true",
+                       help="record prompt and completion text in spans and JSON (off by default)")
+        p.add_argument("--json", dest="json_path", type=Path, help="also write the results as JSON here")
+
+    def run(self, args: argparse.Namespace) -> int:
+        host = resolve_host(args.host)
+        defaults = BenchOptions(host=host, model=args.model)
+        options = BenchOptions(
+            host=host, model=args.model, client=args.client, interrupt_after_ms=args.interrupt_after_ms,
+            iterations=args.iterations, warmup=args.warmup, prompt=args.prompt or defaults.prompt,
+            second_prompt=args.second_prompt or defaults.second_prompt, num_predict=args.num_predict,
+            num_ctx=args.num_ctx, record_content=args.record_content,
+        )
+        _preflight(options)
+        provider = configure_from_env("ollama-client")
+        try:
+            iterations = _run_all(options)
+        finally:
+            if provider is not None:
+                provider.force_flush()
+        result = {
+            "schema": SCHEMA,
+            "tracer_version": __version__,
+            "ollama_version": _version(host),
+            "model": options.model,
+            "client": options.client,
+            "options": options.to_json(),
+            "iterations": [it.to_json() for it in iterations],
+            "summary": _clean(summary(iterations)),
+        }
+        _print(result, iterations)
+        if args.json_path is not None:
+            _write_json_atomically(args.json_path, result)
+        return int(ExitCode.OK)
+
+
+def _version(host: str) -> str | None:
+    try:
+        return str(requests.get(f"{host}/api/version", timeout=5).json()["version"])
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+def _preflight(options: BenchOptions) -> None:
+    if _version(options.host) is None:
+        raise TracerError(
+            f"Ollama is not reachable at {options.host}; start it (`ollama serve` or `tracer testbed up`) "
+            "or pass --host / set OLLAMA_HOST.",
+            ExitCode.OLLAMA_UNREACHABLE,
+        )
+    try:
+        response = requests.post(f"{options.host}/api/show", json={"model": options.model}, timeout=30)
+    except requests.RequestException as err:
+        raise TracerError(f"Ollama at {options.host} stopped answering ({err}).",
+                          ExitCode.OLLAMA_UNREACHABLE) from err
+    if response.status_code == 404:
+        raise TracerError(
+            f"model {options.model!r} is not on the Ollama at {options.host}; "
+            f"pull or create it first (`ollama pull {options.model}`), or list models with `ollama list`.",
+            ExitCode.MODEL_NOT_FOUND,
+        )
+
+
+def _run_all(options: BenchOptions) -> list[Iteration]:
+    from opentelemetry import trace
+
+    client = BenchClient(options)
+    tracer = trace.get_tracer("tracer.bench")
+    results: list[Iteration] = []
+    total = options.warmup + options.iterations
+    for index in range(total):
+        warmup = index < options.warmup
+        try:
+            iteration = run_iteration(client, index, warmup, tracer)
+        except Exception as err:  # map client-library failures to one sentence
+            raise _as_tracer_error(err, options) from err
+        label = "warm-up" if warmup else f"{index - options.warmup + 1}/{options.iterations}"
+        print(f"tracer: iteration {index} ({label}): interrupt → first token "
+              f"{iteration.interrupt_to_first_token_ms:.2f} ms", file=sys.stderr, flush=True)
+        results.append(iteration)
+    return results
+
+
+def _as_tracer_error(err: Exception, options: BenchOptions) -> TracerError:
+    name = type(err).__name__
+    text = str(err)
+    if "ConnectError" in name or "ConnectionError" in name or "Failed to connect" in text:
+        return TracerError(f"lost the connection to Ollama at {options.host} ({name}).",
+                           ExitCode.OLLAMA_UNREACHABLE)
+    if "not found" in text:
+        return TracerError(f"model {options.model!r} is not available: {text}", ExitCode.MODEL_NOT_FOUND)
+    return TracerError(f"the benchmark failed: {name}: {text}", ExitCode.FAILURE)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: a one-sample stdev becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f} ms"
+
+
+def _print(result: dict[str, Any], iterations: list[Iteration]) -> None:
+    console = Console(file=sys.stdout, width=140)
+    table = Table(title=f"interrupt benchmark: {result['model']} via {result['client']} "
+                        f"(Ollama {result['ollama_version']})")
+    for column in ("#", "first stage", "second stage", "interrupt → 2nd first token",
+                   "total", "load", "prompt_eval", "eval"):
+        table.add_column(column, justify="right")
+    for it in iterations:
+        t = it.second_stage_timings
+        table.add_row(
+            f"{it.index}{' (warm-up)' if it.warmup else ''}", _ms(it.first_stage_ms), _ms(it.second_stage_ms),
+            _ms(it.interrupt_to_first_token_ms), _ms(t["total_ms"]), _ms(t["load_ms"]),
+            _ms(t["prompt_eval_ms"]), _ms(t["eval_ms"]),
+        )
+    console.print(table)
+    s = result["summary"]["interrupt_to_first_token_ms"]
+    console.print(
+        f"interrupt → first token: mean {_ms(s['mean'])}, median {_ms(s['median'])}, min {_ms(s['min'])}, "
+        f"max {_ms(s['max'])}, stdev {_ms(s['stdev'])} (n={s['n']}, sample stdev)"
+    )
+    phases = [(k.removeprefix("phase:"), v) for k, v in result["summary"].items() if k.startswith("phase:")]
+    if phases:
+        split = Table(title="second stage, rebuilt from the response (source=response, median)")
+        split.add_column("phase")
+        split.add_column("median", justify="right")
+        split.add_column("share of interval", justify="right")
+        interval = s["median"] or 0.0
+        for name, stats in phases:
+            share = f"{100 * stats['median'] / interval:.1f} %" if interval and stats["median"] is not None else "—"
+            split.add_row(name, _ms(stats["median"]), share)
+        console.print(split)

@@ -1,0 +1,1 @@
+"""Client-side OpenTelemetry instrumentation for Ollama clients (the SDK and ``requests``)."""

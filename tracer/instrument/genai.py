@@ -1,0 +1,220 @@
+"""One streamed Ollama request as OpenTelemetry spans, fed by whichever HTTP client made it.
+
+Both instrumentors (the ``ollama`` SDK over httpx, and ``requests``) report the same moments
+to a :class:`StreamRecorder`, so every client produces the same span shape:
+
+* ``{operation} {model}`` (CLIENT): request built → stream finished or closed early. A stream
+  the caller closes early ends with ``tracer.cancelled=true`` and status *unset*: an interrupt
+  is not an error.
+* ``client.request``: request built → its bytes written to the socket.
+* ``client.first_token``: response bytes at the client → first token handed to the caller.
+
+Attributes follow the OpenTelemetry GenAI semantic conventions. Ollama's own timing fields
+and the server-side ``created_at`` of the first and last chunks are kept as ``ollama.*``
+attributes, so the server's phases can be rebuilt from the span alone (``source=response``).
+Prompt and completion text is recorded only with ``record_content=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from contextvars import ContextVar
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
+
+log = logging.getLogger("tracer.instrument")
+
+PROVIDER = "ollama"
+OPERATIONS = {"/api/generate": "text_completion", "/api/chat": "chat"}
+TIMING_FIELDS = (
+    "total_duration", "load_duration", "prompt_eval_duration", "eval_duration",
+    "prompt_eval_count", "eval_count",
+)
+
+
+# The recorder of the latest call made in this context: lets a caller that made the call (the
+# benchmark) read the moments the HTTP client hid from it, without another hook.
+LAST_RECORDER: ContextVar[StreamRecorder | None] = ContextVar("tracer_last_recorder", default=None)
+
+
+def operation_for_path(path: str) -> str | None:
+    for suffix, operation in OPERATIONS.items():
+        if path.rstrip("/").endswith(suffix):
+            return operation
+    return None
+
+
+_RFC3339 = re.compile(r"^(?P<base>[^.Zz+-]+(?:-[^.Zz+-]+)*T[\d:]+)(?:\.(?P<frac>\d+))?(?P<zone>[Zz]|[+-]\d\d:\d\d)?$")
+
+
+def parse_created_at(value: str) -> int:
+    """Ollama's RFC3339Nano ``created_at`` as epoch ns (Python's parser keeps only µs)."""
+    match = _RFC3339.match(value.strip())
+    if match is None:
+        raise ValueError(f"not an RFC3339 timestamp: {value!r}")
+    zone = match["zone"] or "+00:00"
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    seconds = int(datetime.fromisoformat(match["base"] + zone).timestamp())
+    nanos = int((match["frac"] or "0").ljust(9, "0")[:9])
+    return seconds * 1_000_000_000 + nanos
+
+
+class StreamRecorder:
+    """Records one request's moments; every method swallows its own failures.
+
+    A tracer failure must never break the traced program, so each hook logs and carries on.
+    """
+
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        *,
+        url: str,
+        body: Mapping[str, Any] | None,
+        stream: bool,
+        record_content: bool = False,
+        built_ns: int | None = None,
+    ) -> None:
+        self.built_ns = built_ns or time.time_ns()
+        self.written_ns: int | None = None
+        self.response_start_ns: int | None = None
+        self.first_token_ns: int | None = None
+        self.first_chunk_created_ns: int | None = None
+        self.last_chunk_created_ns: int | None = None
+        self.final: dict[str, Any] = {}
+        self.chunks = 0
+        self.local_port: int | None = None
+        self._record_content = record_content
+        self._completion: list[str] = []
+        self._ended = False
+        self.span: Span | None = None
+        LAST_RECORDER.set(self)
+        try:
+            parts = urlsplit(url)
+            body = body or {}
+            self.operation = operation_for_path(parts.path) or "text_completion"
+            self.model = str(body.get("model", ""))
+            options = body.get("options") or {}
+            attributes: dict[str, Any] = {
+                "gen_ai.provider.name": PROVIDER,
+                "gen_ai.operation.name": self.operation,
+                "gen_ai.request.model": self.model,
+                "gen_ai.request.stream": stream,
+                "server.address": parts.hostname or "",
+                "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+            }
+            if isinstance(options, Mapping) and options.get("num_predict") is not None:
+                attributes["gen_ai.request.max_tokens"] = int(options["num_predict"])
+            if record_content:
+                messages = body.get("messages")
+                if messages is None:
+                    messages = [{"role": "user", "content": body.get("prompt", "")}]
+                attributes["gen_ai.input.messages"] = json.dumps(messages)
+            self.span = tracer.start_span(
+                f"{self.operation} {self.model}".strip(), kind=SpanKind.CLIENT,
+                start_time=self.built_ns, attributes=attributes,
+            )
+            self._tracer = tracer
+        except Exception:  # never break the host program
+            log.debug("tracer: could not start a span", exc_info=True)
+
+    # -- moments reported by the HTTP client ------------------------------------------------
+    def request_written(self, when_ns: int | None = None) -> None:
+        self.written_ns = when_ns or time.time_ns()
+
+    def response_started(self, when_ns: int | None = None) -> None:
+        if self.response_start_ns is None:
+            self.response_start_ns = when_ns or time.time_ns()
+
+    def chunk(self, part: Mapping[str, Any]) -> None:
+        """Called with each parsed NDJSON object, just before it is handed to the caller."""
+        try:
+            now = time.time_ns()
+            self.chunks += 1
+            created = part.get("created_at")
+            if isinstance(created, str) and created:
+                created_ns = parse_created_at(created)
+                if self.first_chunk_created_ns is None:
+                    self.first_chunk_created_ns = created_ns
+                self.last_chunk_created_ns = created_ns
+            if self.first_token_ns is None:
+                self.first_token_ns = now
+            if self._record_content:
+                text = part.get("response")
+                if text is None and isinstance(part.get("message"), Mapping):
+                    text = part["message"].get("content")
+                if text:
+                    self._completion.append(str(text))
+            if part.get("done"):
+                self.final = {k: part[k] for k in (*TIMING_FIELDS, "done_reason", "model") if k in part}
+        except Exception:
+            log.debug("tracer: could not record a chunk", exc_info=True)
+
+    def end(self, *, cancelled: bool = False, error: BaseException | None = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        try:
+            self._finish(cancelled=cancelled, error=error)
+        except Exception:
+            log.debug("tracer: could not end a span", exc_info=True)
+
+    # -- span assembly ---------------------------------------------------------------------
+    def _finish(self, *, cancelled: bool, error: BaseException | None) -> None:
+        span = self.span
+        if span is None:
+            return
+        end_ns = time.time_ns()
+        ctx = trace.set_span_in_context(span)
+        if self.written_ns is not None:
+            child = self._tracer.start_span("client.request", context=ctx, start_time=self.built_ns)
+            child.set_attribute("tracer.source", "client")
+            child.end(end_time=self.written_ns)
+        if self.first_token_ns is not None:
+            bytes_at_client = self.response_start_ns or self.first_token_ns
+            child = self._tracer.start_span("client.first_token", context=ctx, start_time=bytes_at_client)
+            child.set_attribute("tracer.source", "client")
+            child.end(end_time=self.first_token_ns)
+            span.set_attribute("gen_ai.response.time_to_first_chunk", (self.first_token_ns - self.built_ns) / 1e9)
+        attributes: dict[str, Any] = {"tracer.chunks": self.chunks}
+        for name, value in (
+            ("tracer.request_written_ns", self.written_ns),
+            ("tracer.response_start_ns", self.response_start_ns),
+            ("tracer.first_token_ns", self.first_token_ns),
+            ("ollama.created_at_first_ns", self.first_chunk_created_ns),
+            ("ollama.created_at_last_ns", self.last_chunk_created_ns),
+            ("tracer.local_port", self.local_port),
+        ):
+            if value is not None:
+                attributes[name] = value
+        for key in TIMING_FIELDS:
+            if key in self.final:
+                attributes[f"ollama.{key}"] = int(self.final[key])
+        if "prompt_eval_count" in self.final:
+            attributes["gen_ai.usage.input_tokens"] = int(self.final["prompt_eval_count"])
+        if "eval_count" in self.final:
+            attributes["gen_ai.usage.output_tokens"] = int(self.final["eval_count"])
+        if "done_reason" in self.final:
+            attributes["gen_ai.response.finish_reasons"] = [str(self.final["done_reason"])]
+        if "model" in self.final:
+            attributes["gen_ai.response.model"] = str(self.final["model"])
+        if self._record_content and self._completion:
+            attributes["gen_ai.output.messages"] = json.dumps(
+                [{"role": "assistant", "content": "".join(self._completion)}]
+            )
+        if cancelled:
+            attributes["tracer.cancelled"] = True
+        span.set_attributes(attributes)
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)[:200]))
+            span.set_attribute("error.type", type(error).__qualname__)
+        span.end(end_time=end_ns)

@@ -1,0 +1,76 @@
+"""Read the kernel's TCP table to check that a server really saw a client's disconnect."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ESTABLISHED = "01"
+CLOSE_WAIT = "08"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _port(field: str) -> int:
+    return int(field.rsplit(":", 1)[1], 16)
+
+
+def server_side_states(server_port: int, client_port: int) -> list[str]:
+    """TCP states of the server's end of the connection from ``client_port`` (loopback only)."""
+    states = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and _port(fields[1]) == server_port and _port(fields[2]) == client_port:
+                states.append(fields[3])
+    return states
+
+
+def own_client_ports(host: str) -> set[int]:
+    """Local ports of this process's TCP connections to ``host`` (matched by socket inode)."""
+    parts = urlsplit(host)
+    if parts.hostname not in LOOPBACK_HOSTS or parts.port is None:
+        return set()
+    inodes = set()
+    fd_dir = Path("/proc/self/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = (fd_dir / fd.name).readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[9] in inodes and _port(fields[2]) == parts.port:
+                ports.add(_port(fields[1]))
+    return ports
+
+
+def server_saw_close(host: str, client_port: int | None, timeout_s: float = 1.0) -> bool | None:
+    """True once the server has closed its end of the connection (not ESTABLISHED or CLOSE_WAIT).
+
+    CLOSE_WAIT would mean the kernel got our FIN but the Ollama process has not acted on it.
+    None when it cannot be checked: a remote server, or an unknown client port.
+    """
+    parts = urlsplit(host)
+    if client_port is None or parts.hostname not in LOOPBACK_HOSTS or parts.port is None:
+        return None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = server_side_states(parts.port, client_port)
+        if not any(s in (ESTABLISHED, CLOSE_WAIT) for s in states):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
