@@ -16,10 +16,13 @@ def _commands() -> list[Command]:
     # Imported here so `tracer --version` stays fast and a broken optional import
     # in one subcommand cannot take the others down.
     from tracer.commands.bench import BenchCommand
+    from tracer.commands.capture import CaptureCommand
     from tracer.commands.doctor import DoctorCommand
+    from tracer.commands.export import ExportCommand
+    from tracer.commands.report import ReportCommand
     from tracer.commands.testbed import TestbedCommand
 
-    return [TestbedCommand(), BenchCommand(), DoctorCommand()]
+    return [TestbedCommand(), BenchCommand(), CaptureCommand(), ReportCommand(), ExportCommand(), DoctorCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

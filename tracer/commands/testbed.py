@@ -39,19 +39,23 @@ class TestbedCommand:
         actions.add_parser("down", help="stop what `tracer testbed up` started")
         status = actions.add_parser("status", help="describe the running testbed")
         status.add_argument("--json", action="store_true", help="print as JSON")
+        actions.add_parser("env", help="print `export OLLAMA_HOST=...` for the running testbed (use with eval)")
 
     def run(self, args: argparse.Namespace) -> int:
         directory = runtime.testbed_dir()
         state_path = directory / "state.json"
         if args.action == "down":
             return _down(state_path)
-        if args.action == "status":
+        if args.action in ("status", "env"):
             state = runtime.TestbedState.load(state_path)
             if state.ollama is None or not state.ollama.alive() or state.ollama_host is None:
                 raise TracerError(
                     "no testbed is running; start one with `tracer testbed up`.",
                     ExitCode.OLLAMA_UNREACHABLE,
                 )
+            if args.action == "env":
+                print(f"export OLLAMA_HOST={state.ollama_host}")
+                return int(ExitCode.OK)
             return _print(_describe(state), args.json)
         state = up(directory, with_jaeger=args.with_jaeger, progress=stderr_progress)
         return _print(_describe(state), args.json)

@@ -1,0 +1,45 @@
+"""The interface every evidence source speaks. Adding a source: one module plus one registry line.
+
+A collector is asked ``available()`` first; a missing one says why in one sentence (with the
+fix), and the capture goes on without it. ``start`` gets the session (directory, clock, pids),
+``stop`` flushes and writes the collector's raw output under ``raw/`` so that attribution can be
+recomputed from the capture directory alone, and returns its stats (counts, drops).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tracer.clock import ClockModel
+
+
+@dataclass
+class SessionInfo:
+    """What a collector may need to know about the capture it is part of."""
+
+    directory: Path
+    clock: ClockModel
+    ollama_host: str | None = None
+    ollama_pid: int | None = None
+    ollama_log: Path | None = None
+    child_env: dict[str, str] = field(default_factory=dict)  # a collector may add variables
+
+    @property
+    def raw_dir(self) -> Path:
+        path = self.directory / "raw"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
+
+class Collector(Protocol):
+    name: str
+
+    def available(self) -> tuple[bool, str]: ...
+
+    def start(self, session: SessionInfo) -> None: ...
+
+    def child_started(self, pid: int) -> None: ...
+
+    def stop(self) -> dict[str, Any]: ...

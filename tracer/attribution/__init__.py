@@ -1,0 +1,187 @@
+"""The attribution engine: capture records → phases per interval → summary across intervals.
+
+Reconciliation rule: every moment of an interval belongs to the phase of the finest source
+(lowest ``rank``) that covers it. A coarser phase keeps only the parts no finer phase claimed
+(marked ``clipped``), so nothing is counted twice, and ``unattributed`` is the exact remainder:
+``sum(phase durations) + unattributed == interval`` for every interval, to the nanosecond.
+Phases marked ``off_critical_path`` (``server.cancel``) are reported beside the interval and
+never counted in it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracer.attribution.intervals import Interval, find_intervals
+from tracer.attribution.sources import ClientSource, PhaseSource, ResponseSource
+from tracer.model import Phase
+
+SCHEMA = "tracer.attribution/1"
+
+# Finer sources first. New sources plug in here (and nowhere else).
+SOURCES: list[PhaseSource] = [ResponseSource(), ClientSource()]
+
+
+@dataclass
+class CaptureRecords:
+    spans: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttributedInterval:
+    interval: Interval
+    phases: list[Phase]
+    off_path: list[Phase]
+
+    @property
+    def attributed_ns(self) -> int:
+        return sum(p.duration_ns for p in self.phases)
+
+    @property
+    def unattributed_ns(self) -> int:
+        return self.interval.duration_ns - self.attributed_ns
+
+    def to_json(self) -> dict[str, Any]:
+        iv = self.interval
+        duration = iv.duration_ns
+        return {
+            "index": iv.index,
+            "kind": iv.kind,
+            "trace_id": iv.trace_id,
+            "iteration": iv.iteration,
+            "warmup": iv.warmup,
+            "model": iv.request.get("attributes", {}).get("gen_ai.request.model"),
+            "start_ns": iv.start_ns,
+            "end_ns": iv.end_ns,
+            "duration_ms": duration / 1e6,
+            "phases": [p.to_json() for p in self.phases],
+            "off_critical_path": [p.to_json() for p in self.off_path],
+            "unattributed_ms": self.unattributed_ns / 1e6,
+            "coverage": self.attributed_ns / duration if duration > 0 else 1.0,
+        }
+
+
+def _subtract(start: int, end: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    pieces = [(start, end)]
+    for c_start, c_end in covered:
+        next_pieces = []
+        for p_start, p_end in pieces:
+            if c_end <= p_start or c_start >= p_end:
+                next_pieces.append((p_start, p_end))
+                continue
+            if p_start < c_start:
+                next_pieces.append((p_start, c_start))
+            if c_end < p_end:
+                next_pieces.append((c_end, p_end))
+        pieces = next_pieces
+    return [(s, e) for s, e in pieces if e > s]
+
+
+def reconcile(interval: Interval, by_source: list[tuple[int, list[Phase]]]) -> tuple[list[Phase], list[Phase]]:
+    """Apply the precedence rule; returns (critical-path phases in time order, off-path phases)."""
+    covered: list[tuple[int, int]] = []
+    kept: list[Phase] = []
+    off_path: list[Phase] = []
+    for _, phases in sorted(by_source, key=lambda item: item[0]):
+        for phase in phases:
+            if phase.attributes.get("off_critical_path"):
+                off_path.append(phase)
+                continue
+            start = max(phase.start_ns, interval.start_ns)
+            end = min(phase.end_ns, interval.end_ns)
+            if end <= start:
+                continue
+            # Within a source too, the first phase to claim a moment keeps it.
+            for p_start, p_end in _subtract(start, end, covered):
+                clipped = (p_start, p_end) != (phase.start_ns, phase.end_ns)
+                attributes = dict(phase.attributes, clipped=True) if clipped else phase.attributes
+                kept.append(Phase(phase.name, p_start, p_end, phase.source, phase.process, attributes))
+                covered.append((p_start, p_end))
+    kept.sort(key=lambda p: (p.start_ns, p.end_ns))
+    return kept, off_path
+
+
+def attribute_interval(interval: Interval, records: CaptureRecords,
+                       sources: list[PhaseSource] | None = None) -> AttributedInterval:
+    by_source = [(source.rank, source.phases(interval, records)) for source in (sources or SOURCES)]
+    phases, off_path = reconcile(interval, by_source)
+    return AttributedInterval(interval=interval, phases=phases, off_path=off_path)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100), defined for a single value too."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "mean_ms": statistics.fmean(values),
+        "median_ms": statistics.median(values),
+        "p95_ms": percentile(values, 95),
+        "min_ms": min(values),
+        "max_ms": max(values),
+    }
+
+
+def summarize(attributed: list[AttributedInterval]) -> dict[str, Any]:
+    measured = [a for a in attributed if not a.interval.warmup] or attributed
+    if not measured:
+        return {"intervals": 0, "coverage": None, "phases": [], "interval": None, "unattributed": None}
+    total_ns = sum(a.interval.duration_ns for a in measured)
+    names: dict[str, dict[str, Any]] = {}
+    offsets: dict[str, list[int]] = {}
+    for a in measured:
+        per_name: dict[str, int] = {}
+        for phase in a.phases:
+            per_name[phase.name] = per_name.get(phase.name, 0) + phase.duration_ns
+            entry = names.setdefault(phase.name, {"sources": set(), "process": phase.process, "values": []})
+            entry["sources"].add(phase.source)
+            offsets.setdefault(phase.name, []).append(phase.start_ns - a.interval.start_ns)
+        for name, duration in per_name.items():
+            names[name]["values"].append(duration / 1e6)
+    for entry in names.values():
+        # A phase can vanish from an interval when its length is zero (or a finer source took
+        # all of it): that interval contributes 0, so medians stay comparable across phases.
+        entry["present"] = len(entry["values"])
+        entry["values"] += [0.0] * (len(measured) - len(entry["values"]))
+    phases = []
+    for name, entry in sorted(names.items(), key=lambda item: statistics.median(offsets[item[0]])):
+        values = entry["values"]
+        phases.append({
+            "name": name,
+            "source": "+".join(sorted(entry["sources"])),
+            "process": entry["process"],
+            "count": entry["present"],
+            **_stats(values),
+            "share": sum(values) * 1e6 / total_ns if total_ns else 0.0,
+        })
+    unattributed = [a.unattributed_ns / 1e6 for a in measured]
+    return {
+        "intervals": len(measured),
+        "warmup_intervals_excluded": len(attributed) - len(measured),
+        "interval": _stats([a.interval.duration_ns / 1e6 for a in measured]),
+        "phases": phases,
+        "unattributed": {**_stats(unattributed), "share": sum(unattributed) * 1e6 / total_ns if total_ns else 0.0},
+        "coverage": 1 - sum(a.unattributed_ns for a in measured) / total_ns if total_ns else 1.0,
+    }
+
+
+def attribute(records: CaptureRecords, sources: list[PhaseSource] | None = None) -> dict[str, Any]:
+    """The whole attribution as the ``attribution.json`` payload."""
+    intervals = find_intervals(records.spans)
+    attributed = [attribute_interval(iv, records, sources) for iv in intervals]
+    return {
+        "schema": SCHEMA,
+        "precedence": [{"source": s.name, "rank": s.rank} for s in sorted(sources or SOURCES, key=lambda s: s.rank)],
+        "intervals": [a.to_json() for a in attributed],
+        "summary": summarize(attributed),
+    }

@@ -1,0 +1,101 @@
+"""Find the intervals to attribute, from the client spans of a capture.
+
+* **interrupt**: a stream the client closed early (``tracer.cancelled``), followed in the same
+  trace or process by a new request within ``INTERRUPT_WINDOW_NS``. The interval runs from the
+  interrupt (the ``client.interrupt`` span's start when the client recorded one, otherwise the
+  cancelled span's end) to the next request's first token handed to the caller.
+* **request**: any other completed request: request built → first token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Span = dict[str, Any]
+
+INTERRUPT_WINDOW_NS = 5_000_000_000
+
+
+@dataclass
+class Interval:
+    index: int
+    kind: str  # "interrupt" or "request"
+    start_ns: int
+    end_ns: int
+    trace_id: str
+    request: Span  # the GenAI span whose first token ends the interval
+    cancelled: Span | None = None  # the interrupted stream, for interrupt intervals
+    interrupt: Span | None = None  # the client.interrupt span, when the client recorded one
+    children: list[Span] = field(default_factory=list)  # client.* children of ``request``
+    warmup: bool = False
+    iteration: int | None = None
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+
+def _is_genai(span: Span) -> bool:
+    return bool(span.get("attributes", {}).get("gen_ai.provider.name") == "ollama")
+
+
+def _first_token_ns(span: Span) -> int | None:
+    value = span.get("attributes", {}).get("tracer.first_token_ns")
+    return int(value) if value is not None else None
+
+
+def _process_key(span: Span) -> tuple[Any, ...]:
+    resource = span.get("resource", {})
+    return (resource.get("service.name"), resource.get("process.pid"), resource.get("service.instance.id"))
+
+
+def find_intervals(spans: list[Span]) -> list[Interval]:
+    genai = sorted((s for s in spans if _is_genai(s)), key=lambda s: int(s["startTimeUnixNano"]))
+    by_parent: dict[str, list[Span]] = {}
+    by_id: dict[str, Span] = {}
+    for span in spans:
+        by_id[span["spanId"]] = span
+        by_parent.setdefault(span.get("parentSpanId") or "", []).append(span)
+    intervals: list[Interval] = []
+    previous_cancelled: dict[tuple[Any, ...], Span] = {}
+    for span in genai:
+        attributes = span.get("attributes", {})
+        key = _process_key(span)
+        if attributes.get("tracer.cancelled"):
+            previous_cancelled[key] = span
+            continue
+        first_token = _first_token_ns(span)
+        if first_token is None:
+            continue  # failed before any token: nothing to attribute
+        start = int(span["startTimeUnixNano"])
+        cancelled = previous_cancelled.pop(key, None)
+        interrupt_span: Span | None = None
+        kind = "request"
+        if cancelled is not None and 0 <= start - int(cancelled["endTimeUnixNano"]) <= INTERRUPT_WINDOW_NS:
+            kind = "interrupt"
+            siblings = by_parent.get(span.get("parentSpanId") or "", [])
+            interrupts = [s for s in siblings if s["name"] == "client.interrupt" and s["traceId"] == span["traceId"]]
+            if interrupts:
+                interrupt_span = interrupts[-1]
+                start = int(interrupt_span["startTimeUnixNano"])
+            else:
+                start = min(start, int(cancelled["endTimeUnixNano"]))
+        root = by_id.get(span.get("parentSpanId") or "")
+        root_attributes = root.get("attributes", {}) if root else {}
+        intervals.append(
+            Interval(
+                index=len(intervals),
+                kind=kind,
+                start_ns=start,
+                end_ns=first_token,
+                trace_id=span["traceId"],
+                request=span,
+                cancelled=cancelled if kind == "interrupt" else None,
+                interrupt=interrupt_span,
+                children=[c for c in by_parent.get(span["spanId"], []) if c["name"].startswith("client.")],
+                warmup=bool(root_attributes.get("tracer.warmup", False)),
+                iteration=root_attributes.get("tracer.iteration.index"),
+            )
+        )
+    return intervals

@@ -1,0 +1,213 @@
+"""One capture session: collectors up, the command run, collectors flushed, everything written.
+
+Whatever happens to the command (it fails, it is interrupted with Ctrl-C or SIGTERM), the
+collectors are stopped and flushed and ``capture.json`` is written, so the directory is always
+a valid, complete-so-far capture that ``tracer report`` can read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from collectors.base import Collector, SessionInfo
+from tracer import __version__, capture_dir
+from tracer.autoinstrument import child_env
+from tracer.clock import ClockModel
+from tracer.errors import ExitCode, TracerError
+
+# Files a capture writes; --force removes exactly these, never anything else in the directory.
+CAPTURE_FILES = ("capture.json", "attribution.json", "spans.jsonl", "trace.perfetto.json", "report.html",
+                 "export.json", "bench.json", "raw")
+ENV_CAPTURE_DIR = "TRACER_CAPTURE_DIR"
+
+
+@dataclass
+class CaptureOptions:
+    command: list[str]
+    directory: Path
+    force: bool = False
+    ollama_host: str | None = None
+    record_content: bool = False
+    auto_instrument: bool = True
+    grace_s: float = 10.0  # how long an interrupted command gets before SIGKILL
+
+
+@dataclass
+class CaptureResult:
+    directory: Path
+    exit_code: int
+    interrupted: bool
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_command(command: Sequence[str]) -> list[str]:
+    if not command:
+        raise TracerError("no command given; usage: tracer capture [options] -- CMD [ARGS...]", ExitCode.USAGE)
+    program = command[0]
+    if os.sep in program:
+        if not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise TracerError(f"{program} does not exist or is not executable.", ExitCode.COMMAND_NOT_FOUND)
+        return list(command)
+    if shutil.which(program) is None:
+        raise TracerError(f"command not found: {program!r} is not on PATH.", ExitCode.COMMAND_NOT_FOUND)
+    return list(command)
+
+
+def default_directory(command: Sequence[str]) -> Path:
+    words = [Path(command[0]).name] + [w for w in command[1:3] if not w.startswith("-")]
+    slug = "-".join("".join(c if c.isalnum() else "_" for c in w) for w in words)[:48]
+    return Path(f"capture-{slug}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def prepare_directory(directory: Path, force: bool) -> None:
+    if force and directory.is_dir():
+        for name in CAPTURE_FILES:
+            target = directory / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    capture_dir.create(directory, force=force)
+
+
+class _Signals:
+    """Forward SIGINT/SIGTERM to the command's process group; a second SIGINT kills it."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.child: subprocess.Popen[bytes] | None = None
+        self.first_at: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received.append(signum)
+        if self.first_at is None:
+            self.first_at = time.monotonic()
+        if self.child is None or self.child.poll() is not None:
+            return
+        kill = signal.SIGKILL if self.received.count(signal.SIGINT) >= 2 else signum
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.child.pid, kill)
+
+
+def run_capture(options: CaptureOptions, collectors: list[Collector], progress: Any = print) -> CaptureResult:
+    command = resolve_command(options.command)
+    prepare_directory(options.directory, options.force)
+    clock = ClockModel.measure()
+    session = SessionInfo(directory=options.directory, clock=clock, ollama_host=options.ollama_host)
+    started_ns = time.time_ns()
+    statuses: dict[str, dict[str, Any]] = {}
+    running: list[Collector] = []
+    errors: list[str] = []
+    exit_code = int(ExitCode.FAILURE)
+    interrupted = False
+    with _Signals() as signals:
+        try:
+            for collector in collectors:
+                ok, reason = collector.available()
+                if not ok:
+                    statuses[collector.name] = {"ran": False, "reason": reason}
+                    progress(f"tracer: {collector.name} skipped: {reason}")
+                    continue
+                try:
+                    collector.start(session)
+                except TracerError as err:
+                    statuses[collector.name] = {"ran": False, "reason": err.message}
+                    progress(f"tracer: {collector.name} skipped: {err.message}")
+                    continue
+                statuses[collector.name] = {"ran": True, "reason": ""}
+                running.append(collector)
+                if signals.received:
+                    break  # Ctrl-C during start-up: do not start the command
+            if not signals.received:
+                exit_code = _run_command(command, options, session, running, signals)
+        finally:
+            interrupted = bool(signals.received)
+            for collector in running:
+                try:
+                    statuses[collector.name]["stats"] = collector.stop()
+                except Exception as err:  # one collector's failure must not lose the others' data
+                    statuses[collector.name]["error"] = f"{type(err).__name__}: {err}"
+                    errors.append(f"{collector.name}: {err}")
+            clock = clock.finish()
+            meta = {
+                "schema": capture_dir.CAPTURE_SCHEMA,
+                "tracer_version": __version__,
+                "command": command,
+                "exit_code": exit_code,
+                "interrupted": interrupted,
+                "signals": [signal.Signals(s).name for s in signals.received],
+                "started_ns": started_ns,
+                "ended_ns": time.time_ns(),
+                "clock": clock.to_json(),
+                "collectors": statuses,
+                "drops": _drops(statuses),
+                "ollama": {"host": options.ollama_host},
+                "record_content": options.record_content,
+                "errors": errors,
+                "python": sys.version.split()[0],
+            }
+            capture_dir.write_json(options.directory / "capture.json", meta)
+    return CaptureResult(directory=options.directory, exit_code=exit_code, interrupted=interrupted, meta=meta)
+
+
+def _drops(statuses: dict[str, dict[str, Any]]) -> dict[str, int]:
+    drops = {}
+    for name, status in statuses.items():
+        stats = status.get("stats") or {}
+        count = sum(int(stats.get(key, 0) or 0) for key in ("dropped_spans", "rejected_spans", "dropped", "lost"))
+        drops[name] = count
+    return drops
+
+
+def _run_command(command: list[str], options: CaptureOptions, session: SessionInfo, running: list[Collector],
+                 signals: _Signals) -> int:
+    base = dict(os.environ)
+    base.update(session.child_env)
+    base[ENV_CAPTURE_DIR] = str(options.directory.resolve())
+    if options.ollama_host:
+        base.setdefault("OLLAMA_HOST", options.ollama_host)
+    env = base
+    if options.auto_instrument:
+        markers = session.raw_dir / "markers.txt"
+        os.close(os.open(markers, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        env = child_env(base, endpoint=session.child_env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
+                        protocol=session.child_env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                        record_content=options.record_content,
+                        marker_file=str(markers))
+    try:
+        child = subprocess.Popen(command, env=env, start_new_session=True)
+    except OSError as err:
+        raise TracerError(f"could not start {command[0]!r}: {err.strerror}.", ExitCode.COMMAND_NOT_FOUND) from err
+    signals.child = child
+    for collector in running:
+        collector.child_started(child.pid)
+    while True:
+        try:
+            returncode = child.wait(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if signals.first_at is not None and time.monotonic() - signals.first_at > options.grace_s:
+                os.killpg(child.pid, signal.SIGKILL)
+    return returncode if returncode >= 0 else 128 - returncode
+

@@ -1,0 +1,99 @@
+"""Run a command under observation and attribute every Ollama request it makes.
+
+`tracer capture [options] -- CMD [ARGS...]` starts the collectors, gives the command an OTLP
+endpoint on loopback (Python commands are auto-instrumented with no code change), waits for
+it, then writes the capture directory: capture.json, spans.jsonl, attribution.json,
+trace.perfetto.json and raw/ (the records everything else is recomputed from). It prints the
+attribution table and, with --otlp-endpoint, exports one trace per request to Jaeger.
+
+For `tracer bench interrupt` an interval is interrupt → second-stage first token; for any other
+command it is each request's send → first token. The exit code is the command's.
+Ctrl-C or SIGTERM stops the command, flushes every collector and keeps what was recorded.
+
+Example:  tracer capture -o cap1 --otlp-endpoint http://127.0.0.1:4317 -- tracer bench interrupt --model M
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from collectors.registry import make_collectors
+from tracer import capture_dir
+from tracer.capture import CaptureOptions, default_directory, resolve_command, run_capture
+from tracer.errors import ExitCode, TracerError
+from tracer.exporters import ExportData
+from tracer.exporters import table as table_exporter
+from tracer.exporters.otlp import PROTOCOLS, export_rows
+from tracer.ollama_host import resolve_host
+from tracer.pipeline import compute, write_outputs
+
+
+def add_otlp_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--otlp-endpoint", required=required,
+                        help="export to this OTLP endpoint, e.g. http://127.0.0.1:4317 (Jaeger)")
+    parser.add_argument("--otlp-protocol", choices=PROTOCOLS,
+                        help="grpc or http/protobuf (default: from the URL; port 4318 means http)")
+
+
+def export_capture(directory: Path, endpoint: str, protocol: str | None) -> dict[str, object]:
+    """Export a capture's spans.jsonl and note the result in export.json (failures too)."""
+    rows, _ = capture_dir.read_jsonl(directory / "spans.jsonl")
+    try:
+        result = export_rows(rows, endpoint, protocol)
+    except TracerError as err:
+        capture_dir.write_json(directory / "export.json", {"endpoint": endpoint, "status": "failed",
+                                                           "error": err.message})
+        raise
+    capture_dir.write_json(directory / "export.json", {**result, "status": "exported"})
+    return result
+
+
+class CaptureCommand:
+    """Run a command under observation; write a capture directory and the attribution table."""
+
+    name = "capture"
+
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-o", "--output", type=Path, help="capture directory (default: capture-CMD-TIMESTAMP)")
+        parser.add_argument("--force", action="store_true", help="overwrite the capture files in an existing -o")
+        add_otlp_arguments(parser)
+        parser.add_argument("--ollama-host", help="the Ollama the command talks to (default: $OLLAMA_HOST)")
+        parser.add_argument("--record-content", action="store_true",
+                            help="let the instrumentation record prompt and completion text (off by default)")
+        parser.add_argument("--no-auto-instrument", action="store_true",
+                            help="do not auto-instrument Python commands (spans they export still land)")
+        parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    def run(self, args: argparse.Namespace) -> int:
+        command = list(args.cmd)
+        if command and command[0] == "--":
+            command = command[1:]
+        command = resolve_command(command)
+        directory = args.output or default_directory(command)
+        host = resolve_host(args.ollama_host)
+        result = run_capture(
+            CaptureOptions(command=command, directory=directory, force=args.force, ollama_host=host,
+                           record_content=args.record_content, auto_instrument=not args.no_auto_instrument),
+            make_collectors(),
+            progress=lambda message: print(message, file=sys.stderr),
+        )
+        meta, attribution, spans = compute(directory)
+        written = write_outputs(directory, meta, attribution, spans)
+        print()
+        table_exporter.render(sys.stdout, ExportData(meta=meta, attribution=attribution, spans=spans))
+        drops = {k: v for k, v in meta.get("drops", {}).items() if v}
+        if drops:
+            print(f"tracer: WARNING: data was dropped: {drops}", file=sys.stderr)
+        print(f"Wrote {directory}/ ({', '.join(p.name for p in written)}). "
+              f"Open trace.perfetto.json in https://ui.perfetto.dev; re-read with `tracer report {directory}`.")
+        if args.otlp_endpoint:
+            try:
+                exported = export_capture(directory, args.otlp_endpoint, args.otlp_protocol)
+                print(f"Exported {exported['exported_spans']} spans to {args.otlp_endpoint}.")
+            except TracerError as err:
+                print(f"tracer: warning: {err.message}", file=sys.stderr)
+        if result.interrupted and result.exit_code == 0:
+            return int(ExitCode.INTERRUPTED)
+        return result.exit_code

@@ -1,0 +1,19 @@
+"""Exporters: each speaks `render(outfile, data)`; one module per output format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, TextIO
+
+
+@dataclass
+class ExportData:
+    """Everything an exporter may show, as read from a capture directory."""
+
+    meta: dict[str, Any]  # capture.json: "command", "tracer_version", "clock", "collectors", "exit_code", "drops"
+    attribution: dict[str, Any]  # attribution.json ("tracer.attribution/1")
+    spans: list[dict[str, Any]]  # spans.jsonl rows (OTLP-JSON-shaped)
+
+
+class Exporter(Protocol):
+    def render(self, outfile: TextIO, data: ExportData) -> None: ...

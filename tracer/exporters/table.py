@@ -1,0 +1,42 @@
+"""The attribution table for the terminal (rich)."""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+
+from tracer.exporters import ExportData
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def render(outfile: TextIO, data: ExportData) -> None:
+    summary: dict[str, Any] = data.attribution.get("summary", {})
+    console = Console(file=outfile, width=140, force_terminal=False)
+    if not summary.get("intervals"):
+        console.print("No intervals found: the command made no Ollama request that reached a first token.")
+        return
+    interval = summary["interval"]
+    kinds = {iv["kind"] for iv in data.attribution["intervals"] if not iv["warmup"]}
+    title = ("interrupt → first token" if kinds == {"interrupt"} else "request → first token")
+    table = Table(title=f"Where the {title} time goes",
+                  caption=f"{summary['intervals']} interval(s), median {interval['median_ms']:.2f} ms, "
+                          f"coverage {100 * summary['coverage']:.1f} %")
+    for column, justify in (("phase", "left"), ("process", "left"), ("source", "left"), ("median ms", "right"),
+                            ("p95 ms", "right"), ("share", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for phase in summary["phases"]:
+        table.add_row(phase["name"], phase["process"], phase["source"], _ms(phase["median_ms"]),
+                      _ms(phase["p95_ms"]), f"{100 * phase['share']:.1f} %")
+    un = summary["unattributed"]
+    table.add_row("unattributed", "", "", _ms(un["median_ms"]), _ms(un["p95_ms"]), f"{100 * un['share']:.1f} %",
+                  style="dim")
+    table.add_row("interval", "", "", _ms(interval["median_ms"]), _ms(interval["p95_ms"]), "100.0 %", style="bold")
+    console.print(table)
+    excluded = summary.get("warmup_intervals_excluded")
+    if excluded:
+        console.print(f"({excluded} warm-up interval(s) excluded from the summary)")

@@ -1,0 +1,102 @@
+"""From a capture directory's raw records to every output. Everything here can be re-run later
+(`tracer report`, `tracer export`), because the raw records are the single source of truth."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from tracer import capture_dir
+from tracer.attribution import CaptureRecords, attribute
+from tracer.errors import ExitCode, TracerError
+
+SERVICE_BY_PROCESS = {"client": "ollama-client", "server": "ollama-server", "runner": "ollama-runner"}
+
+
+def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords, dict[str, int]]:
+    """The raw records of a capture, and how many unreadable rows each file had."""
+    spans, bad = capture_dir.read_jsonl(directory / capture_dir.CLIENT_SPANS)
+    extra: dict[str, Any] = {"meta": meta}
+    return CaptureRecords(spans=spans, extra=extra), {capture_dir.CLIENT_SPANS: bad}
+
+
+def _span_id(*parts: object) -> str:
+    return hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).hexdigest()
+
+
+def phase_spans(attribution: dict[str, Any], spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each interval's phases as child spans of its iteration (or request) span, in the
+    service of the process they happened in; plus one ``tracer.interval`` span per interval."""
+    by_trace_root: dict[str, str] = {}
+    for span in spans:
+        if span["name"] == "bench.interrupt.iteration":
+            by_trace_root[span["traceId"]] = span["spanId"]
+    rows = []
+    for interval in attribution["intervals"]:
+        trace_id = interval["trace_id"]
+        parent = by_trace_root.get(trace_id)
+        if parent is None:  # no iteration root: hang the phases under the request's parent or itself
+            candidates = [s for s in spans if s["traceId"] == trace_id and not s.get("parentSpanId")]
+            parent = candidates[0]["spanId"] if candidates else ""
+        interval_id = _span_id(trace_id, interval["index"], "interval")
+        interval_attributes = {
+            "tracer.interval.index": interval["index"], "tracer.interval.kind": interval["kind"],
+            "tracer.unattributed_ms": interval["unattributed_ms"], "tracer.coverage": interval["coverage"],
+        }
+        rows.append(_row(trace_id, interval_id, parent, "tracer.interval", interval["start_ns"], interval["end_ns"],
+                         "client", interval_attributes))
+        for group in ("phases", "off_critical_path"):
+            for phase in interval[group]:
+                attributes = {"tracer.phase": phase["name"], "tracer.source": phase["source"],
+                              "tracer.interval.index": interval["index"]}
+                if group == "off_critical_path":
+                    attributes["tracer.off_critical_path"] = True
+                for key, value in phase.get("attributes", {}).items():
+                    if isinstance(value, (str, int, float, bool)):
+                        attributes[f"tracer.{key}"] = value
+                rows.append(_row(trace_id, _span_id(trace_id, interval["index"], phase["name"], phase["start_ns"]),
+                                 interval_id, phase["name"], phase["start_ns"], phase["end_ns"], phase["process"],
+                                 attributes))
+    return rows
+
+
+def _row(trace_id: str, span_id: str, parent: str, name: str, start: int, end: int, process: str,
+         attributes: dict[str, Any]) -> dict[str, Any]:
+    service = SERVICE_BY_PROCESS.get(process, "ollama-client")
+    return {
+        "traceId": trace_id, "spanId": span_id, "parentSpanId": parent, "name": name, "kind": 1,
+        "startTimeUnixNano": start, "endTimeUnixNano": end, "attributes": attributes, "events": [],
+        "status": {"code": 0, "message": ""}, "resource": {"service.name": service}, "service": service,
+    }
+
+
+def compute(directory: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(capture meta, attribution, spans.jsonl rows), recomputed from the raw records."""
+    meta = capture_dir.load_capture_meta(directory)
+    records, bad_rows = load_records(directory, meta)
+    if not records.spans and not (directory / capture_dir.CLIENT_SPANS).exists():
+        raise TracerError(f"{directory} holds no recorded spans ({capture_dir.CLIENT_SPANS} is missing); "
+                          "the capture is incomplete.", ExitCode.BAD_CAPTURE)
+    attribution = attribute(records)
+    attribution["unreadable_rows"] = bad_rows
+    # A client may have emitted its own reconstruction of the server phases (`tracer bench`
+    # does, source=response). The attribution's phase spans supersede them in spans.jsonl, so a
+    # trace never shows a phase twice; raw/ still holds them as they were received.
+    client_spans = [s for s in records.spans if s.get("attributes", {}).get("tracer.source") != "response"]
+    spans = client_spans + phase_spans(attribution, records.spans)
+    return meta, attribution, spans
+
+
+def write_outputs(directory: Path, meta: dict[str, Any], attribution: dict[str, Any],
+                  spans: list[dict[str, Any]]) -> list[Path]:
+    from tracer.exporters import ExportData, perfetto
+
+    written = []
+    capture_dir.write_json(directory / "attribution.json", attribution)
+    written.append(directory / "attribution.json")
+    capture_dir.write_jsonl(directory / "spans.jsonl", spans)
+    written.append(directory / "spans.jsonl")
+    perfetto.write(directory / "trace.perfetto.json", ExportData(meta=meta, attribution=attribution, spans=spans))
+    written.append(directory / "trace.perfetto.json")
+    return written
