@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     EXPORT_FAILED = 8  # the OTLP endpoint (Jaeger) is unreachable or refused the data
     BUILD_FAILED = 9  # a testbed build step failed
     OUTPUT_EXISTS = 10  # refusing to overwrite without --force
+    SERVER_STALLED = 11  # Ollama accepted a request and then sent nothing (e.g. the v0.13 interrupt deadlock)
     COMMAND_NOT_FOUND = 127  # the command given to `tracer capture` does not exist
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 

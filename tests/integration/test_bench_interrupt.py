@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, run_tracer
+from tests.conftest import REPO, run_tracer_healing
 from tracer.autoinstrument import child_env
 from tracer.receiver import OtlpReceiver
 
@@ -28,9 +28,9 @@ STATS = {"mean", "median", "min", "max", "stdev"}
 
 def _bench(host: str, model: str, client: str, out: Path, *extra: str,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run_tracer("bench", "interrupt", "--host", host, "--model", model, "--client", client,
-                      "--iterations", "2", "--warmup", "1", "--json", str(out), *extra,
-                      timeout=300, env=env)
+    args = ("bench", "interrupt", "--host", host, "--model", model, "--client", client, "--iterations", "2",
+            "--warmup", "1", "--request-timeout", "30", "--json", str(out), *extra)
+    return run_tracer_healing({"ollama_host": host, "models": MODELS}, *args, timeout=300, env=env)
 
 
 @pytest.mark.parametrize("client", ["sdk", "http"])

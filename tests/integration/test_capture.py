@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import REPO, run_tracer
+from tests.conftest import REPO, run_tracer, run_tracer_healing
 from tracer.testbed.runtime import free_loopback_port
 
 pytestmark = pytest.mark.integration
@@ -23,12 +23,13 @@ pytestmark = pytest.mark.integration
 
 def _capture(testbed: dict[str, Any], out: Path, *command: str, extra: tuple[str, ...] = (),
              timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return run_tracer("capture", "-o", str(out), "--ollama-host", testbed["ollama_host"], *extra, "--", *command,
-                      timeout=timeout, env={"OLLAMA_HOST": testbed["ollama_host"]})
+    return run_tracer_healing(testbed, "capture", "-o", str(out), "--force", "--ollama-host", testbed["ollama_host"],
+                              *extra, "--", *command, timeout=timeout, env={"OLLAMA_HOST": testbed["ollama_host"]})
 
 
 def _bench(model: str = "tracer-gemma3:test", iterations: int = 3) -> tuple[str, ...]:
-    return (sys.executable, "-m", "tracer", "bench", "interrupt", "--model", model, "--iterations", str(iterations))
+    return (sys.executable, "-m", "tracer", "bench", "interrupt", "--model", model, "--iterations", str(iterations),
+            "--request-timeout", "30")
 
 
 def _check_sums(attribution: dict[str, Any]) -> None:

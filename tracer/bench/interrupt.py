@@ -47,12 +47,14 @@ class BenchOptions:
     num_predict: int = 16
     num_ctx: int | None = None
     record_content: bool = False
+    request_timeout_s: float = 120.0  # a stalled server becomes an error, never a hang
 
     def to_json(self) -> dict[str, Any]:
         payload = {
             "host": self.host, "client": self.client, "interrupt_after_ms": self.interrupt_after_ms,
             "iterations": self.iterations, "warmup": self.warmup, "num_predict": self.num_predict,
             "num_ctx": self.num_ctx, "record_content": self.record_content,
+            "request_timeout_s": self.request_timeout_s,
             "prompt_chars": len(self.prompt), "second_prompt_chars": len(self.second_prompt),
         }
         if self.record_content:
@@ -112,7 +114,7 @@ class BenchClient:
             from tracer.instrument.ollama_client import OllamaInstrumentor
 
             OllamaInstrumentor().instrument(record_content=options.record_content)
-            self._sdk = ollama.Client(host=options.host)
+            self._sdk = ollama.Client(host=options.host, timeout=options.request_timeout_s)
         else:
             import requests
 
@@ -143,7 +145,7 @@ class BenchClient:
         if options:
             body["options"] = options
         response = self._session.post(f"{self.options.host}/api/generate", json=body, stream=True,
-                                      timeout=(10, 600))
+                                      timeout=(10, self.options.request_timeout_s))
         response.raise_for_status()
 
         def http_chunks() -> Iterator[dict[str, Any]]:

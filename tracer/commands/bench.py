@@ -74,6 +74,8 @@ class BenchCommand:
         p.add_argument("--num-predict", type=_positive(int), default=16,
                        help="second-stage num_predict, so it runs to done with timing fields (default: 16)")
         p.add_argument("--num-ctx", type=_positive(int), help="options.num_ctx for both stages")
+        p.add_argument("--request-timeout", type=_positive(float), default=120.0,
+                       help="seconds to wait for Ollama's next byte before giving up (default: 120)")
         p.add_argument("--record-content", action="store_true",
                        help="record prompt and completion text in spans and JSON (off by default)")
         p.add_argument("--json", dest="json_path", type=Path, help="also write the results as JSON here")
@@ -85,7 +87,7 @@ class BenchCommand:
             host=host, model=args.model, client=args.client, interrupt_after_ms=args.interrupt_after_ms,
             iterations=args.iterations, warmup=args.warmup, prompt=args.prompt or defaults.prompt,
             second_prompt=args.second_prompt or defaults.second_prompt, num_predict=args.num_predict,
-            num_ctx=args.num_ctx, record_content=args.record_content,
+            num_ctx=args.num_ctx, record_content=args.record_content, request_timeout_s=args.request_timeout,
         )
         _preflight(options)
         provider = configure_from_env("ollama-client")
@@ -160,6 +162,13 @@ def _run_all(options: BenchOptions) -> list[Iteration]:
 def _as_tracer_error(err: Exception, options: BenchOptions) -> TracerError:
     name = type(err).__name__
     text = str(err)
+    if "Timeout" in name or "timed out" in text:
+        return TracerError(
+            f"Ollama at {options.host} accepted a request and then sent nothing for {options.request_timeout_s:g} s; "
+            "on Ollama v0.13.x this is the known interrupt deadlock (a cancelled stream's callback blocks on "
+            "`ch <- res` in GenerateHandler while holding the runner semaphore): restart Ollama.",
+            ExitCode.SERVER_STALLED,
+        )
     if "ConnectError" in name or "ConnectionError" in name or "Failed to connect" in text:
         return TracerError(f"lost the connection to Ollama at {options.host} ({name}).",
                            ExitCode.OLLAMA_UNREACHABLE)

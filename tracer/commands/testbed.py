@@ -66,20 +66,30 @@ def up(directory: Path, *, with_jaeger: bool, progress: Progress) -> runtime.Tes
     state = runtime.TestbedState.load(state_path)
     cache = cache_dir()
     binary = build_ollama(cache, progress)
-    if (
+    reusable = (
         state.ollama is not None
         and state.ollama.alive()
         and state.ollama_host is not None
         and state.ollama_binary == str(binary)
         and runtime.ollama_version(state.ollama_host) is not None
-    ):
+    )
+    port = None
+    if reusable and state.models and not runtime.models_respond(state.ollama_host or "", state.models):
+        # Ollama v0.13's interrupt deadlock leaves a model that never answers again: restart,
+        # on the same port so that clients holding the address keep working.
+        progress(f"ollama serve (pid {state.ollama.pid if state.ollama else '?'}) has a model that no longer "
+                 "answers (the v0.13 interrupt deadlock); restarting it")
+        reusable = False
+        port = int((state.ollama_host or "").rsplit(":", 1)[1])
+    if reusable and state.ollama is not None:
         progress(f"reusing ollama serve (pid {state.ollama.pid}) on {state.ollama_host}")
     else:
         if state.ollama is not None:
             state.ollama.stop()
-        state.ollama, state.ollama_host = runtime.start_ollama(binary, directory, progress)
+        state.ollama, state.ollama_host = runtime.start_ollama(binary, directory, progress, port=port)
         state.ollama_binary = str(binary)
         state.save(state_path)
+    assert state.ollama_host is not None
     state.models = runtime.ensure_models(binary, state.ollama_host, directory, progress)
     state.save(state_path)
     if with_jaeger:

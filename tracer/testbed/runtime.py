@@ -113,8 +113,9 @@ def ollama_version(host: str, timeout_s: float = 2.0) -> str | None:
         return None
 
 
-def start_ollama(binary: Path, directory: Path, progress: Progress) -> tuple[ManagedProcess, str]:
-    port = free_loopback_port()
+def start_ollama(binary: Path, directory: Path, progress: Progress,
+                 port: int | None = None) -> tuple[ManagedProcess, str]:
+    port = port or free_loopback_port()
     host = f"http://127.0.0.1:{port}"
     log = directory / "ollama.log"
     env = dict(os.environ)
@@ -147,6 +148,21 @@ def start_ollama(binary: Path, directory: Path, progress: Progress) -> tuple[Man
         f"ollama serve did not answer on {host} within 60 s; read {log} for the cause.",
         ExitCode.OLLAMA_UNREACHABLE,
     )
+
+
+def models_respond(host: str, models: list[str], timeout_s: float = 30.0) -> bool:
+    """Does every model answer a tiny request? False when one hangs (see ``ExitCode.SERVER_STALLED``)."""
+    for model in models:
+        try:
+            response = requests.post(
+                f"{host}/api/generate", timeout=timeout_s,
+                json={"model": model, "prompt": "hi", "stream": False, "options": {"num_predict": 1}},
+            )
+        except requests.RequestException:
+            return False
+        if response.status_code != 200:
+            return False
+    return True
 
 
 def registered_models(host: str) -> set[str]:
