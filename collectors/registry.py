@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from collectors.base import Collector
+from collectors.ebpf import EbpfCollector
 from collectors.otlp import OtlpCollector
 
 
-def make_collectors() -> list[Collector]:
-    return [OtlpCollector()]
+def make_collectors(*, ebpf: bool = True, ollama_pid: int | None = None, ebpf_layers: str = "all") -> list[Collector]:
+    collectors: list[Collector] = []
+    if ebpf:
+        # First, so that its probes are live before anything else starts the workload.
+        collectors.append(EbpfCollector(ollama_pid=ollama_pid, layers=ebpf_layers))
+    collectors.append(OtlpCollector())
+    return collectors

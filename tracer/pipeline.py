@@ -18,7 +18,22 @@ def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords,
     """The raw records of a capture, and how many unreadable rows each file had."""
     spans, bad = capture_dir.read_jsonl(directory / capture_dir.CLIENT_SPANS)
     extra: dict[str, Any] = {"meta": meta}
-    return CaptureRecords(spans=spans, extra=extra), {capture_dir.CLIENT_SPANS: bad}
+    unreadable = {capture_dir.CLIENT_SPANS: bad}
+    if (directory / "raw" / "ebpf_meta.json").exists():
+        from collectors.ebpf import load_events
+        from tracer.clock import ClockModel
+        from tracer.process_discovery import role_of
+
+        events, ebpf_meta, bad_events = load_events(directory, ClockModel.from_json(meta["clock"]))
+        server_pid = int(ebpf_meta["pid"])
+        roles = ebpf_meta.get("roles") or {}
+        pids = {e.pid for e in events}
+        extra["ebpf"] = {
+            "events": events, "meta": ebpf_meta,
+            "roles": {pid: roles.get(str(pid)) or role_of(pid, server_pid) for pid in pids},
+        }
+        unreadable["raw/ebpf_events.txt"] = bad_events
+    return CaptureRecords(spans=spans, extra=extra), unreadable
 
 
 def _span_id(*parts: object) -> str:
@@ -85,7 +100,22 @@ def compute(directory: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[
     # trace never shows a phase twice; raw/ still holds them as they were received.
     client_spans = [s for s in records.spans if s.get("attributes", {}).get("tracer.source") != "response"]
     spans = client_spans + phase_spans(attribution, records.spans)
+    attribution["evidence"] = _evidence(attribution)
     return meta, attribution, spans
+
+
+def _evidence(attribution: dict[str, Any]) -> dict[str, Any]:
+    """Per-request facts worth a line of their own (e.g. GGUF metadata scans per request)."""
+    scans = []
+    for interval in attribution["intervals"]:
+        for phase in interval["phases"]:
+            attrs = phase.get("attributes", {})
+            if "gguf_scans" in attrs:
+                scans.append({"interval": interval["index"], "blob_opens": attrs["blob_opens"],
+                              "gguf_scans": attrs["gguf_scans"], "gguf_scan_ms": attrs.get("gguf_scan_ms"),
+                              "uprobe_hits": attrs.get("uprobe_hits"), "syscall_events": attrs.get("syscall_events")})
+                break
+    return {"gguf_scans_per_request": scans}
 
 
 def write_outputs(directory: Path, meta: dict[str, Any], attribution: dict[str, Any],
@@ -93,6 +123,8 @@ def write_outputs(directory: Path, meta: dict[str, Any], attribution: dict[str, 
     from tracer.exporters import ExportData, perfetto
 
     written = []
+    meta = dict(meta, evidence=attribution.get("evidence", {}))
+    capture_dir.write_json(directory / "capture.json", meta)
     capture_dir.write_json(directory / "attribution.json", attribution)
     written.append(directory / "attribution.json")
     capture_dir.write_jsonl(directory / "spans.jsonl", spans)

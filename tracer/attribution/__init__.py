@@ -15,6 +15,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracer.attribution.ebpf_source import EbpfSource
 from tracer.attribution.intervals import Interval, find_intervals
 from tracer.attribution.sources import ClientSource, PhaseSource, ResponseSource
 from tracer.model import Phase
@@ -22,7 +23,7 @@ from tracer.model import Phase
 SCHEMA = "tracer.attribution/1"
 
 # Finer sources first. New sources plug in here (and nowhere else).
-SOURCES: list[PhaseSource] = [ResponseSource(), ClientSource()]
+SOURCES: list[PhaseSource] = [EbpfSource(), ResponseSource(), ClientSource()]
 
 
 @dataclass

@@ -62,6 +62,11 @@ class CaptureCommand:
         parser.add_argument("--ollama-host", help="the Ollama the command talks to (default: $OLLAMA_HOST)")
         parser.add_argument("--record-content", action="store_true",
                             help="let the instrumentation record prompt and completion text (off by default)")
+        parser.add_argument("--no-ebpf", action="store_true", help="do not run the eBPF collector")
+        parser.add_argument("--ebpf-layers", choices=("all", "syscall"), default="all",
+                            help="all: syscall tracepoints plus catalogue uprobes (default); syscall: tracepoints only")
+        parser.add_argument("--ollama-pid", type=int,
+                            help="the Ollama server's pid (default: the process listening on the --ollama-host port)")
         parser.add_argument("--no-auto-instrument", action="store_true",
                             help="do not auto-instrument Python commands (spans they export still land)")
         parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -76,7 +81,7 @@ class CaptureCommand:
         result = run_capture(
             CaptureOptions(command=command, directory=directory, force=args.force, ollama_host=host,
                            record_content=args.record_content, auto_instrument=not args.no_auto_instrument),
-            make_collectors(),
+            make_collectors(ebpf=not args.no_ebpf, ollama_pid=args.ollama_pid, ebpf_layers=args.ebpf_layers),
             progress=lambda message: print(message, file=sys.stderr),
         )
         meta, attribution, spans = compute(directory)

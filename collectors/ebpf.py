@@ -1,0 +1,360 @@
+"""eBPF evidence from inside the Ollama server and its runners, without changing them.
+
+One bpftrace process carries two layers:
+
+* **syscalls** (tracepoints; any binary, stripped release builds included): accept/read/write
+  of the client connection, connect/write/read of the server↔runner HTTP hop, the runner's
+  writes, and openat/close of files (the model blob: how many metadata scans per request, and
+  how many bytes each read). Processes are selected by ``comm``, so runners that start after
+  the capture began are covered.
+* **symbols** (entry uprobes, attached by address): the functions of the probe catalogue that
+  bound each phase. Addresses come from the ELF symbol table, or from Go's ``.gopclntab`` when
+  the binary is stripped; each catalogue entry is checked against the binary at start-up and a
+  missing one is reported, never fatal.
+
+``nsecs`` is CLOCK_BOOTTIME here; the parser converts to epoch ns with the capture's clock
+model. The workload starts only after bpftrace printed its ready marker (probes live).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from collectors.base import SessionInfo
+from collectors.probe_catalogue import ProbeSpec, design_for, probes_for
+from tracer import system
+from tracer.clock import ClockModel
+from tracer.errors import ExitCode, TracerError
+
+READY = "TRACER_EBPF_READY"
+RAW_EVENTS = "raw/ebpf_events.txt"
+RAW_STDERR = "raw/ebpf_stderr.txt"
+HARMLESS_STDERR = re.compile(r"couldn't set RLIMIT_MEMLOCK|Attaching \d+ probes?|WARNING: Addrspace mismatch|"
+                             r"Could not determine instruction boundary|^\s*tracepoint:|^\s*~+\s*$")
+
+_SYSCALLS = r'''
+tracepoint:syscalls:sys_exit_accept4 /{F} && args->ret >= 0/ {
+  @sock[pid, args->ret] = 1; printf("A %llu %d %d %d\n", nsecs, pid, tid, args->ret); }
+tracepoint:syscalls:sys_enter_connect /{F}/ { @cfd[tid] = args->fd; }
+tracepoint:syscalls:sys_exit_connect /{F} && @cfd[tid]/ {
+  @sock[pid, @cfd[tid]] = 2; printf("C %llu %d %d %d %d\n", nsecs, pid, tid, @cfd[tid], args->ret);
+  delete(@cfd[tid]); }
+tracepoint:syscalls:sys_enter_read /{F}/ { @rfd[tid] = args->fd; @rbuf[tid] = args->buf; @rpend[tid] = 1; }
+tracepoint:syscalls:sys_exit_read /{F} && @rpend[tid] == 1/ {
+  $fd = @rfd[tid];
+  if (@sock[pid, $fd] && args->ret >= 0) {
+    printf("R %llu %d %d %d %d %r\n", nsecs, pid, tid, $fd, args->ret, buf(@rbuf[tid], 4));
+  } else if (@file[pid, $fd] && args->ret > 0) {
+    @fbytes[pid, $fd] = @fbytes[pid, $fd] + (uint64)args->ret;
+  }
+  delete(@rfd[tid]); delete(@rbuf[tid]); delete(@rpend[tid]); }
+tracepoint:syscalls:sys_enter_write /{F}/ {
+  if (@sock[pid, args->fd]) {
+    printf("W %llu %d %d %d %d %r\n", nsecs, pid, tid, args->fd, args->count, buf(args->buf, 4));
+  } }
+tracepoint:syscalls:sys_enter_openat /{F}/ { @opath[tid] = args->filename; @opend[tid] = 1; }
+tracepoint:syscalls:sys_exit_openat /{F} && @opend[tid] == 1/ {
+  if (args->ret >= 0) { @file[pid, args->ret] = 1; }
+  printf("O %llu %d %d %d %s\n", nsecs, pid, tid, args->ret, str(@opath[tid]));
+  delete(@opath[tid]); delete(@opend[tid]); }
+tracepoint:syscalls:sys_enter_close /{F} && (@sock[pid, args->fd] || @file[pid, args->fd])/ {
+  printf("X %llu %d %d %d %d\n", nsecs, pid, tid, args->fd, @fbytes[pid, args->fd]);
+  delete(@sock[pid, args->fd]); delete(@file[pid, args->fd]); delete(@fbytes[pid, args->fd]); }
+'''
+
+
+def comm_of(binary: Path) -> str:
+    return binary.name[:15]  # the kernel's TASK_COMM_LEN - 1
+
+
+@dataclass
+class ProbePlan:
+    """The catalogue checked against one binary: what attaches where, and what is missing."""
+
+    binary: Path
+    version: str | None
+    design: str
+    attached: dict[str, tuple[ProbeSpec, int]] = field(default_factory=dict)  # symbol -> (spec, address)
+    missing: list[str] = field(default_factory=list)
+    symbol_source: str = "none"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "binary": str(self.binary), "version": self.version, "design": self.design,
+            "symbol_source": self.symbol_source,
+            "attached": {sym: {"key": spec.key, "address": hex(addr), "process": spec.process}
+                         for sym, (spec, addr) in self.attached.items()},
+            "missing": self.missing,
+        }
+
+
+def plan_probes(binary: Path, version: str | None, layers: str = "all") -> ProbePlan:
+    plan = ProbePlan(binary=binary, version=version, design=design_for(version))
+    specs = probes_for(version) if layers == "all" else ()
+    if not specs:
+        return plan
+    from collectors.symbols import SymbolTable
+
+    table = SymbolTable.load(binary)
+    plan.symbol_source = "gopclntab" if table.stripped else "symtab"
+    found, missing = table.resolve_many(spec.symbol for spec in specs)
+    for spec in specs:
+        if spec.symbol in found:
+            address = found[spec.symbol].address
+            # bpftrace 0.17 maps a virtual address to a file offset through the ELF symbols; in a
+            # stripped binary it takes the number as the file offset itself.
+            plan.attached[spec.symbol] = (spec, table.file_offset(address) if table.stripped else address)
+    plan.missing = sorted(set(missing))
+    return plan
+
+
+def existing_sockets(comm: str) -> list[tuple[int, int]]:
+    """(pid, fd) of sockets the Ollama processes already hold: keep-alive connections opened
+    before the capture are otherwise invisible to the fd-tracking probes."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != comm:
+                continue
+            for fd in (proc / "fd").iterdir():
+                if str(fd.readlink()).startswith("socket:"):
+                    found.append((int(proc.name), int(fd.name)))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def build_script(plan: ProbePlan) -> str:
+    comm = comm_of(plan.binary)
+    filt = f'comm == "{comm}"'
+    primed = " ".join(f"@sock[{pid}, {fd}] = 3;" for pid, fd in existing_sockets(comm))
+    lines = [f'BEGIN {{ {primed} printf("{READY}\\n"); }}', _SYSCALLS.replace("{F}", filt)]
+    for index, (_symbol, (_spec, address)) in enumerate(sorted(plan.attached.items(), key=lambda i: i[1][1])):
+        lines.append(f'uprobe:{plan.binary}:{address:#x} {{ printf("U %llu %d %d {index}\\n", nsecs, pid, tid); }}')
+    lines.append("END { clear(@sock); clear(@file); clear(@fbytes); clear(@cfd); clear(@rfd); clear(@rbuf); "
+                 "clear(@opath); clear(@rpend); clear(@opend); }")
+    return "\n".join(lines) + "\n"
+
+
+def probe_index(plan: ProbePlan) -> dict[int, str]:
+    ordered = sorted(plan.attached.items(), key=lambda i: i[1][1])
+    return {index: symbol for index, (symbol, _) in enumerate(ordered)}
+
+
+def find_ollama_binary(pid: int) -> Path:
+    return Path(os.readlink(f"/proc/{pid}/exe"))
+
+
+class EbpfCollector:
+    """bpftrace on the Ollama server and its runners: syscall tracepoints plus catalogue uprobes."""
+
+    name = "ebpf"
+
+    def __init__(self, *, ollama_pid: int | None = None, layers: str = "all",
+                 ready_timeout_s: float = 30.0) -> None:
+        self.ollama_pid = ollama_pid
+        self.layers = layers
+        self.ready_timeout_s = ready_timeout_s
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+        self._plan: ProbePlan | None = None
+        self._lines = 0
+        self._directory: Path | None = None
+        self._meta: dict[str, Any] = {}
+        self._pids: set[int] = set()
+
+    def available(self) -> tuple[bool, str]:
+        if system.bpftrace_path() is None:
+            return False, "bpftrace is not installed; install it with `sudo apt-get install -y bpftrace`"
+        if not system.can_bpf():
+            return False, "eBPF needs root or CAP_BPF; run tracer with sudo"
+        if system.tracefs_path() is None:
+            return False, "tracefs is not mounted; run `sudo mount -t tracefs nodev /sys/kernel/tracing`"
+        return True, ""
+
+    def start(self, session: SessionInfo) -> None:
+        from tracer.process_discovery import ollama_server_pid, ollama_version_of
+
+        pid = self.ollama_pid or session.ollama_pid or ollama_server_pid(session.ollama_host)
+        if pid is None:
+            raise TracerError(f"no Ollama server process found for {session.ollama_host}; pass --ollama-pid.",
+                              ExitCode.OLLAMA_UNREACHABLE)
+        binary = find_ollama_binary(pid)
+        version = ollama_version_of(session.ollama_host)
+        self._plan = plan_probes(binary, version, self.layers)
+        self._directory = session.directory
+        script = build_script(self._plan)
+        (session.raw_dir / "ebpf_script.bt").write_text(script)
+        argv = [system.bpftrace_path() or "bpftrace", "-B", "line"]
+        if self._plan.symbol_source == "gopclntab" and self._plan.attached:
+            # bpftrace cannot check instruction boundaries without ELF symbols; the addresses are
+            # function entries from Go's own table, which is exactly the check it would make.
+            argv.append("--unsafe")
+        self._proc = subprocess.Popen(
+            [*argv, "-"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=open(session.directory / RAW_STDERR, "w"),  # noqa: SIM115
+            text=True, start_new_session=True,
+        )
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(script)
+        self._proc.stdin.close()
+        ready = threading.Event()
+        out_path = session.directory / RAW_EVENTS
+        self._reader = threading.Thread(target=self._read, args=(self._proc, out_path, ready), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not ready.wait(0.05):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                message = self._stderr_summary(session.directory)
+                self._kill()
+                raise TracerError(f"bpftrace did not start ({message}).", ExitCode.PERMISSION)
+        self._meta = {"pid": pid, "binary": str(binary), "plan": self._plan.to_json(),
+                      "probe_index": probe_index(self._plan), "roles": {}}
+        self._write_meta()
+
+    def _write_meta(self) -> None:
+        from tracer import capture_dir
+
+        assert self._directory is not None
+        capture_dir.write_json(self._directory / "raw" / "ebpf_meta.json", self._meta)
+
+    def _read(self, proc: subprocess.Popen[str], out_path: Path, ready: threading.Event) -> None:
+        assert proc.stdout is not None
+        with out_path.open("w", encoding="utf-8") as out:
+            for line in proc.stdout:
+                if line.startswith(READY):
+                    ready.set()
+                    continue
+                out.write(line)
+                self._lines += 1
+                fields = line.split(" ", 3)
+                if len(fields) > 2 and fields[2].isdigit():
+                    self._pids.add(int(fields[2]))
+            out.flush()
+
+    def child_started(self, pid: int) -> None:
+        pass
+
+    def _stderr_summary(self, directory: Path) -> str:
+        try:
+            text = (directory / RAW_STDERR).read_text(errors="replace")
+        except OSError:
+            return "no output"
+        useful = [line for line in text.splitlines() if line.strip() and not HARMLESS_STDERR.search(line)]
+        return "; ".join(useful[-3:]) or "no output"
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+    def stop(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {}
+        if self._proc is not None:
+            exited_early = self._proc.poll() is not None
+            if not exited_early:
+                self._proc.send_signal(signal.SIGINT)
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._kill()
+            if self._reader is not None:
+                self._reader.join(timeout=10)
+            stats["bpftrace_exit"] = self._proc.returncode
+            stats["exited_early"] = exited_early
+            if exited_early and self._directory is not None:
+                stats["error"] = self._stderr_summary(self._directory)
+        stats["events"] = self._lines
+        if self._meta and self._directory is not None:
+            from tracer.process_discovery import role_of
+
+            # Roles now, while the runners still run: a runner's argv says "runner".
+            server = int(self._meta["pid"])
+            self._meta["roles"] = {str(pid): role_of(pid, server) for pid in sorted(self._pids)}
+            self._write_meta()
+        if self._plan is not None:
+            stats["probes_attached"] = len(self._plan.attached)
+            stats["probes_missing"] = self._plan.missing
+            stats["design"] = self._plan.design
+            stats["symbol_source"] = self._plan.symbol_source
+        return stats
+
+
+# ----------------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class ProbeEvent:
+    """One line of the eBPF collector's output, on the epoch clock."""
+
+    kind: str  # A accept, C connect, R read, W write, O openat, X close, U uprobe
+    time_ns: int
+    pid: int
+    tid: int
+    fd: int = -1
+    value: int = 0  # bytes (read ret / write count / close: bytes read from the file), connect ret
+    text: str = ""  # first bytes of the buffer, or the opened path, or the probe's symbol
+
+
+class ParseError(ValueError):
+    pass
+
+
+def parse_line(line: str, clock: ClockModel, probes: dict[int, str]) -> ProbeEvent:
+    """Parse one output line; raises ParseError (a ValueError) on anything malformed."""
+    parts = line.rstrip("\n").split(" ", 6)
+    if len(parts) < 4 or len(parts[0]) != 1 or parts[0] not in "ACRWOXU":
+        raise ParseError(f"not an event line: {line[:80]!r}")
+    kind = parts[0]
+    try:
+        boot_ns, pid, tid = int(parts[1]), int(parts[2]), int(parts[3])
+        when = clock.to_epoch("boottime", boot_ns)
+        if kind == "U":
+            return ProbeEvent(kind, when, pid, tid, text=probes[int(parts[4])])
+        if kind == "A":
+            return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]))
+        if kind in "CX":
+            return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]), value=int(parts[5]))
+        if kind in "RW":
+            return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]), value=int(parts[5]),
+                              text=parts[6] if len(parts) > 6 else "")
+        text = " ".join(parts[5:]) if len(parts) > 5 else ""
+        return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]), text=text)
+    except (IndexError, KeyError, ValueError) as err:
+        raise ParseError(f"malformed {kind} event: {line[:80]!r} ({err})") from None
+
+
+def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], dict[str, Any], int]:
+    """(events in time order, the collector's meta, number of unparsable lines)."""
+    import json
+
+    meta_path = directory / "raw" / "ebpf_meta.json"
+    if not meta_path.exists():
+        return [], {}, 0
+    meta = json.loads(meta_path.read_text())
+    probes = {int(k): v for k, v in meta.get("probe_index", {}).items()}
+    events: list[ProbeEvent] = []
+    bad = 0
+    path = directory / RAW_EVENTS
+    if path.exists():
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    events.append(parse_line(line, clock, probes))
+                except ParseError:
+                    bad += 1
+    events.sort(key=lambda e: e.time_ns)
+    return events, meta, bad
+

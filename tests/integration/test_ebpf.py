@@ -1,0 +1,223 @@
+"""Server-side attribution with eBPF against the real testbed (and a stripped copy of its binary)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import REPO, run_tracer, run_tracer_healing
+from tracer.testbed.runtime import free_loopback_port
+
+pytestmark = pytest.mark.integration
+
+CRITICAL_PATH = ["client.interrupt", "client.request", "server.receive", "server.decode", "server.model_lookup",
+                 "server.schedule", "server.handoff", "runner.admit", "runner.prefill", "runner.sample",
+                 "server.stream", "client.first_token"]
+
+
+def _capture(host_for_pid: str, out: Path, bench_host: str, model: str, *extra: str,
+             iterations: int = 3, healing: dict[str, Any] | None = None) -> dict[str, Any]:
+    args = ("capture", "-o", str(out), "--force", "--ollama-host", host_for_pid, *extra, "--",
+            sys.executable, "-m", "tracer", "bench", "interrupt", "--host", bench_host, "--model", model,
+            "--iterations", str(iterations), "--request-timeout", "30")
+    if healing is not None:
+        proc = run_tracer_healing(healing, *args, timeout=400)
+    else:
+        proc = run_tracer(*args, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((out / "attribution.json").read_text())
+
+
+def _measured(attribution: dict[str, Any]) -> list[dict[str, Any]]:
+    return [iv for iv in attribution["intervals"] if not iv["warmup"]]
+
+
+def _check_order_and_sums(interval: dict[str, Any]) -> None:
+    phases = interval["phases"]
+    for a, b in zip(phases, phases[1:], strict=False):
+        assert a["end_ns"] <= b["start_ns"], f"{a['name']} overlaps {b['name']}"
+    total = sum(p["duration_ms"] for p in phases) + interval["unattributed_ms"]
+    assert abs(total - interval["duration_ms"]) < 0.01
+
+
+@pytest.mark.parametrize("model", ["tracer-gemma3:test", "tracer-llama:test"])
+def test_symbol_layer_gives_every_phase(testbed: dict[str, Any], tmp_path: Path, model: str) -> None:
+    host = testbed["ollama_host"]
+    attribution = _capture(host, tmp_path / "cap", host, model, healing=testbed)
+    meta = json.loads((tmp_path / "cap" / "capture.json").read_text())
+    ebpf = meta["collectors"]["ebpf"]
+    assert ebpf["ran"] is True and ebpf["stats"]["symbol_source"] == "symtab"
+    assert ebpf["stats"]["probes_missing"] == []
+    for interval in _measured(attribution):
+        assert interval["coverage"] >= 0.95
+        _check_order_and_sums(interval)
+        names = []
+        for phase in interval["phases"]:  # a finer source may leave a coarser remainder piece
+            if not names or names[-1] != phase["name"]:
+                names.append(phase["name"])
+        assert [n for n in names if n in CRITICAL_PATH] == CRITICAL_PATH, names
+        assert [p["name"] for p in interval["off_critical_path"]] == ["server.cancel"]
+    scans = meta["evidence"]["gguf_scans_per_request"]
+    assert len(scans) == len(attribution["intervals"])
+    expected_scans = 3  # v0.13: Capabilities() ×3 per request, each a full GGUF KV scan
+    assert all(s["gguf_scans"] == expected_scans for s in scans), scans
+    assert all(s["uprobe_hits"] < 60 for s in scans), scans  # a handful of coarse probes per phase
+
+
+@pytest.fixture(scope="module")
+def stripped_ollama(testbed: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second server from `objcopy --strip-all` of the testbed binary, on the same models."""
+    directory = tmp_path_factory.mktemp("stripped")
+    binary = directory / "ollama-stripped"
+    subprocess.run(["objcopy", "--strip-all", testbed["ollama_binary"], str(binary)], check=True)
+    port = free_loopback_port()
+    models = Path(testbed["ollama_log"]).parent / "ollama-models"
+    env = dict(os.environ, OLLAMA_HOST=f"127.0.0.1:{port}", OLLAMA_MODELS=str(models), OLLAMA_DEBUG="1",
+               OLLAMA_NOPRUNE="1")
+    log = (directory / "ollama.log").open("wb")
+    proc = subprocess.Popen([str(binary), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    host = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            requests.get(f"{host}/api/version", timeout=1)
+            break
+        except requests.RequestException:
+            time.sleep(0.2)
+    yield host
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_stripped_binary_syscall_layer_merges_phases(stripped_ollama: str, tmp_path: Path) -> None:
+    attribution = _capture(stripped_ollama, tmp_path / "cap", stripped_ollama, "tracer-gemma3:test",
+                           "--ebpf-layers", "syscall", healing={"ollama_host": stripped_ollama,
+                                                                "models": ["tracer-gemma3:test"]})
+    for interval in _measured(attribution):
+        assert interval["coverage"] >= 0.80
+        _check_order_and_sums(interval)
+        ebpf = [p["name"] for p in interval["phases"] if p["source"] == "ebpf"]
+        assert "server.receive+decode+model_lookup" in ebpf
+        assert "server.schedule+handoff" in ebpf
+        assert "runner.admit+prefill+sample" in ebpf
+
+
+def test_stripped_binary_symbols_from_gopclntab(stripped_ollama: str, tmp_path: Path) -> None:
+    out = tmp_path / "cap"
+    attribution = _capture(stripped_ollama, out, stripped_ollama, "tracer-llama:test",
+                           healing={"ollama_host": stripped_ollama, "models": ["tracer-llama:test"]})
+    stats = json.loads((out / "capture.json").read_text())["collectors"]["ebpf"]["stats"]
+    assert stats["symbol_source"] == "gopclntab"
+    # C symbols do not survive --strip-all: reported as missing, never fatal.
+    assert "common_sampler_csample" in stats["probes_missing"] and "llama_decode" in stats["probes_missing"]
+    for interval in _measured(attribution):
+        assert interval["coverage"] >= 0.80
+        names = [p["name"] for p in interval["phases"] if p["source"] == "ebpf"]
+        assert "server.model_lookup" in names and "runner.prefill+sample" in names
+
+
+class DelayProxy:
+    """A loopback TCP proxy that holds each client→server chunk for ``delay_s``: a known delay
+    on the wire between the client and the server (this kernel has no netem)."""
+
+    def __init__(self, upstream_port: int, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            for a, b, delay in ((client, upstream, self.delay_s), (upstream, client, 0.0)):
+                threading.Thread(target=self._pump, args=(a, b, delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        try:
+            while data := src.recv(65536):
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_injected_delay_lands_in_the_right_phase(testbed: dict[str, Any], tmp_path: Path) -> None:
+    host = testbed["ollama_host"]
+    port = int(host.rsplit(":", 1)[1])
+    delay_ms = 40.0
+    medians = {}
+    for label, delay in (("baseline", 0.0), ("delayed", delay_ms / 1000)):
+        proxy = DelayProxy(port, delay)
+        try:
+            attribution = _capture(host, tmp_path / label, f"http://127.0.0.1:{proxy.port}", "tracer-llama:test",
+                                   iterations=5, healing=testbed)
+        finally:
+            proxy.close()
+        per_interval = [sum(p["duration_ms"] for p in iv["phases"] if p["name"] == "server.receive")
+                        for iv in _measured(attribution)]
+        medians[label] = statistics.median(per_interval)
+    added = medians["delayed"] - medians["baseline"]
+    assert abs(added - delay_ms) <= 1.0, medians
+
+
+def test_without_privileges_the_capture_goes_on(testbed: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "cap"
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    env = dict(os.environ, OLLAMA_HOST=testbed["ollama_host"], PYTHONPATH=REPO)
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m", "tracer", "capture", "-o",
+         str(out), "--", sys.executable, "-m", "tracer", "bench", "interrupt", "--model", "tracer-llama:test",
+         "--iterations", "1", "--warmup", "0", "--request-timeout", "30"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "capture.json").read_text())
+    assert meta["collectors"]["ebpf"] == {"ran": False, "reason": "eBPF needs root or CAP_BPF; run tracer with sudo"}
+    assert "ebpf skipped: eBPF needs root or CAP_BPF" in proc.stderr
+    assert json.loads((out / "attribution.json").read_text())["summary"]["intervals"] == 1
+
+
+def test_without_tracefs_the_capture_goes_on(testbed: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "cap"
+    script = (f"umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug 2>/dev/null; "
+              f"exec {sys.executable} -m tracer capture -o {out} -- {sys.executable} -m tracer bench interrupt "
+              f"--model tracer-llama:test --iterations 1 --warmup 0 --request-timeout 30")
+    env = dict(os.environ, OLLAMA_HOST=testbed["ollama_host"], PYTHONPATH=REPO)
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((out / "capture.json").read_text())
+    assert meta["collectors"]["ebpf"]["ran"] is False
+    assert "tracefs" in meta["collectors"]["ebpf"]["reason"]
+    assert Path("/sys/kernel/tracing/uprobe_events").exists()  # only the private namespace lost it

@@ -1,0 +1,244 @@
+"""Phases from the eBPF collector's events: the inside of the server and the runner.
+
+A request's boundaries are found in order, each the first matching event after the previous
+one, so Go's double entry hits (stack growth re-enters a function) and earlier requests'
+events never confuse them. Each boundary has a symbol-layer event (a catalogue uprobe) and,
+where one exists, a syscall-layer stand-in that works on stripped binaries:
+
+========  ==================================  ===========================================
+boundary  symbol layer                        syscall stand-in
+========  ==================================  ===========================================
+R         —                                   server reads the request ("POST")
+GH        GenerateHandler / ChatHandler       —
+GE        getExistingName                     —
+NR        (*runnerRef).needsReload            server writes the /health ping ("GET ")
+LD        (*Scheduler).load (only on a load)  —
+UL        useLoadedRunner                     —
+RC        runner (*Server).completion         runner reads the POST /completion
+LC        (*InputCache).LoadCacheSlot         —
+SA        Sampler.Sample (first after LC)     —
+RW        —                                   runner writes its first response bytes
+SW        —                                   server writes the response to the client
+========  ==================================  ===========================================
+
+A missing boundary merges the phases on either side into one named phase
+(``server.receive+decode+model_lookup``), never a guess. ``server.cancel`` (the interrupted
+request's teardown: the server reads EOF → the runner removes the sequence) is off the
+critical path and reported beside the interval.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from collectors.ebpf import ProbeEvent
+from tracer.attribution.intervals import Interval
+from tracer.attribution.sources import Records
+from tracer.model import Phase
+
+SOURCE = "ebpf"
+BLOB_MARKER = "/blobs/sha256-"
+
+Match = Callable[[ProbeEvent], bool]
+
+
+@dataclass(frozen=True)
+class Boundary:
+    key: str
+    starts: str | None  # the phase that starts here (None: the end of the last phase)
+    optional: bool = False  # absent means "did not happen" (no merge), e.g. a model load
+
+
+BOUNDARIES = (
+    Boundary("R", "server.receive"),
+    Boundary("GH", "server.decode"),
+    Boundary("GE", "server.model_lookup"),
+    Boundary("NR", "server.schedule"),
+    Boundary("LD", "server.model_load", optional=True),
+    Boundary("UL", "server.handoff"),
+    Boundary("RC", "runner.admit"),
+    Boundary("LC", "runner.prefill"),
+    Boundary("SA", "runner.sample"),
+    Boundary("RW", "server.stream"),
+    Boundary("SW", None),
+)
+
+
+def merged_name(names: list[str]) -> str:
+    """``server.receive`` + ``server.decode`` → ``server.receive+decode``."""
+    out = names[0]
+    prefix = names[0].split(".", 1)[0]
+    for name in names[1:]:
+        head, _, tail = name.partition(".")
+        out += "+" + (tail if head == prefix else name)
+    return out
+
+
+class EbpfSource:
+    name = SOURCE
+    rank = 10
+
+    def phases(self, interval: Interval, records: Records) -> list[Phase]:
+        ebpf = records.extra.get("ebpf")
+        if not ebpf or not ebpf["events"]:
+            return []
+        events: list[ProbeEvent] = ebpf["events"]
+        roles: dict[int, str] = ebpf["roles"]
+        built = int(interval.request["startTimeUnixNano"])
+        window = [e for e in events if built <= e.time_ns <= interval.end_ns]
+        found = self._boundaries(window, roles)
+        phases = self._phases(found)
+        evidence = blob_scans(window, roles, found.get("R"), found.get("SW"))
+        if "R" in found and "SW" in found:
+            r, sw = found["R"].time_ns, found["SW"].time_ns
+            evidence["uprobe_hits"] = sum(1 for e in window if e.kind == "U" and r <= e.time_ns <= sw)
+            evidence["syscall_events"] = sum(1 for e in window if e.kind != "U" and r <= e.time_ns <= sw)
+        if phases:
+            for i, phase in enumerate(phases):
+                if "model_lookup" in phase.name:
+                    phases[i] = Phase(phase.name, phase.start_ns, phase.end_ns, phase.source, phase.process,
+                                      {**phase.attributes, **evidence})
+        cancel = self._cancel(events, roles, interval)
+        if cancel is not None:
+            phases.append(cancel)
+        return phases
+
+    @staticmethod
+    def _boundaries(window: list[ProbeEvent], roles: dict[int, str]) -> dict[str, ProbeEvent]:
+        def server(e: ProbeEvent) -> bool:
+            return roles.get(e.pid) == "server"
+
+        def runner(e: ProbeEvent) -> bool:
+            return roles.get(e.pid) == "runner"
+
+        def probe(*keys: str, proc: Callable[[ProbeEvent], bool] = server) -> Match:
+            return lambda e: e.kind == "U" and e.text in keys and proc(e)
+
+        keys = _symbol_keys()
+        rules: dict[str, list[Match]] = {
+            "R": [lambda e: server(e) and e.kind == "R" and e.value > 0 and e.text.startswith("POST")],
+            "GH": [probe(*keys["handler"])],
+            "GE": [probe(*keys["lookup"])],
+            "NR": [probe(*keys["needs_reload"]),
+                   lambda e: server(e) and e.kind == "W" and e.text.startswith("GET ")],
+            "LD": [probe(*keys["load"])],
+            "UL": [probe(*keys["acquired"])],
+            "RC": [probe(*keys["runner_handler"], proc=runner),
+                   lambda e: runner(e) and e.kind == "R" and e.value > 0 and e.text.startswith("POST")],
+            "LC": [probe(*keys["cache_slot"], proc=runner)],
+            "SA": [probe(*keys["sample"], proc=runner)],
+            "RW": [lambda e: runner(e) and e.kind == "W" and e.text.startswith("HTTP")],
+            "SW": [lambda e: server(e) and e.kind == "W" and e.text.startswith("HTTP")],
+        }
+        found: dict[str, ProbeEvent] = {}
+        after = 0
+        client_fd: int | None = None
+        for boundary in BOUNDARIES:
+            hit: ProbeEvent | None = None
+            for rule in rules[boundary.key]:  # the symbol layer first; the syscall stand-in if absent
+                candidates = [e for e in window if e.time_ns >= after and rule(e)]
+                if boundary.key == "SW" and client_fd is not None:
+                    candidates = [e for e in candidates if e.fd == client_fd]
+                if candidates:
+                    hit = candidates[0]
+                    break
+            if hit is None:
+                continue
+            if boundary.key == "LD" and "UL" in found:
+                continue
+            found[boundary.key] = hit
+            after = hit.time_ns
+            if boundary.key == "R":
+                client_fd = hit.fd
+        return found
+
+    @staticmethod
+    def _phases(found: dict[str, ProbeEvent]) -> list[Phase]:
+        present = [b for b in BOUNDARIES if b.key in found]
+        if len(present) < 2:
+            return []
+        phases = []
+        pending: list[str] = []
+        index = {b.key: i for i, b in enumerate(BOUNDARIES)}
+        for here, nxt in itertools.pairwise(present):
+            names = [b.starts for b in BOUNDARIES[index[here.key]:index[nxt.key]]
+                     if b.starts is not None and (not b.optional or b.key in found)]
+            names = pending + names
+            pending = []
+            start, end = found[here.key].time_ns, found[nxt.key].time_ns
+            if not names:
+                continue
+            name = merged_name(names)
+            process = "runner" if name.startswith("runner.") else "server"
+            phases.append(Phase(name, start, end, SOURCE, process,
+                                {"from": here.key, "to": nxt.key} if len(names) > 1 else {}))
+        return phases
+
+    @staticmethod
+    def _cancel(events: list[ProbeEvent], roles: dict[int, str], interval: Interval) -> Phase | None:
+        if interval.kind != "interrupt":
+            return None
+        start_window = interval.start_ns - 50_000_000
+        eof = next((e for e in events if start_window <= e.time_ns <= interval.end_ns and roles.get(e.pid) == "server"
+                    and e.kind == "R" and e.value == 0), None)
+        if eof is None:
+            return None
+        keys = _symbol_keys()
+        removed = next((e for e in events if e.time_ns >= eof.time_ns and e.kind == "U"
+                        and e.text in keys["remove_sequence"] and roles.get(e.pid) == "runner"), None)
+        end_note = "runner removed the sequence"
+        if removed is None:
+            removed = next((e for e in events if e.time_ns >= eof.time_ns and roles.get(e.pid) == "runner"
+                            and e.kind == "R" and e.value == 0), None)
+            end_note = "runner saw the connection close"
+        if removed is None or removed.time_ns - eof.time_ns > 5_000_000_000:
+            return None
+        return Phase("server.cancel", eof.time_ns, removed.time_ns, SOURCE, "runner",
+                     {"off_critical_path": True, "end": end_note})
+
+
+def blob_scans(window: list[ProbeEvent], roles: dict[int, str], start: ProbeEvent | None,
+               end: ProbeEvent | None) -> dict[str, Any]:
+    """Opens of blobs by the server during the request. The model blob is the one read most
+    (the manifest's config and template blobs are a few hundred bytes); each open of it is one
+    GGUF metadata scan (v0.13 calls ``gguf.Open`` from ``Capabilities()`` three times)."""
+    if start is None:
+        return {"blob_opens": 0, "gguf_scans": 0}
+    stop = end.time_ns if end is not None else window[-1].time_ns if window else start.time_ns
+    opened: dict[tuple[int, int], ProbeEvent] = {}
+    reads: list[tuple[str, int, int, int]] = []  # (path, open ns, close ns, bytes)
+    blob_opens = 0
+    for e in window:
+        if not (start.time_ns <= e.time_ns <= stop) or roles.get(e.pid) != "server":
+            continue
+        if e.kind == "O" and BLOB_MARKER in e.text and e.fd >= 0:
+            blob_opens += 1
+            opened[(e.pid, e.fd)] = e
+        elif e.kind == "X" and (e.pid, e.fd) in opened:
+            o = opened.pop((e.pid, e.fd))
+            reads.append((o.text, o.time_ns, e.time_ns, e.value))
+    totals: dict[str, int] = {}
+    for path, _, _, size in reads:
+        totals[path] = totals.get(path, 0) + size
+    if not totals:
+        return {"blob_opens": blob_opens, "gguf_scans": 0}
+    model = max(totals, key=lambda p: totals[p])
+    scans = [r for r in reads if r[0] == model]
+    return {
+        "blob_opens": blob_opens,
+        "gguf_scans": len(scans),
+        "gguf_scan_ms": round(sum(c - o for _, o, c, _ in scans) / 1e6, 3),
+        "gguf_scan_bytes": sum(size for *_, size in scans),
+    }
+
+
+def _symbol_keys() -> dict[str, tuple[str, ...]]:
+    from collectors.probe_catalogue import V0_13
+
+    keys: dict[str, tuple[str, ...]] = {}
+    for spec in V0_13:
+        keys[spec.key] = (*keys.get(spec.key, ()), spec.symbol)
+    return keys

@@ -1,0 +1,72 @@
+"""Find the Ollama server process behind an address, and its runners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import requests
+
+from tracer.ollama_host import host_and_port
+
+LISTEN = "0A"
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The process holding a listening socket on ``port`` (needs root for other users' processes)."""
+    targets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not targets:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                try:
+                    if str(fd.readlink()) in targets:
+                        return int(proc.name)
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None
+
+
+def ollama_server_pid(host: str | None) -> int | None:
+    if not host:
+        return None
+    _, port = host_and_port(host)
+    return pid_listening_on(port)
+
+
+def ollama_version_of(host: str | None) -> str | None:
+    if not host:
+        return None
+    try:
+        return str(requests.get(f"{host}/api/version", timeout=5).json()["version"])
+    except (requests.RequestException, ValueError, KeyError):
+        return None
+
+
+def role_of(pid: int, server_pid: int) -> str:
+    """``server`` or ``runner`` (one binary serves both; the runner's argv says ``runner``)."""
+    if pid == server_pid:
+        return "server"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "runner"  # it has exited; every other Ollama process we saw is a runner
+    return "runner" if b"runner" in argv[1:2] else "server"
