@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from collectors.base import SessionInfo
-from collectors.probe_catalogue import ProbeSpec, design_for, probes_for
+from collectors.probe_catalogue import DESIGN_NOTES, ProbeSpec, design_for, probes_for
 from tracer import system
 from tracer.clock import ClockModel
 from tracer.errors import ExitCode, TracerError
@@ -43,31 +43,32 @@ HARMLESS_STDERR = re.compile(r"couldn't set RLIMIT_MEMLOCK|Attaching \d+ probes?
 _SYSCALLS = r'''
 tracepoint:syscalls:sys_exit_accept4 /{F} && args->ret >= 0/ {
   @sock[pid, args->ret] = 1; printf("A %llu %d %d %d\n", nsecs, pid, tid, args->ret); }
-tracepoint:syscalls:sys_enter_connect /{F}/ { @cfd[tid] = args->fd; }
-tracepoint:syscalls:sys_exit_connect /{F} && @cfd[tid]/ {
+tracepoint:syscalls:sys_enter_connect /{F}/ { @cfd[tid] = args->fd; @cpend[tid] = 1; }
+tracepoint:syscalls:sys_exit_connect /{F} && @cpend[tid] == 1/ {
   @sock[pid, @cfd[tid]] = 2; printf("C %llu %d %d %d %d\n", nsecs, pid, tid, @cfd[tid], args->ret);
-  delete(@cfd[tid]); }
-tracepoint:syscalls:sys_enter_read /{F}/ { @rfd[tid] = args->fd; @rbuf[tid] = args->buf; @rpend[tid] = 1; }
-tracepoint:syscalls:sys_exit_read /{F} && @rpend[tid] == 1/ {
-  $fd = @rfd[tid];
-  if (@sock[pid, $fd] && args->ret >= 0) {
-    printf("R %llu %d %d %d %d %r\n", nsecs, pid, tid, $fd, args->ret, buf(@rbuf[tid], 4));
-  } else if (@file[pid, $fd] && args->ret > 0) {
-    @fbytes[pid, $fd] = @fbytes[pid, $fd] + (uint64)args->ret;
+  delete(@cfd[tid]); delete(@cpend[tid]); }
+tracepoint:syscalls:sys_enter_read /{F} && @sock[pid, args->fd]/ {
+  @rfd[tid] = args->fd; @rbuf[tid] = args->buf; @rpend[tid] = 1; }
+tracepoint:syscalls:sys_exit_read /@rpend[tid] == 1/ {
+  // Only the start of an HTTP message (or EOF) is a boundary; chunk continuations are not printed.
+  $head = str(@rbuf[tid], 4);
+  if (args->ret == 0 || (args->ret > 0 && ($head == "POST" || $head == "GET " || $head == "HTTP"))) {
+    printf("R %llu %d %d %d %d %r\n", nsecs, pid, tid, @rfd[tid], args->ret, buf(@rbuf[tid], 4));
   }
   delete(@rfd[tid]); delete(@rbuf[tid]); delete(@rpend[tid]); }
-tracepoint:syscalls:sys_enter_write /{F}/ {
-  if (@sock[pid, args->fd]) {
+tracepoint:syscalls:sys_enter_write /{F} && @sock[pid, args->fd]/ {
+  $head = str(args->buf, 4);
+  if ($head == "POST" || $head == "GET " || $head == "HTTP") {
     printf("W %llu %d %d %d %d %r\n", nsecs, pid, tid, args->fd, args->count, buf(args->buf, 4));
   } }
 tracepoint:syscalls:sys_enter_openat /{F}/ { @opath[tid] = args->filename; @opend[tid] = 1; }
-tracepoint:syscalls:sys_exit_openat /{F} && @opend[tid] == 1/ {
+tracepoint:syscalls:sys_exit_openat /@opend[tid] == 1/ {
   if (args->ret >= 0) { @file[pid, args->ret] = 1; }
   printf("O %llu %d %d %d %s\n", nsecs, pid, tid, args->ret, str(@opath[tid]));
   delete(@opath[tid]); delete(@opend[tid]); }
 tracepoint:syscalls:sys_enter_close /{F} && (@sock[pid, args->fd] || @file[pid, args->fd])/ {
-  printf("X %llu %d %d %d %d\n", nsecs, pid, tid, args->fd, @fbytes[pid, args->fd]);
-  delete(@sock[pid, args->fd]); delete(@file[pid, args->fd]); delete(@fbytes[pid, args->fd]); }
+  printf("X %llu %d %d %d 0\n", nsecs, pid, tid, args->fd);
+  delete(@sock[pid, args->fd]); delete(@file[pid, args->fd]); }
 '''
 
 
@@ -141,7 +142,7 @@ def build_script(plan: ProbePlan) -> str:
     lines = [f'BEGIN {{ {primed} printf("{READY}\\n"); }}', _SYSCALLS.replace("{F}", filt)]
     for index, (_symbol, (_spec, address)) in enumerate(sorted(plan.attached.items(), key=lambda i: i[1][1])):
         lines.append(f'uprobe:{plan.binary}:{address:#x} {{ printf("U %llu %d %d {index}\\n", nsecs, pid, tid); }}')
-    lines.append("END { clear(@sock); clear(@file); clear(@fbytes); clear(@cfd); clear(@rfd); clear(@rbuf); "
+    lines.append("END { clear(@sock); clear(@file); clear(@cfd); clear(@cpend); clear(@rfd); clear(@rbuf); "
                  "clear(@opath); clear(@rpend); clear(@opend); }")
     return "\n".join(lines) + "\n"
 
@@ -149,6 +150,19 @@ def build_script(plan: ProbePlan) -> str:
 def probe_index(plan: ProbePlan) -> dict[int, str]:
     ordered = sorted(plan.attached.items(), key=lambda i: i[1][1])
     return {index: symbol for index, (symbol, _) in enumerate(ordered)}
+
+
+def runner_models(pids: set[int]) -> set[str]:
+    """The model blobs the runners were started with (``runner --model BLOB``)."""
+    blobs = set()
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "--model" in argv[:-1]:
+            blobs.add(argv[argv.index("--model") + 1])
+    return blobs
 
 
 def find_ollama_binary(pid: int) -> Path:
@@ -194,7 +208,9 @@ class EbpfCollector:
         self._plan = plan_probes(binary, version, self.layers)
         self._directory = session.directory
         script = build_script(self._plan)
-        (session.raw_dir / "ebpf_script.bt").write_text(script)
+        from tracer import capture_dir
+
+        capture_dir.write_text(session.raw_dir / "ebpf_script.bt", script)
         argv = [system.bpftrace_path() or "bpftrace", "-B", "line"]
         if self._plan.symbol_source == "gopclntab" and self._plan.attached:
             # bpftrace cannot check instruction boundaries without ELF symbols; the addresses are
@@ -202,7 +218,7 @@ class EbpfCollector:
             argv.append("--unsafe")
         self._proc = subprocess.Popen(
             [*argv, "-"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=open(session.directory / RAW_STDERR, "w"),  # noqa: SIM115
+            stdout=subprocess.PIPE, stderr=capture_dir.open_private(session.directory / RAW_STDERR),
             text=True, start_new_session=True,
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
@@ -230,7 +246,9 @@ class EbpfCollector:
 
     def _read(self, proc: subprocess.Popen[str], out_path: Path, ready: threading.Event) -> None:
         assert proc.stdout is not None
-        with out_path.open("w", encoding="utf-8") as out:
+        from tracer import capture_dir
+
+        with capture_dir.open_private(out_path) as out:
             for line in proc.stdout:
                 if line.startswith(READY):
                     ready.set()
@@ -281,11 +299,13 @@ class EbpfCollector:
             # Roles now, while the runners still run: a runner's argv says "runner".
             server = int(self._meta["pid"])
             self._meta["roles"] = {str(pid): role_of(pid, server) for pid in sorted(self._pids)}
+            self._meta["model_blobs"] = sorted(runner_models(self._pids))
             self._write_meta()
         if self._plan is not None:
             stats["probes_attached"] = len(self._plan.attached)
             stats["probes_missing"] = self._plan.missing
             stats["design"] = self._plan.design
+            stats["design_note"] = DESIGN_NOTES[self._plan.design]
             stats["symbol_source"] = self._plan.symbol_source
         return stats
 

@@ -81,3 +81,15 @@ def probes_for(version: str | None) -> tuple[ProbeSpec, ...]:
     older = sorted((k for k in CATALOGUE if tuple(map(int, k.split("."))) <= tuple(map(int, major_minor.split(".")))),
                    key=lambda k: tuple(map(int, k.split("."))))
     return CATALOGUE[older[-1]] if older else ()
+
+
+DESIGN_NOTES = {
+    "go-runners": "v0.13-era design: Go runners (ollamarunner / llamarunner); every phase can be separated "
+                  "with symbols, and the syscall layer merges server.receive+decode+model_lookup, "
+                  "server.schedule+handoff and runner.admit+prefill+sample.",
+    "llama-server": "v0.30+ design: the runner is upstream llama-server, so the Go runner probes do not apply. "
+                    "The syscall layer, the log and the response fields still work; inside the server, "
+                    "server.receive+decode+model_lookup and server.schedule+handoff stay merged, and inside "
+                    "the runner runner.admit+prefill+sample cannot be separated.",
+    "unknown": "Ollama's version is unknown: only the syscall layer is used, and phases are merged as above.",
+}

@@ -73,11 +73,18 @@ def _healthy_testbed(request: pytest.FixtureRequest) -> None:
         heal_testbed(request.getfixturevalue("testbed"))
 
 
-def run_tracer_healing(description: dict[str, Any], *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """run_tracer, retried once after healing when Ollama deadlocked under it (exit code 11)."""
+def run_tracer_healing(description: dict[str, Any], *args: str, heal: Any = None,
+                       **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """run_tracer, retried once after healing when Ollama deadlocked under it (exit code 11).
+
+    ``heal`` restarts the server the command used; the default heals the testbed's.
+    """
     proc = run_tracer(*args, **kwargs)
     if proc.returncode == 11:
         print(f"\nNOTE: retrying after an Ollama stall: {proc.stderr.strip()[-300:]}", file=sys.stderr)
-        heal_testbed(description)
+        if heal is not None:
+            heal()
+        else:
+            heal_testbed(description)
         proc = run_tracer(*args, **kwargs)
     return proc

@@ -32,6 +32,12 @@ def _open_private(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
+def open_private(path: Path, mode: str = "w") -> Any:
+    """Open a capture file for writing, user-only (0600) from the moment it exists."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode, encoding=None if "b" in mode else "utf-8")
+
+
 def write_text(path: Path, text: str) -> None:
     """Write atomically: a reader (or a crash) never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")

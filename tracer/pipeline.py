@@ -19,6 +19,12 @@ def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords,
     spans, bad = capture_dir.read_jsonl(directory / capture_dir.CLIENT_SPANS)
     extra: dict[str, Any] = {"meta": meta}
     unreadable = {capture_dir.CLIENT_SPANS: bad}
+    from collectors.ollama_log import RAW_LOG, load_log
+
+    log_events, bad_log = load_log(directory)
+    if log_events:
+        extra["log_events"] = log_events
+        unreadable[RAW_LOG] = bad_log
     if (directory / "raw" / "ebpf_meta.json").exists():
         from collectors.ebpf import load_events
         from tracer.clock import ClockModel

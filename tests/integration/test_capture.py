@@ -56,7 +56,8 @@ def test_capture_of_the_benchmark(testbed: dict[str, Any], tmp_path: Path) -> No
     assert summary["coverage"] > 0.9
     names = [p["name"] for p in summary["phases"]]
     assert names[0] == "client.interrupt" and names[-1] == "client.first_token"
-    assert "server.decode+model_lookup+schedule" in names
+    # eBPF makes the server phases finer; without it they come merged from the response fields.
+    assert "server.model_lookup" in names or "server.decode+model_lookup+schedule" in names
     for phase in summary["phases"]:
         assert {"mean_ms", "median_ms", "p95_ms", "share", "source"} <= set(phase)
     meta = json.loads((out / "capture.json").read_text())
@@ -110,7 +111,8 @@ def _check_jaeger_trace(trace: dict[str, Any], expected_spans: int) -> None:
     by_id = {s["spanID"]: s for s in spans}
     names = {s["operationName"] for s in spans}
     assert {"bench.interrupt.iteration", "client.interrupt", "client.request", "client.first_token",
-            "server.decode+model_lookup+schedule", "runner.prefill", "tracer.interval"} <= names
+            "runner.prefill", "tracer.interval"} <= names
+    assert any(n.startswith("server.") and "model_lookup" in n for n in names)
     for span in spans:
         for ref in span["references"]:
             assert ref["refType"] == "CHILD_OF" and ref["spanID"] in by_id

@@ -99,4 +99,4 @@ def test_attribute_payload_schema() -> None:
     payload = attribute(CaptureRecords(spans=[]))
     assert payload["schema"] == "tracer.attribution/1"
     assert payload["intervals"] == [] and payload["summary"]["intervals"] == 0
-    assert [p["source"] for p in payload["precedence"]] == ["response", "client"]
+    assert [p["source"] for p in payload["precedence"]] == ["ebpf", "log", "response", "client"]

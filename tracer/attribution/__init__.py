@@ -17,13 +17,14 @@ from typing import Any
 
 from tracer.attribution.ebpf_source import EbpfSource
 from tracer.attribution.intervals import Interval, find_intervals
+from tracer.attribution.log_source import LogSource
 from tracer.attribution.sources import ClientSource, PhaseSource, ResponseSource
 from tracer.model import Phase
 
 SCHEMA = "tracer.attribution/1"
 
 # Finer sources first. New sources plug in here (and nowhere else).
-SOURCES: list[PhaseSource] = [EbpfSource(), ResponseSource(), ClientSource()]
+SOURCES: list[PhaseSource] = [EbpfSource(), LogSource(), ResponseSource(), ClientSource()]
 
 
 @dataclass

@@ -14,7 +14,8 @@ GE        getExistingName                     —
 NR        (*runnerRef).needsReload            server writes the /health ping ("GET ")
 LD        (*Scheduler).load (only on a load)  —
 UL        useLoadedRunner                     —
-RC        runner (*Server).completion         runner reads the POST /completion
+RC        runner (*Server).completion         runner reads the POST /completion (or the
+                                              server writes it: the same loopback hop)
 LC        (*InputCache).LoadCacheSlot         —
 SA        Sampler.Sample (first after LC)     —
 RW        —                                   runner writes its first response bytes
@@ -91,7 +92,14 @@ class EbpfSource:
         window = [e for e in events if built <= e.time_ns <= interval.end_ns]
         found = self._boundaries(window, roles)
         phases = self._phases(found)
-        evidence = blob_scans(window, roles, found.get("R"), found.get("SW"))
+        if "LD" in found:
+            # needsReload ran first: a runner was loaded but unusable for this request (different
+            # options such as num_ctx, or a failed health check). Otherwise nothing was loaded.
+            reason = ("reload: the loaded runner did not fit the request (options such as num_ctx changed, "
+                      "or its health check failed)" if "NR" in found else "cold load: no runner was loaded")
+            phases = [Phase(p.name, p.start_ns, p.end_ns, p.source, p.process, {**p.attributes, "reason": reason})
+                      if "model_load" in p.name else p for p in phases]
+        evidence = blob_scans(window, roles, found.get("R"), found.get("SW"), set(ebpf["meta"].get("model_blobs", [])))
         if "R" in found and "SW" in found:
             r, sw = found["R"].time_ns, found["SW"].time_ns
             evidence["uprobe_hits"] = sum(1 for e in window if e.kind == "U" and r <= e.time_ns <= sw)
@@ -127,7 +135,9 @@ class EbpfSource:
             "LD": [probe(*keys["load"])],
             "UL": [probe(*keys["acquired"])],
             "RC": [probe(*keys["runner_handler"], proc=runner),
-                   lambda e: runner(e) and e.kind == "R" and e.value > 0 and e.text.startswith("POST")],
+                   lambda e: runner(e) and e.kind == "R" and e.value > 0 and e.text.startswith("POST"),
+                   # the other end of the same hop, sub-millisecond earlier on loopback
+                   lambda e: server(e) and e.kind == "W" and e.text.startswith("POST")],
             "LC": [probe(*keys["cache_slot"], proc=runner)],
             "SA": [probe(*keys["sample"], proc=runner)],
             "RW": [lambda e: runner(e) and e.kind == "W" and e.text.startswith("HTTP")],
@@ -196,20 +206,20 @@ class EbpfSource:
             end_note = "runner saw the connection close"
         if removed is None or removed.time_ns - eof.time_ns > 5_000_000_000:
             return None
-        return Phase("server.cancel", eof.time_ns, removed.time_ns, SOURCE, "runner",
+        return Phase("server.cancel", eof.time_ns, removed.time_ns, SOURCE, "server",
                      {"off_critical_path": True, "end": end_note})
 
 
 def blob_scans(window: list[ProbeEvent], roles: dict[int, str], start: ProbeEvent | None,
-               end: ProbeEvent | None) -> dict[str, Any]:
-    """Opens of blobs by the server during the request. The model blob is the one read most
-    (the manifest's config and template blobs are a few hundred bytes); each open of it is one
-    GGUF metadata scan (v0.13 calls ``gguf.Open`` from ``Capabilities()`` three times)."""
+               end: ProbeEvent | None, model_blobs: set[str] | None = None) -> dict[str, Any]:
+    """Opens of blobs by the server during the request. Each open of the model's own blob (the one
+    a runner was started with, or failing that the blob opened most often) is one GGUF metadata
+    scan: v0.13 calls ``gguf.Open`` from ``Capabilities()`` three times per request."""
     if start is None:
         return {"blob_opens": 0, "gguf_scans": 0}
     stop = end.time_ns if end is not None else window[-1].time_ns if window else start.time_ns
     opened: dict[tuple[int, int], ProbeEvent] = {}
-    reads: list[tuple[str, int, int, int]] = []  # (path, open ns, close ns, bytes)
+    reads: list[tuple[str, int, int]] = []  # (path, open ns, close ns)
     blob_opens = 0
     for e in window:
         if not (start.time_ns <= e.time_ns <= stop) or roles.get(e.pid) != "server":
@@ -219,19 +229,19 @@ def blob_scans(window: list[ProbeEvent], roles: dict[int, str], start: ProbeEven
             opened[(e.pid, e.fd)] = e
         elif e.kind == "X" and (e.pid, e.fd) in opened:
             o = opened.pop((e.pid, e.fd))
-            reads.append((o.text, o.time_ns, e.time_ns, e.value))
-    totals: dict[str, int] = {}
-    for path, _, _, size in reads:
-        totals[path] = totals.get(path, 0) + size
-    if not totals:
+            reads.append((o.text, o.time_ns, e.time_ns))
+    if not reads:
         return {"blob_opens": blob_opens, "gguf_scans": 0}
-    model = max(totals, key=lambda p: totals[p])
+    counts: dict[str, int] = {}
+    for path, _, _ in reads:
+        counts[path] = counts.get(path, 0) + 1
+    known = [p for p in counts if model_blobs and p in model_blobs]
+    model = known[0] if known else max(counts, key=lambda p: counts[p])
     scans = [r for r in reads if r[0] == model]
     return {
         "blob_opens": blob_opens,
         "gguf_scans": len(scans),
-        "gguf_scan_ms": round(sum(c - o for _, o, c, _ in scans) / 1e6, 3),
-        "gguf_scan_bytes": sum(size for *_, size in scans),
+        "gguf_scan_ms": round(sum(c - o for _, o, c in scans) / 1e6, 3),
     }
 
 

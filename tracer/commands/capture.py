@@ -50,6 +50,16 @@ def export_capture(directory: Path, endpoint: str, protocol: str | None) -> dict
     return result
 
 
+def _testbed_log(host: str) -> Path | None:
+    """The testbed's server log, when the capture targets the running testbed."""
+    from tracer.testbed.runtime import TestbedState, testbed_dir
+
+    state = TestbedState.load(testbed_dir() / "state.json")
+    if state.ollama is not None and state.ollama_host == host and state.ollama.alive():
+        return Path(state.ollama.log)
+    return None
+
+
 class CaptureCommand:
     """Run a command under observation; write a capture directory and the attribution table."""
 
@@ -67,6 +77,8 @@ class CaptureCommand:
                             help="all: syscall tracepoints plus catalogue uprobes (default); syscall: tracepoints only")
         parser.add_argument("--ollama-pid", type=int,
                             help="the Ollama server's pid (default: the process listening on the --ollama-host port)")
+        parser.add_argument("--ollama-log", type=Path,
+                            help="the server's log (OLLAMA_DEBUG=1); default: the testbed's, when it is the target")
         parser.add_argument("--no-auto-instrument", action="store_true",
                             help="do not auto-instrument Python commands (spans they export still land)")
         parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -81,7 +93,8 @@ class CaptureCommand:
         result = run_capture(
             CaptureOptions(command=command, directory=directory, force=args.force, ollama_host=host,
                            record_content=args.record_content, auto_instrument=not args.no_auto_instrument),
-            make_collectors(ebpf=not args.no_ebpf, ollama_pid=args.ollama_pid, ebpf_layers=args.ebpf_layers),
+            make_collectors(ebpf=not args.no_ebpf, ollama_pid=args.ollama_pid, ebpf_layers=args.ebpf_layers,
+                            ollama_log=args.ollama_log or _testbed_log(host)),
             progress=lambda message: print(message, file=sys.stderr),
         )
         meta, attribution, spans = compute(directory)

@@ -1,0 +1,106 @@
+"""Ollama's own debug log (``OLLAMA_DEBUG=1``) as timestamped events.
+
+The server and its runners log through Go's slog TextHandler: ``key=value`` pairs with Go-quoted
+values and RFC3339 timestamps at millisecond precision (reference §5). The collector notes the
+log's size when the capture starts and copies what was appended when it stops into
+``raw/ollama.log``; nothing is parsed while the workload runs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from collectors.base import SessionInfo
+from tracer import capture_dir
+from tracer.instrument.genai import parse_created_at
+
+RAW_LOG = "raw/ollama.log"
+_PAIR = re.compile(r'([A-Za-z0-9_.\-]+|"[^"]*")=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    time_ns: int
+    level: str
+    source: str
+    msg: str
+    attrs: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return bytes(value[1:-1], "utf-8").decode("unicode_escape", errors="replace")
+    return value
+
+
+def parse_line(line: str) -> LogEvent | None:
+    """One slog line as an event; None for anything else (gin lines, C logs, garbage)."""
+    if not line.startswith("time="):
+        return None
+    pairs = {_unquote(k): _unquote(v) for k, v in _PAIR.findall(line)}
+    try:
+        when = parse_created_at(pairs["time"])
+    except (KeyError, ValueError):
+        return None
+    if "msg" not in pairs:
+        return None
+    attrs = {k: v for k, v in pairs.items() if k not in ("time", "level", "source", "msg")}
+    return LogEvent(when, pairs.get("level", ""), pairs.get("source", ""), pairs["msg"], attrs)
+
+
+def parse_log(text: str) -> tuple[list[LogEvent], int]:
+    """Events in time order and the number of slog-looking lines that would not parse."""
+    events, bad = [], 0
+    for line in text.splitlines():
+        if not line.startswith("time="):
+            continue
+        event = parse_line(line)
+        if event is None:
+            bad += 1
+        else:
+            events.append(event)
+    events.sort(key=lambda e: e.time_ns)
+    return events, bad
+
+
+class OllamaLogCollector:
+    name = "ollama_log"
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._offset = 0
+        self._session: SessionInfo | None = None
+
+    def available(self) -> tuple[bool, str]:
+        if self.path is None:
+            return False, "no Ollama log to read; pass --ollama-log FILE (the server's stderr with OLLAMA_DEBUG=1)"
+        if not self.path.is_file():
+            return False, f"the Ollama log {self.path} does not exist"
+        return True, ""
+
+    def start(self, session: SessionInfo) -> None:
+        assert self.path is not None
+        self._offset = self.path.stat().st_size
+        self._session = session
+
+    def child_started(self, pid: int) -> None:
+        pass
+
+    def stop(self) -> dict[str, Any]:
+        assert self.path is not None and self._session is not None
+        target = self._session.directory / RAW_LOG
+        with self.path.open("rb") as source, capture_dir.open_private(target, "wb") as out:
+            source.seek(self._offset)
+            shutil.copyfileobj(source, out)
+        return {"path": str(self.path), "bytes": target.stat().st_size}
+
+
+def load_log(directory: Path) -> tuple[list[LogEvent], int]:
+    path = directory / RAW_LOG
+    if not path.exists():
+        return [], 0
+    return parse_log(path.read_text(encoding="utf-8", errors="replace"))

@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collectors.ebpf import ParseError, ProbeEvent, parse_line, plan_probes
+from collectors.ollama_log import parse_line as parse_log_line
+from collectors.probe_catalogue import design_for, probes_for
+from tracer.attribution.ebpf_source import EbpfSource, blob_scans, merged_name
+from tracer.attribution.intervals import Interval
+from tracer.attribution.sources import Records
+from tracer.clock import ClockModel, ClockOffset
+
+CLOCK = ClockModel(start={"boottime": ClockOffset("boottime", 1_000, 100, 0),
+                          "monotonic": ClockOffset("monotonic", 2_000, 100, 0)})
+MS = 1_000_000
+
+
+def test_parse_event_lines() -> None:
+    probes = {0: "github.com/ollama/ollama/server.getExistingName"}
+    assert parse_line("R 5000 10 11 8 238 POST\n", CLOCK, probes) == ProbeEvent("R", 6000, 10, 11, 8, 238, "POST")
+    assert parse_line("U 5 10 12 0\n", CLOCK, probes).text == probes[0]
+    assert parse_line("X 5 10 12 9 6815744\n", CLOCK, probes).value == 6815744
+    opened = parse_line("O 5 10 12 9 /models/blobs/sha256-ab cd\n", CLOCK, probes)
+    assert opened.text == "/models/blobs/sha256-ab cd" and opened.fd == 9
+    for bad in ("", "Attaching 22 probes...", "Q 1 2 3", "R x 1 2 3 4", "U 1 2 3 99", "W 1 2"):
+        with pytest.raises(ParseError):
+            parse_line(bad, CLOCK, probes)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(max_size=120))
+def test_event_parser_never_crashes(text: str) -> None:
+    with contextlib.suppress(ParseError):
+        parse_line(text, CLOCK, {0: "f"})
+
+
+def test_parse_slog_lines() -> None:
+    line = ('time=2026-11-25T04:17:41.709Z level=DEBUG source=server.go:1509 msg="completion request" '
+            'images=0 prompt=181 format=""')
+    event = parse_log_line(line)
+    assert event is not None
+    assert (event.level, event.source, event.msg) == ("DEBUG", "server.go:1509", "completion request")
+    assert event.attrs == {"images": "0", "prompt": "181", "format": ""}
+    assert event.time_ns % 1_000_000_000 == 709_000_000
+    assert parse_log_line("[GIN] 2026/11/25 - 04:17:42 | 200 | 1.2s | 127.0.0.1 | POST") is None
+    assert parse_log_line("time=garbage msg=x") is None
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(max_size=200))
+def test_slog_parser_never_crashes(text: str) -> None:
+    parse_log_line("time=" + text)
+    parse_log_line(text)
+
+
+def test_merged_names() -> None:
+    assert merged_name(["server.receive", "server.decode", "server.model_lookup"]) == \
+        "server.receive+decode+model_lookup"
+    assert merged_name(["runner.admit", "runner.prefill"]) == "runner.admit+prefill"
+    assert merged_name(["server.handoff", "runner.admit"]) == "server.handoff+runner.admit"
+
+
+class _Records:
+    def __init__(self, events: list[ProbeEvent]) -> None:
+        self.spans: list[dict[str, object]] = []
+        self.extra = {"ebpf": {"events": events, "roles": {1: "server", 2: "runner"}, "meta": {}}}
+
+
+def _interval(end_ms: int) -> Interval:
+    return Interval(index=0, kind="request", start_ns=0, end_ns=end_ms * MS, trace_id="t",
+                    request={"startTimeUnixNano": 0, "attributes": {}})
+
+
+def _u(t: int, pid: int, symbol: str) -> ProbeEvent:
+    return ProbeEvent("U", t * MS, pid, pid, text=symbol)
+
+
+S = "github.com/ollama/ollama/server."
+R = "github.com/ollama/ollama/runner/ollamarunner."
+
+
+def test_symbol_layer_boundaries_and_first_hit_wins() -> None:
+    events = [
+        ProbeEvent("R", 1 * MS, 1, 1, 8, 200, "POST"),
+        _u(2, 1, S + "(*Server).GenerateHandler"), _u(2, 1, S + "(*Server).GenerateHandler"),  # morestack
+        _u(3, 1, S + "getExistingName"),
+        ProbeEvent("O", 4 * MS, 1, 1, 9, 0, "/m/blobs/sha256-aa"), ProbeEvent("X", 30 * MS, 1, 1, 9, 0),
+        _u(40, 1, S + "(*runnerRef).needsReload"), _u(41, 1, S + "(*LlmRequest).useLoadedRunner"),
+        _u(43, 2, R + "(*Server).completion"), _u(44, 2, R + "(*InputCache).LoadCacheSlot"),
+        _u(60, 2, "github.com/ollama/ollama/sample.(*Sampler).Sample"),
+        ProbeEvent("W", 61 * MS, 2, 2, 6, 100, "HTTP"), ProbeEvent("W", 62 * MS, 1, 1, 7, 100, "HTTP"),
+        ProbeEvent("W", 63 * MS, 1, 1, 8, 100, "HTTP"),
+    ]
+    phases = EbpfSource().phases(_interval(70), _Records(events))  # type: ignore[arg-type]
+    assert [(p.name, p.start_ns // MS, p.end_ns // MS) for p in phases] == [
+        ("server.receive", 1, 2), ("server.decode", 2, 3), ("server.model_lookup", 3, 40),
+        ("server.schedule", 40, 41), ("server.handoff", 41, 43), ("runner.admit", 43, 44),
+        ("runner.prefill", 44, 60), ("runner.sample", 60, 61),
+        ("server.stream", 61, 63),  # the write on the client's fd (8), not another socket's (7)
+    ]
+    assert phases[2].attributes["gguf_scans"] == 1 and phases[2].attributes["blob_opens"] == 1
+
+
+def test_syscall_layer_merges_what_it_cannot_separate() -> None:
+    events = [
+        ProbeEvent("R", 1 * MS, 1, 1, 8, 200, "POST"), ProbeEvent("W", 40 * MS, 1, 1, 10, 90, "GET "),
+        ProbeEvent("R", 43 * MS, 2, 2, 6, 500, "POST"), ProbeEvent("W", 61 * MS, 2, 2, 6, 100, "HTTP"),
+        ProbeEvent("W", 63 * MS, 1, 1, 8, 100, "HTTP"),
+    ]
+    phases = EbpfSource().phases(_interval(70), _Records(events))  # type: ignore[arg-type]
+    assert [p.name for p in phases] == ["server.receive+decode+model_lookup", "server.schedule+handoff",
+                                        "runner.admit+prefill+sample", "server.stream"]
+
+
+def test_model_load_reason() -> None:
+    events = [
+        ProbeEvent("R", 1 * MS, 1, 1, 8, 200, "POST"), _u(2, 1, S + "(*Server).GenerateHandler"),
+        _u(3, 1, S + "getExistingName"), _u(5, 1, S + "(*Scheduler).load"),
+        _u(900, 1, S + "(*LlmRequest).useLoadedRunner"), ProbeEvent("R", 903 * MS, 2, 2, 6, 500, "POST"),
+        ProbeEvent("W", 910 * MS, 2, 2, 6, 100, "HTTP"), ProbeEvent("W", 911 * MS, 1, 1, 8, 100, "HTTP"),
+    ]
+    phases = EbpfSource().phases(_interval(920), _Records(events))  # type: ignore[arg-type]
+    names = [p.name for p in phases]
+    assert names[:5] == ["server.receive", "server.decode", "server.model_lookup+schedule", "server.model_load",
+                         "server.handoff"]
+    load = phases[3]
+    assert (load.start_ns, load.end_ns) == (5 * MS, 900 * MS)
+    assert load.attributes["reason"].startswith("cold load")
+
+
+def test_blob_scans_pick_the_model_blob() -> None:
+    events = [ProbeEvent("R", 0, 1, 1, 8, 10, "POST")]
+    for i, path in enumerate(["/b/blobs/sha256-cfg", "/b/blobs/sha256-model", "/b/blobs/sha256-model"]):
+        events += [ProbeEvent("O", (i + 1) * MS, 1, 1, 9, 0, path), ProbeEvent("X", (i + 1) * MS + 500, 1, 1, 9, 0)]
+    scans = blob_scans(events, {1: "server"}, events[0], None)
+    assert (scans["blob_opens"], scans["gguf_scans"], scans["gguf_scan_ms"]) == (3, 2, 0.001)
+    # the runner's --model names the blob even when another one is opened as often
+    assert blob_scans(events, {1: "server"}, events[0], None, {"/b/blobs/sha256-cfg"})["gguf_scans"] == 1
+
+
+def test_catalogue_by_version_and_missing_symbols(tmp_path: Path) -> None:
+    assert design_for("0.13.5") == "go-runners" and design_for("0.33.0") == "llama-server"
+    assert design_for(None) == "unknown" and design_for("garbage") == "unknown"
+    assert probes_for("0.13.5") == probes_for("0.13.0") and probes_for("0.14.1") == probes_for("0.13.5")
+    assert probes_for("0.33.0") == ()  # llama-server design: syscall layer, logs and response fields only
+    plan = plan_probes(Path("/bin/true"), "0.13.5")
+    assert plan.attached == {} and "github.com/ollama/ollama/server.getExistingName" in plan.missing
+
+
+def test_records_protocol() -> None:
+    records: Records = _Records([])  # type: ignore[assignment]
+    assert records.extra["ebpf"]["events"] == []
