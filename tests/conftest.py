@@ -75,12 +75,14 @@ def _healthy_testbed(request: pytest.FixtureRequest) -> None:
 
 def run_tracer_healing(description: dict[str, Any], *args: str, heal: Any = None,
                        **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """run_tracer, retried once after healing when Ollama deadlocked under it (exit code 11).
+    """run_tracer, retried once after healing when Ollama deadlocked under it (exit code 11, or a
+    client library's timeout in a traced script).
 
     ``heal`` restarts the server the command used; the default heals the testbed's.
     """
     proc = run_tracer(*args, **kwargs)
-    if proc.returncode == 11:
+    stalled = proc.returncode == 11 or (proc.returncode != 0 and "Timeout" in proc.stderr)
+    if stalled:
         print(f"\nNOTE: retrying after an Ollama stall: {proc.stderr.strip()[-300:]}", file=sys.stderr)
         if heal is not None:
             heal()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -11,13 +13,19 @@ CLOSE_WAIT = "08"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def _port(field: str) -> int:
-    return int(field.rsplit(":", 1)[1], 16)
+LISTEN = "0A"
 
 
-def server_side_states(server_port: int, client_port: int) -> list[str]:
-    """TCP states of the server's end of the connection from ``client_port`` (loopback only)."""
-    states = []
+@dataclass(frozen=True)
+class TcpRow:
+    local_port: int
+    remote_port: int
+    state: str  # the kernel's hex state code, e.g. "01" ESTABLISHED
+    inode: str
+
+
+def tcp_rows() -> Iterator[TcpRow]:
+    """Rows of /proc/net/tcp and tcp6 (this network namespace)."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -25,9 +33,14 @@ def server_side_states(server_port: int, client_port: int) -> list[str]:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 3 and _port(fields[1]) == server_port and _port(fields[2]) == client_port:
-                states.append(fields[3])
-    return states
+            if len(fields) > 9:
+                yield TcpRow(int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16),
+                             fields[3], fields[9])
+
+
+def server_side_states(server_port: int, client_port: int) -> list[str]:
+    """TCP states of the server's end of the connection from ``client_port`` (loopback only)."""
+    return [r.state for r in tcp_rows() if r.local_port == server_port and r.remote_port == client_port]
 
 
 def own_client_ports(host: str) -> set[int]:
@@ -44,17 +57,7 @@ def own_client_ports(host: str) -> set[int]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[9] in inodes and _port(fields[2]) == parts.port:
-                ports.add(_port(fields[1]))
-    return ports
+    return {r.local_port for r in tcp_rows() if r.inode in inodes and r.remote_port == parts.port}
 
 
 def server_saw_close(host: str, client_port: int | None, timeout_s: float = 1.0) -> bool | None:

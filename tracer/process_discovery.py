@@ -6,28 +6,13 @@ from pathlib import Path
 
 import requests
 
+from tracer.netstat import LISTEN, tcp_rows
 from tracer.ollama_host import host_and_port
-
-LISTEN = "0A"
-
-
-def _listening_inodes(port: int) -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[3] == LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(fields[9])
-    return inodes
 
 
 def pid_listening_on(port: int) -> int | None:
     """The process holding a listening socket on ``port`` (needs root for other users' processes)."""
-    targets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    targets = {f"socket:[{r.inode}]" for r in tcp_rows() if r.state == LISTEN and r.local_port == port}
     if not targets:
         return None
     for proc in Path("/proc").iterdir():

@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, run_tracer_healing
+from tests.conftest import REPO, heal_testbed, run_tracer_healing
 from tracer.autoinstrument import child_env
 from tracer.receiver import OtlpReceiver
 
@@ -126,7 +127,7 @@ PLAIN_SCRIPT = textwrap.dedent(
     import ollama
 
     host, model = sys.argv[1], sys.argv[2]
-    client = ollama.Client(host=host)
+    client = ollama.Client(host=host, timeout=30)
     stream = client.generate(model=model, prompt="Tell me a story", stream=True)
     for i, part in enumerate(stream):
         if i == 3:
@@ -135,7 +136,7 @@ PLAIN_SCRIPT = textwrap.dedent(
     client.chat(model=model, messages=[{"role": "user", "content": "hi"}], options={"num_predict": 3})
 
     async def main():
-        aclient = ollama.AsyncClient(host=host)
+        aclient = ollama.AsyncClient(host=host, timeout=30)
         async for part in await aclient.generate(model=model, prompt="Hello", stream=True,
                                                  options={"num_predict": 3}):
             pass
@@ -150,11 +151,16 @@ def test_plain_ollama_script_is_instrumented_without_code_changes(testbed: dict[
     script.write_text(PLAIN_SCRIPT)
     with OtlpReceiver() as receiver:
         env = child_env(dict(os.environ, PYTHONPATH=REPO), endpoint=receiver.grpc_endpoint)
-        proc = subprocess.run([sys.executable, str(script), testbed["ollama_host"], "tracer-llama:test"],
-                              env=env, capture_output=True, text=True, timeout=180, check=False)
+        argv = [sys.executable, str(script), testbed["ollama_host"], "tracer-llama:test"]
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=False)
+        first_run = 0
+        if proc.returncode != 0 and "Timeout" in proc.stderr and heal_testbed(testbed):  # Ollama's deadlock
+            time.sleep(2)  # let the first run's exporter finish, then count only the second run
+            first_run = len(receiver.spans())
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=False)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == "script done"
-        spans = receiver.spans()
+        spans = receiver.spans()[first_run:]
     names = sorted(s["name"] for s in spans)
     assert names.count("text_completion tracer-llama:test") == 2
     assert names.count("chat tracer-llama:test") == 1

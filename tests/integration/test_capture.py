@@ -172,7 +172,7 @@ def test_export_to_a_dead_endpoint_fails_clearly(testbed: dict[str, Any], tmp_pa
 PLAIN_SCRIPT = textwrap.dedent(
     """
     import ollama
-    client = ollama.Client()  # OLLAMA_HOST from the environment
+    client = ollama.Client(timeout=30)  # OLLAMA_HOST from the environment
     for model in ("tracer-llama:test", "tracer-gemma3:test"):
         client.generate(model=model, prompt="hello", options={"num_predict": 4})
         stream = client.generate(model=model, prompt="Tell me a story", stream=True)
