@@ -12,7 +12,6 @@ from collectors.ollama_log import parse_line as parse_log_line
 from collectors.probe_catalogue import design_for, probes_for
 from tracer.attribution.ebpf_source import EbpfSource, blob_scans, merged_name
 from tracer.attribution.intervals import Interval
-from tracer.attribution.sources import Records
 from tracer.clock import ClockModel, ClockOffset
 
 CLOCK = ClockModel(start={"boottime": ClockOffset("boottime", 1_000, 100, 0),
@@ -151,7 +150,3 @@ def test_catalogue_by_version_and_missing_symbols(tmp_path: Path) -> None:
     plan = plan_probes(Path("/bin/true"), "0.13.5")
     assert plan.attached == {} and "github.com/ollama/ollama/server.getExistingName" in plan.missing
 
-
-def test_records_protocol() -> None:
-    records: Records = _Records([])  # type: ignore[assignment]
-    assert records.extra["ebpf"]["events"] == []
