@@ -52,7 +52,10 @@ tracepoint:syscalls:sys_enter_read /{F} && @sock[pid, args->fd]/ {
 tracepoint:syscalls:sys_exit_read /@rpend[tid] == 1/ {
   // Only the start of an HTTP message (or EOF) is a boundary; chunk continuations are not printed.
   $head = str(@rbuf[tid], 4);
-  if (args->ret == 0 || (args->ret > 0 && ($head == "POST" || $head == "GET " || $head == "HTTP"))) {
+  // EOF (0) or an error other than EAGAIN (-11) is the peer going away: a client closing with
+  // unread response bytes makes its kernel send RST, so the server then reads -ECONNRESET.
+  if (args->ret == 0 || (args->ret < 0 && args->ret != -11) ||
+      (args->ret > 0 && ($head == "POST" || $head == "GET " || $head == "HTTP"))) {
     printf("R %llu %d %d %d %d %r\n", nsecs, pid, tid, @rfd[tid], args->ret, buf(@rbuf[tid], 4));
   }
   delete(@rfd[tid]); delete(@rbuf[tid]); delete(@rpend[tid]); }

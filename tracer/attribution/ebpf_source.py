@@ -192,8 +192,10 @@ class EbpfSource:
         if interval.kind != "interrupt":
             return None
         start_window = interval.start_ns - 50_000_000
-        eof = next((e for e in events if start_window <= e.time_ns <= interval.end_ns and roles.get(e.pid) == "server"
-                    and e.kind == "R" and e.value == 0), None)
+        # Off the critical path, the teardown may be noticed after the next first token (a llama
+        # interval lasts ~10 ms): look up to a second past the interval's end.
+        eof = next((e for e in events if start_window <= e.time_ns <= interval.end_ns + 1_000_000_000
+                    and roles.get(e.pid) == "server" and e.kind == "R" and _peer_gone(e)), None)
         if eof is None:
             return None
         keys = _symbol_keys()
@@ -202,7 +204,7 @@ class EbpfSource:
         end_note = "runner removed the sequence"
         if removed is None:
             removed = next((e for e in events if e.time_ns >= eof.time_ns and roles.get(e.pid) == "runner"
-                            and e.kind == "R" and e.value == 0), None)
+                            and e.kind == "R" and _peer_gone(e)), None)
             end_note = "runner saw the connection close"
         if removed is None or removed.time_ns - eof.time_ns > 5_000_000_000:
             return None
@@ -243,6 +245,11 @@ def blob_scans(window: list[ProbeEvent], roles: dict[int, str], start: ProbeEven
         "gguf_scans": len(scans),
         "gguf_scan_ms": round(sum(c - o for _, o, c in scans) / 1e6, 3),
     }
+
+
+def _peer_gone(event: ProbeEvent) -> bool:
+    """A read that returned EOF, or an error other than EAGAIN (-11): e.g. -ECONNRESET after an RST."""
+    return event.value == 0 or (event.value < 0 and event.value != -11)
 
 
 def _symbol_keys() -> dict[str, tuple[str, ...]]:
