@@ -100,3 +100,12 @@ def test_attribute_payload_schema() -> None:
     assert payload["schema"] == "tracer.attribution/1"
     assert payload["intervals"] == [] and payload["summary"]["intervals"] == 0
     assert [p["source"] for p in payload["precedence"]] == ["ebpf", "log", "response", "client"]
+
+
+def test_summary_orders_phases_by_their_first_piece() -> None:
+    iv = _interval(0, 100 * MS)
+    kept, _ = reconcile(iv, [(10, [Phase("b", 10 * MS, 20 * MS, "ebpf"), Phase("c", 20 * MS, 30 * MS, "ebpf")]),
+                             (30, [Phase("a", 5 * MS, 95 * MS, "response")])])
+    # "a" keeps two pieces (5-10 and 30-95): its later piece must not move it after "b" and "c".
+    names = [p["name"] for p in summarize([AttributedInterval(iv, kept, [])])["phases"]]
+    assert names == ["a", "b", "c"]

@@ -143,13 +143,16 @@ def summarize(attributed: list[AttributedInterval]) -> dict[str, Any]:
     offsets: dict[str, list[int]] = {}
     for a in measured:
         per_name: dict[str, int] = {}
+        first_start: dict[str, int] = {}  # order by each phase's first piece, not its clipped remainders
         for phase in a.phases:
             per_name[phase.name] = per_name.get(phase.name, 0) + phase.duration_ns
             entry = names.setdefault(phase.name, {"sources": set(), "process": phase.process, "values": []})
             entry["sources"].add(phase.source)
-            offsets.setdefault(phase.name, []).append(phase.start_ns - a.interval.start_ns)
+            if phase.name not in first_start or phase.start_ns < first_start[phase.name]:
+                first_start[phase.name] = phase.start_ns
         for name, duration in per_name.items():
             names[name]["values"].append(duration / 1e6)
+            offsets.setdefault(name, []).append(first_start[name] - a.interval.start_ns)
     for entry in names.values():
         # A phase can vanish from an interval when its length is zero (or a finer source took
         # all of it): that interval contributes 0, so medians stay comparable across phases.
