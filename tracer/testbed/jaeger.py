@@ -23,7 +23,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -31,9 +30,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tracer.errors import ExitCode, TracerError
+from tracer.testbed.steps import require_tool, run_step
 
 JAEGER_MODULE = "github.com/jaegertracing/jaeger"
 JAEGER_MODULE_VERSION = "v1.76.0"
@@ -97,55 +97,6 @@ def _go_env() -> dict[str, str]:
     env["GOWORK"] = "off"
     env.setdefault("CGO_ENABLED", "0")  # Jaeger needs no cgo; a static binary is simpler
     return env
-
-
-def _run_go_step(
-    step: str,
-    args: list[str],
-    *,
-    cwd: Path,
-    env: dict[str, str],
-    log: IO[str],
-    log_path: Path,
-    progress: Callable[[str], None],
-) -> None:
-    """Run one `go` command with its output appended to the build log, reporting progress."""
-    log.write(f"\n$ (cd {cwd} && {' '.join(args)})\n")
-    log.flush()
-    started = time.monotonic()
-    try:
-        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    except OSError as exc:
-        raise TracerError(
-            f"Building Jaeger failed at step '{step}' because '{args[0]}' could not be started "
-            f"({exc}); install Go 1.24 or newer and put it on PATH.",
-            ExitCode.MISSING_DEPENDENCY,
-        ) from exc
-    next_report = started + PROGRESS_INTERVAL_S
-    try:
-        while True:
-            try:
-                rc = proc.wait(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
-                now = time.monotonic()
-                if now >= next_report:
-                    progress(f"{step}… {now - started:.0f} s")
-                    next_report = now + PROGRESS_INTERVAL_S
-    except BaseException:
-        # Ctrl-C or similar: do not leave a compiler running behind us.
-        proc.kill()
-        proc.wait()
-        raise
-    elapsed = time.monotonic() - started
-    log.write(f"# exit status {rc} after {elapsed:.1f} s\n")
-    log.flush()
-    if rc != 0:
-        raise TracerError(
-            f"Building Jaeger failed at step '{step}' (exit status {rc}); read {log_path} for the "
-            "cause, fix it (usually network access to the Go module proxy or disk space) and rerun.",
-            ExitCode.BUILD_FAILED,
-        )
 
 
 def _go_output(args: list[str], *, cwd: Path, env: dict[str, str], step: str, log_path: Path) -> str:
@@ -278,13 +229,7 @@ def build_jaeger(cache_dir: Path, progress: Callable[[str], None]) -> Path:
     binary = jaeger_binary_path(cache_dir)
     if _is_built(cache_dir):
         return binary
-    go = shutil.which("go")
-    if go is None:
-        raise TracerError(
-            "Building Jaeger needs the Go toolchain, which is not on PATH; install Go 1.24 or newer "
-            "(https://go.dev/dl/) and rerun.",
-            ExitCode.MISSING_DEPENDENCY,
-        )
+    go = require_tool("go", "building Jaeger needs Go 1.24 or newer (https://go.dev/dl/) on PATH")
     with _build_lock(cache_dir):
         if _is_built(cache_dir):  # another process finished while we waited for the lock
             return binary
@@ -304,17 +249,16 @@ def build_jaeger(cache_dir: Path, progress: Callable[[str], None]) -> Path:
 
         tmp_binary = binary.with_name(binary.name + ".tmp")
         ldflags = f"-X {JAEGER_MODULE}/internal/version.latestVersion={JAEGER_V2_VERSION}"
-        progress(f"building jaeger (a few minutes the first time; log: {log_path})")
-        with log_path.open("a", encoding="utf-8") as log:
-            _run_go_step(
-                "building jaeger",
-                [go, "build", "-v", "-trimpath", "-ldflags", ldflags, "-o", str(tmp_binary), JAEGER_PACKAGE],
-                cwd=wrapper,
-                env=env,
-                log=log,
-                log_path=log_path,
-                progress=progress,
-            )
+        run_step(
+            "building jaeger (a few minutes the first time)",
+            [go, "build", "-v", "-trimpath", "-ldflags", ldflags, "-o", str(tmp_binary), JAEGER_PACKAGE],
+            log_path=log_path,
+            progress=progress,
+            fix="usually network access to the Go module proxy or disk space; fix it and rerun",
+            cwd=wrapper,
+            env=env,
+            every_s=PROGRESS_INTERVAL_S,
+        )
         # Rename, then stamp: a crash in between leaves no stamp, so the next run rebuilds.
         tmp_binary.replace(binary)
         _stamp_path(cache_dir).write_text(json.dumps(_stamp_content(), indent=2) + "\n", encoding="utf-8")
