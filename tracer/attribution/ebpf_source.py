@@ -30,6 +30,7 @@ critical path and reported beside the interval.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,6 +253,7 @@ def _peer_gone(event: ProbeEvent) -> bool:
     return event.value == 0 or (event.value < 0 and event.value != -11)
 
 
+@functools.cache
 def _symbol_keys() -> dict[str, tuple[str, ...]]:
     from collectors.probe_catalogue import V0_13
 

@@ -89,24 +89,33 @@ def _as_dict(part: Any) -> Mapping[str, Any]:
         return {}
 
 
+def _with_trace_hook(kwargs: dict[str, Any], hook: Callable[..., Any]) -> dict[str, Any]:
+    """The call's kwargs with our httpx trace hook added to whatever extensions it had."""
+    return {**kwargs, "extensions": {**kwargs.get("extensions", {}), "trace": hook}}
+
+
+def _unary(result: Any, recorder: StreamRecorder) -> Any:
+    """A non-streamed answer: headers, the one body and the end arrive together."""
+    recorder.response_started()
+    recorder.chunk(_as_dict(result))
+    recorder.end()
+    return result
+
+
 def _wrap_sync(original: Callable[..., Any], tracer: trace.Tracer, record_content: bool) -> Callable[..., Any]:
     @functools.wraps(original)
     def _request(self: Any, *args: Any, **kwargs: Any) -> Any:
         recorder = _start(tracer, self, args, kwargs, record_content)
         if recorder is None:
             return original(self, *args, **kwargs)
-        kwargs = dict(kwargs)
-        kwargs["extensions"] = {**kwargs.get("extensions", {}), "trace": _sync_hook(recorder)}
+        kwargs = _with_trace_hook(kwargs, _sync_hook(recorder))
         try:
             result = original(self, *args, **kwargs)
         except BaseException as err:
             recorder.end(error=err)
             raise
         if not kwargs.get("stream"):
-            recorder.response_started()
-            recorder.chunk(_as_dict(result))
-            recorder.end()
-            return result
+            return _unary(result, recorder)
         return _traced_stream(result, recorder)
 
     return _request
@@ -140,18 +149,14 @@ def _wrap_async(original: Callable[..., Any], tracer: trace.Tracer, record_conte
         recorder = _start(tracer, self, args, kwargs, record_content)
         if recorder is None:
             return await original(self, *args, **kwargs)
-        kwargs = dict(kwargs)
-        kwargs["extensions"] = {**kwargs.get("extensions", {}), "trace": _async_hook(recorder)}
+        kwargs = _with_trace_hook(kwargs, _async_hook(recorder))
         try:
             result = await original(self, *args, **kwargs)
         except BaseException as err:
             recorder.end(error=err)
             raise
         if not kwargs.get("stream"):
-            recorder.response_started()
-            recorder.chunk(_as_dict(result))
-            recorder.end()
-            return result
+            return _unary(result, recorder)
         return _traced_async_stream(result, recorder)
 
     return _request
