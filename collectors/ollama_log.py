@@ -19,6 +19,10 @@ from tracer import capture_dir
 from tracer.instrument.genai import parse_created_at
 
 RAW_LOG = "raw/ollama.log"
+# What the log source reads. Without --record-content only these lines (and warnings and errors)
+# are kept: at TRACE Ollama logs whole prompts, and "hit stop token" carries completion text.
+BOUNDARY_MESSAGES = ("evaluating already loaded", "completion request", "loading cache slot", "starting runner",
+                     "llama runner started", "context for request finished", "loading first model")
 _PAIR = re.compile(r'([A-Za-z0-9_.\-]+|"[^"]*")=("(?:[^"\\]|\\.)*"|\S*)')
 
 
@@ -52,6 +56,15 @@ def parse_line(line: str) -> LogEvent | None:
     return LogEvent(when, pairs.get("level", ""), pairs.get("source", ""), pairs["msg"], attrs)
 
 
+def keep_without_content(line: str) -> bool:
+    event = parse_line(line)
+    if event is None:
+        return False
+    if event.level in ("WARN", "ERROR"):
+        return True
+    return event.level != "TRACE" and event.msg.startswith(BOUNDARY_MESSAGES)
+
+
 def parse_log(text: str) -> tuple[list[LogEvent], int]:
     """Events in time order and the number of slog-looking lines that would not parse."""
     events, bad = [], 0
@@ -70,8 +83,9 @@ def parse_log(text: str) -> tuple[list[LogEvent], int]:
 class OllamaLogCollector:
     name = "ollama_log"
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, record_content: bool = False) -> None:
         self.path = path
+        self.record_content = record_content
         self._offset = 0
         self._session: SessionInfo | None = None
 
@@ -93,10 +107,18 @@ class OllamaLogCollector:
     def stop(self) -> dict[str, Any]:
         assert self.path is not None and self._session is not None
         target = self._session.directory / RAW_LOG
+        dropped = 0
         with self.path.open("rb") as source, capture_dir.open_private(target, "wb") as out:
             source.seek(self._offset)
-            shutil.copyfileobj(source, out)
-        return {"path": str(self.path), "bytes": target.stat().st_size}
+            if self.record_content:
+                shutil.copyfileobj(source, out)
+            else:
+                for raw in source:
+                    if keep_without_content(raw.decode("utf-8", errors="replace")):
+                        out.write(raw)
+                    else:
+                        dropped += 1
+        return {"path": str(self.path), "bytes": target.stat().st_size, "lines_left_out_for_privacy": dropped}
 
 
 def load_log(directory: Path) -> tuple[list[LogEvent], int]:

@@ -11,11 +11,11 @@ from collectors.otlp import OtlpCollector
 
 
 def make_collectors(*, ebpf: bool = True, ollama_pid: int | None = None, ebpf_layers: str = "all",
-                    ollama_log: Path | None = None) -> list[Collector]:
+                    ollama_log: Path | None = None, record_content: bool = False) -> list[Collector]:
     collectors: list[Collector] = []
     if ebpf:
         # First, so that its probes are live before anything else starts the workload.
         collectors.append(EbpfCollector(ollama_pid=ollama_pid, layers=ebpf_layers))
-    collectors.append(OllamaLogCollector(ollama_log))
+    collectors.append(OllamaLogCollector(ollama_log, record_content=record_content))
     collectors.append(OtlpCollector())
     return collectors

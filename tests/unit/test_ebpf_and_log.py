@@ -150,3 +150,28 @@ def test_catalogue_by_version_and_missing_symbols(tmp_path: Path) -> None:
     plan = plan_probes(Path("/bin/true"), "0.13.5")
     assert plan.attached == {} and "github.com/ollama/ollama/server.getExistingName" in plan.missing
 
+
+
+def test_log_collector_keeps_no_prompt_text_without_record_content(tmp_path: Path) -> None:
+    from collectors.base import SessionInfo
+    from collectors.ollama_log import OllamaLogCollector
+
+    log = tmp_path / "ollama.log"
+    log.write_text("old line before the capture\n")
+    (tmp_path / "cap" / "raw").mkdir(parents=True)
+    lines = [
+        'time=2026-11-25T04:17:41.709Z level=DEBUG source=server.go:1509 msg="completion request" images=0 prompt=181',
+        'time=2026-11-25T04:17:41.710Z level=TRACE source=s.go:1 msg="completion request" prompt="SECRET-PROMPT"',
+        'time=2026-11-25T04:17:41.720Z level=DEBUG source=runner.go:793 msg="hit stop token" pending="[SECRET-REPLY]"',
+        'time=2026-11-25T04:17:41.730Z level=DEBUG source=cache.go:142 msg="loading cache slot" id=0 used=1',
+        "[GIN] 2026/11/25 - 04:17:42 | 200 | 1.2s | 127.0.0.1 | POST",
+    ]
+    for record, expect_secret in ((False, False), (True, True)):
+        collector = OllamaLogCollector(log, record_content=record)
+        collector.start(SessionInfo(directory=tmp_path / "cap", clock=CLOCK))
+        with log.open("a") as out:
+            out.write("\n".join(lines) + "\n")
+        collector.stop()
+        kept = (tmp_path / "cap" / "raw" / "ollama.log").read_text()
+        assert ("SECRET" in kept) is expect_secret
+        assert "loading cache slot" in kept and "old line" not in kept

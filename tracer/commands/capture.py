@@ -94,7 +94,7 @@ class CaptureCommand:
             CaptureOptions(command=command, directory=directory, force=args.force, ollama_host=host,
                            record_content=args.record_content, auto_instrument=not args.no_auto_instrument),
             make_collectors(ebpf=not args.no_ebpf, ollama_pid=args.ollama_pid, ebpf_layers=args.ebpf_layers,
-                            ollama_log=args.ollama_log or _testbed_log(host)),
+                            ollama_log=args.ollama_log or _testbed_log(host), record_content=args.record_content),
             progress=lambda message: print(message, file=sys.stderr),
         )
         meta, attribution, spans = compute(directory)
