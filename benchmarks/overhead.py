@@ -4,12 +4,16 @@ Interleaves, in one run, `tracer bench interrupt` against the testbed:
 
 * ``plain``: the benchmark alone (spans go nowhere);
 * ``capture``: under `tracer capture` with client spans only (receiver + auto-instrumentation);
-* ``+log``: also the Ollama log collector;
-* ``+ebpf``: also the eBPF collector (syscall tracepoints + catalogue uprobes).
+* ``+log``, ``+ebpf`` (syscall tracepoints + catalogue uprobes), ``+pyspy`` (100 Hz), ``+nvml``
+  (100 Hz): ``capture`` plus that one collector; ``+profile``: ``+ebpf`` plus the 99 Hz stack
+  probe. Each one's cost is its median against its baseline arm (``capture``, or ``+ebpf``
+  for ``+profile``);
+* ``all``: every collector on, as `tracer capture` runs by default: the total cost.
 
+An arm whose collector is not available here (``+nvml`` without a GPU) is left out, and said so.
 The order of the arms rotates every round, so drift and noise hit every arm alike. It prints
-each arm's median interval, its ratio to ``plain``, and each collector's own ratio against the
-arm without it, plus the collectors' CPU time and the eBPF probe hits per request.
+each arm's median interval, its ratio to ``plain`` and to its baseline, and the CPU seconds per
+interval of the whole arm (benchmark, tracer and collectors: bpftrace and py-spy are children).
 
     python3 benchmarks/overhead.py --rounds 8 --iterations 8 [--model tracer-gemma3:test] [--json]
 """
@@ -17,7 +21,6 @@ arm without it, plus the collectors' CPU time and the eBPF probe hits per reques
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import resource
@@ -27,19 +30,48 @@ import sys
 import tempfile
 from pathlib import Path
 
-ARMS: dict[str, list[str] | None] = {
-    "plain": None,
-    "capture": ["--no-ebpf", "--ollama-log", "/dev/null"],
-    "+log": ["--no-ebpf"],
-    "+ebpf": [],
+OFF = ["--no-ebpf", "--ollama-log", "/dev/null", "--gpu-rate", "0", "--pyspy-rate", "0", "--profile-hz", "0"]
+
+
+def _without(flags: list[str], *names: str) -> list[str]:
+    """OFF minus the flags (and their values) that switch ``names`` off."""
+    out, skip = [], False
+    for i, flag in enumerate(flags):
+        if skip:
+            skip = False
+            continue
+        if flag in names:
+            skip = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+            continue
+        out.append(flag)
+    return out
+
+
+# arm -> (extra `tracer capture` flags or None for no capture, baseline arm)
+ARMS: dict[str, tuple[list[str] | None, str]] = {
+    "plain": (None, "plain"),
+    "capture": (OFF, "plain"),
+    "+log": (_without(OFF, "--ollama-log"), "capture"),
+    "+ebpf": (_without(OFF, "--no-ebpf"), "capture"),
+    "+profile": (_without(OFF, "--no-ebpf", "--profile-hz"), "+ebpf"),
+    "+pyspy": (_without(OFF, "--pyspy-rate"), "capture"),
+    "+nvml": (_without(OFF, "--gpu-rate"), "capture"),
+    "all": ([], "plain"),
 }
+
+
+def nvml_available() -> tuple[bool, str]:
+    from tracer.doctor_checks import check_nvml
+
+    result = check_nvml()
+    return result.ok, result.detail
 
 
 def run_arm(arm: str, host: str, model: str, iterations: int, base: Path, index: int) -> tuple[list[float], dict]:
     out = base / f"{arm}-{index}.json"
     bench = [sys.executable, "-m", "tracer", "bench", "interrupt", "--host", host, "--model", model,
              "--iterations", str(iterations), "--json", str(out)]
-    extra = ARMS[arm]
+    extra = ARMS[arm][0]
     directory = base / f"cap-{arm.strip('+')}-{index}"
     cmd = bench if extra is None else [sys.executable, "-m", "tracer", "capture", "-o", str(directory), "--force",
                                        "--ollama-host", host, *extra, "--", *bench]
@@ -63,7 +95,21 @@ def main() -> int:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    arms = args.arms.split(",")
+    arms = [arm for arm in args.arms.split(",") if arm]
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown:
+        parser.error(f"unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
+    skipped = {}
+    if "+nvml" in arms:
+        ok, why = nvml_available()
+        if not ok:
+            arms.remove("+nvml")
+            skipped["+nvml"] = why
+            print(f"+nvml left out: {why}", file=sys.stderr)
+    for arm in list(arms):  # every arm needs its baseline in the same run
+        if ARMS[arm][1] not in arms:
+            arms.insert(0, ARMS[arm][1])
+    arms = list(dict.fromkeys(arms))
     samples: dict[str, list[float]] = {arm: [] for arm in arms}
     cpu: dict[str, float] = dict.fromkeys(arms, 0.0)
     hits: list[int] = []
@@ -81,21 +127,27 @@ def main() -> int:
                 f"{arm} {statistics.median(samples[arm]):.2f} ms" for arm in arms), file=sys.stderr)
     medians = {arm: statistics.median(values) for arm, values in samples.items()}
     result = {
-        "model": args.model, "intervals_per_arm": len(samples[arms[0]]), "median_ms": medians,
+        "model": args.model, "rounds": args.rounds, "intervals_per_arm": len(samples[arms[0]]),
+        "median_ms": medians,
         "ratio_to_plain": {arm: medians[arm] / medians["plain"] for arm in arms if "plain" in medians},
-        "collector_ratio": {arm: medians[arm] / medians[prev] for prev, arm in itertools.pairwise(arms)},
+        "ratio_to_baseline": {arm: medians[arm] / medians[ARMS[arm][1]] for arm in arms},
+        "baseline": {arm: ARMS[arm][1] for arm in arms},
         "cpu_s_per_interval": {arm: cpu[arm] / max(1, len(samples[arm])) for arm in arms},
         "uprobe_hits_per_request_median": statistics.median(hits) if hits else None,
+        "skipped": skipped,
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.model}: {result['intervals_per_arm']} intervals per arm, interleaved")
-    print(f"{'arm':<10}{'median ms':>12}{'vs plain':>10}{'vs previous':>13}{'CPU s/interval':>16}")
-    for i, arm in enumerate(arms):
-        vs_prev = f"{result['collector_ratio'][arm]:.4f}" if i else ""
-        print(f"{arm:<10}{medians[arm]:>12.2f}{result['ratio_to_plain'].get(arm, 1.0):>10.4f}{vs_prev:>13}"
+    print(f"{args.model}: {result['intervals_per_arm']} intervals per arm, {args.rounds} rounds, interleaved")
+    print(f"{'arm':<10}{'median ms':>12}{'vs plain':>10}{'vs baseline':>22}{'CPU s/interval':>16}")
+    for arm in arms:
+        base = ARMS[arm][1]
+        vs_base = f"{result['ratio_to_baseline'][arm]:.4f} ({base})" if base != arm else ""
+        print(f"{arm:<10}{medians[arm]:>12.2f}{result['ratio_to_plain'].get(arm, 1.0):>10.4f}{vs_base:>22}"
               f"{result['cpu_s_per_interval'][arm]:>16.3f}")
+    for arm, why in skipped.items():
+        print(f"{arm}: not run ({why})")
     print(f"eBPF uprobe hits per request (median): {result['uprobe_hits_per_request_median']}")
     return 0
 

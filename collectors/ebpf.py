@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collectors import ebpf_profile
 from collectors.base import SessionInfo
 from collectors.probe_catalogue import DESIGN_NOTES, ProbeSpec, design_for, probes_for
 from tracer import system
@@ -41,8 +42,11 @@ HARMLESS_STDERR = re.compile(r"couldn't set RLIMIT_MEMLOCK|Attaching \d+ probes?
                              r"Could not determine instruction boundary|^\s*tracepoint:|^\s*~+\s*$")
 
 _SYSCALLS = r'''
+tracepoint:syscalls:sys_enter_accept4 /{F}/ { @apeer[tid] = (uint64)args->upeer_sockaddr; }
 tracepoint:syscalls:sys_exit_accept4 /{F} && args->ret >= 0/ {
-  @sock[pid, args->ret] = 1; printf("A %llu %d %d %d\n", nsecs, pid, tid, args->ret); }
+  // The peer's port (big-endian, offset 2 of sockaddr_in/in6): the client's side of the 4-tuple.
+  @sock[pid, args->ret] = 1; printf("A %llu %d %d %d %r\n", nsecs, pid, tid, args->ret, buf(@apeer[tid] + 2, 2));
+  delete(@apeer[tid]); }
 tracepoint:syscalls:sys_enter_connect /{F}/ { @cfd[tid] = args->fd; @cpend[tid] = 1; }
 tracepoint:syscalls:sys_exit_connect /{F} && @cpend[tid] == 1/ {
   @sock[pid, @cfd[tid]] = 2; printf("C %llu %d %d %d %d\n", nsecs, pid, tid, @cfd[tid], args->ret);
@@ -56,13 +60,14 @@ tracepoint:syscalls:sys_exit_read /@rpend[tid] == 1/ {
   // unread response bytes makes its kernel send RST, so the server then reads -ECONNRESET.
   if (args->ret == 0 || (args->ret < 0 && args->ret != -11) ||
       (args->ret > 0 && ($head == "POST" || $head == "GET " || $head == "HTTP"))) {
-    printf("R %llu %d %d %d %d %r\n", nsecs, pid, tid, @rfd[tid], args->ret, buf(@rbuf[tid], 4));
+    printf("R %llu %d %d %d %d %r\n", nsecs, pid, tid, @rfd[tid], args->ret, buf(@rbuf[tid], 18));
   }
   delete(@rfd[tid]); delete(@rbuf[tid]); delete(@rpend[tid]); }
 tracepoint:syscalls:sys_enter_write /{F} && @sock[pid, args->fd]/ {
   $head = str(args->buf, 4);
-  if ($head == "POST" || $head == "GET " || $head == "HTTP") {
-    printf("W %llu %d %d %d %d %r\n", nsecs, pid, tid, args->fd, args->count, buf(args->buf, 4));
+  // ... and the chunked-encoding terminator: the response completed (an EOF after it is not an interrupt).
+  if ($head == "POST" || $head == "GET " || $head == "HTTP" || $head == "0\r\n\r") {
+    printf("W %llu %d %d %d %d %r\n", nsecs, pid, tid, args->fd, args->count, buf(args->buf, 18));
   } }
 tracepoint:syscalls:sys_enter_openat /{F}/ { @opath[tid] = args->filename; @opend[tid] = 1; }
 tracepoint:syscalls:sys_exit_openat /@opend[tid] == 1/ {
@@ -138,15 +143,17 @@ def existing_sockets(comm: str) -> list[tuple[int, int]]:
     return found
 
 
-def build_script(plan: ProbePlan) -> str:
+def build_script(plan: ProbePlan, profile_hz: int = 0) -> str:
     comm = comm_of(plan.binary)
     filt = f'comm == "{comm}"'
     primed = " ".join(f"@sock[{pid}, {fd}] = 3;" for pid, fd in existing_sockets(comm))
     lines = [f'BEGIN {{ {primed} printf("{READY}\\n"); }}', _SYSCALLS.replace("{F}", filt)]
+    if profile_hz > 0:
+        lines.append(ebpf_profile.probe(profile_hz, filt))
     for index, (_symbol, (_spec, address)) in enumerate(sorted(plan.attached.items(), key=lambda i: i[1][1])):
         lines.append(f'uprobe:{plan.binary}:{address:#x} {{ printf("U %llu %d %d {index}\\n", nsecs, pid, tid); }}')
-    lines.append("END { clear(@sock); clear(@file); clear(@cfd); clear(@cpend); clear(@rfd); clear(@rbuf); "
-                 "clear(@opath); clear(@rpend); clear(@opend); }")
+    lines.append("END { clear(@apeer); clear(@sock); clear(@file); clear(@cfd); clear(@cpend); clear(@rfd); "
+                 "clear(@rbuf); clear(@opath); clear(@rpend); clear(@opend); }")
     return "\n".join(lines) + "\n"
 
 
@@ -178,9 +185,13 @@ class EbpfCollector:
     name = "ebpf"
 
     def __init__(self, *, ollama_pid: int | None = None, layers: str = "all",
-                 ready_timeout_s: float = 30.0) -> None:
+                 profile_hz: int = ebpf_profile.DEFAULT_HZ, ready_timeout_s: float = 30.0) -> None:
         self.ollama_pid = ollama_pid
         self.layers = layers
+        self.profile_hz = profile_hz  # 0: no stack sampling
+        self._maps: dict[int, list[ebpf_profile.Mapping]] = {}
+        self._samples = 0
+        self._clock: ClockModel | None = None
         self.ready_timeout_s = ready_timeout_s
         self._proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -210,7 +221,8 @@ class EbpfCollector:
         version = ollama_version_of(session.ollama_host)
         self._plan = plan_probes(binary, version, self.layers)
         self._directory = session.directory
-        script = build_script(self._plan)
+        script = build_script(self._plan, self.profile_hz)
+        self._clock = session.clock
         from tracer import capture_dir
 
         capture_dir.write_text(session.raw_dir / "ebpf_script.bt", script)
@@ -223,6 +235,8 @@ class EbpfCollector:
             [*argv, "-"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=capture_dir.open_private(session.directory / RAW_STDERR),
             text=True, start_new_session=True,
+            # Stacks are symbolized after the capture, off the observed machine's hot path.
+            env={**os.environ, "BPFTRACE_NO_USER_SYMBOLS": "1"},
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.write(script)
@@ -257,10 +271,18 @@ class EbpfCollector:
                     ready.set()
                     continue
                 out.write(line)
+                if line.startswith("\t") or line == "\n":
+                    continue  # a stack frame, or the end of a stack
                 self._lines += 1
                 fields = line.split(" ", 3)
                 if len(fields) > 2 and fields[2].isdigit():
-                    self._pids.add(int(fields[2]))
+                    pid = int(fields[2])
+                    if pid not in self._pids:
+                        self._pids.add(pid)
+                        # While it runs: a runner may be gone by the time the capture stops.
+                        self._maps[pid] = ebpf_profile.read_maps(pid)
+                    if line.startswith("P "):
+                        self._samples += 1
             out.flush()
 
     def child_started(self, pid: int) -> None:
@@ -303,7 +325,13 @@ class EbpfCollector:
             server = int(self._meta["pid"])
             self._meta["roles"] = {str(pid): role_of(pid, server) for pid in sorted(self._pids)}
             self._meta["model_blobs"] = sorted(runner_models(self._pids))
+            self._meta["profile_hz"] = self.profile_hz
             self._write_meta()
+            if self.profile_hz and self._clock is not None:
+                stats["profile_hz"] = self.profile_hz
+                stats.update(ebpf_profile.symbolize_capture(
+                    self._directory, self._clock, {pid: m for pid, m in self._maps.items() if m},
+                    Path(self._meta["binary"])))
         if self._plan is not None:
             stats["probes_attached"] = len(self._plan.attached)
             stats["probes_missing"] = self._plan.missing
@@ -325,7 +353,7 @@ class ProbeEvent:
     pid: int
     tid: int
     fd: int = -1
-    value: int = 0  # bytes (read ret / write count / close: bytes read from the file), connect ret
+    value: int = 0  # bytes (read ret / write count), connect ret, accept: the peer's port (0: unknown)
     text: str = ""  # first bytes of the buffer, or the opened path, or the probe's symbol
 
 
@@ -345,7 +373,9 @@ def parse_line(line: str, clock: ClockModel, probes: dict[int, str]) -> ProbeEve
         if kind == "U":
             return ProbeEvent(kind, when, pid, tid, text=probes[int(parts[4])])
         if kind == "A":
-            return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]))
+            rest = line.rstrip("\n").split(" ", 5)  # the port's bytes may print as a space
+            return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]),
+                              value=peer_port(rest[5]) if len(rest) > 5 else 0)
         if kind in "CX":
             return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]), value=int(parts[5]))
         if kind in "RW":
@@ -355,6 +385,14 @@ def parse_line(line: str, clock: ClockModel, probes: dict[int, str]) -> ProbeEve
         return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]), text=text)
     except (IndexError, KeyError, ValueError) as err:
         raise ParseError(f"malformed {kind} event: {line[:80]!r} ({err})") from None
+
+
+def peer_port(printed: str) -> int:
+    """bpftrace's ``%r`` of the 2 port bytes (``\\xc2\\x08``, printable bytes as themselves) → 49672."""
+    raw = printed.encode("latin-1", errors="replace").decode("unicode_escape").encode("latin-1", errors="replace")
+    if len(raw) != 2:
+        raise ValueError(f"not a 2-byte port: {printed!r}")
+    return int.from_bytes(raw, "big")
 
 
 def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], dict[str, Any], int]:
@@ -372,8 +410,8 @@ def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], d
     if path.exists():
         with path.open(encoding="utf-8", errors="replace") as lines:
             for line in lines:
-                if not line.strip():
-                    continue
+                if not line.strip() or line.startswith(("\t", "P ")):
+                    continue  # stack samples: ebpf_profile.load_samples reads them
                 try:
                     events.append(parse_line(line, clock, probes))
                 except ParseError:

@@ -2,20 +2,44 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from collectors.base import Collector
 from collectors.ebpf import EbpfCollector
+from collectors.ebpf_profile import DEFAULT_HZ
+from collectors.nvml import NvmlCollector
 from collectors.ollama_log import OllamaLogCollector
 from collectors.otlp import OtlpCollector
+from collectors.pyspy import PySpyCollector
 
 
-def make_collectors(*, ebpf: bool = True, ollama_pid: int | None = None, ebpf_layers: str = "all",
-                    ollama_log: Path | None = None, record_content: bool = False) -> list[Collector]:
+@dataclass
+class CollectorOptions:
+    """What the user chose on the command line; every collector is on by default."""
+
+    ebpf: bool = True
+    ollama_pid: int | None = None
+    ebpf_layers: str = "all"
+    profile_hz: int = DEFAULT_HZ  # eBPF stacks of the server and runners; 0: off
+    ollama_log: Path | None = None
+    record_content: bool = False
+    gpu_rate_hz: float = 100.0  # 0: no NVML sampling
+    pyspy_rate_hz: int = 100  # 0: no py-spy
+    pyspy_pid: int | None = None  # attach py-spy to this process instead of the command
+
+
+def make_collectors(options: CollectorOptions | None = None) -> list[Collector]:
+    options = options or CollectorOptions()
     collectors: list[Collector] = []
-    if ebpf:
+    if options.ebpf:
         # First, so that its probes are live before anything else starts the workload.
-        collectors.append(EbpfCollector(ollama_pid=ollama_pid, layers=ebpf_layers))
-    collectors.append(OllamaLogCollector(ollama_log, record_content=record_content))
+        collectors.append(EbpfCollector(ollama_pid=options.ollama_pid, layers=options.ebpf_layers,
+                                        profile_hz=options.profile_hz))
+    collectors.append(OllamaLogCollector(options.ollama_log, record_content=options.record_content))
     collectors.append(OtlpCollector())
+    if options.gpu_rate_hz > 0:
+        collectors.append(NvmlCollector(options.gpu_rate_hz))
+    if options.pyspy_rate_hz > 0:
+        collectors.append(PySpyCollector(options.pyspy_rate_hz, attach_pid=options.pyspy_pid))
     return collectors

@@ -421,6 +421,14 @@ class SymbolTable:
             return None
         return name
 
+    def address_of_file_offset(self, offset: int) -> int | None:
+        """File offset -> virtual address (the inverse of :meth:`file_offset`), for resolving a
+        runtime address through ``/proc/PID/maps``; None if no PT_LOAD segment holds it."""
+        for seg in self._segments:
+            if seg.offset <= offset < seg.offset + seg.filesz:
+                return offset - seg.offset + seg.vaddr
+        return None
+
     def file_offset(self, address: int) -> int:
         """Virtual address -> file offset, through the PT_LOAD program headers; ValueError if unmapped."""
         for seg in self._segments:

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -38,9 +38,11 @@ class CaptureOptions:
     directory: Path
     force: bool = False
     ollama_host: str | None = None
+    ollama_pid: int | None = None
     record_content: bool = False
     auto_instrument: bool = True
     grace_s: float = 10.0  # how long an interrupted command gets before SIGKILL
+    mode: str = "capture"  # capture, proxy or attach
 
 
 @dataclass
@@ -110,11 +112,18 @@ class _Signals:
             os.killpg(self.child.pid, kill)
 
 
-def run_capture(options: CaptureOptions, collectors: list[Collector], progress: Any = print) -> CaptureResult:
-    command = resolve_command(options.command)
+# Something other than a command to run while the collectors record (the proxy, attach's
+# window): it gets the session and the signal state, and returns the exit code.
+Workload = Callable[[SessionInfo, "_Signals"], int]
+
+
+def run_capture(options: CaptureOptions, collectors: list[Collector], progress: Any = print,
+                workload: Workload | None = None) -> CaptureResult:
+    command = resolve_command(options.command) if workload is None else list(options.command)
     prepare_directory(options.directory, options.force)
     clock = ClockModel.measure()
-    session = SessionInfo(directory=options.directory, clock=clock, ollama_host=options.ollama_host)
+    session = SessionInfo(directory=options.directory, clock=clock, ollama_host=options.ollama_host,
+                          ollama_pid=options.ollama_pid)
     started_ns = time.time_ns()
     statuses: dict[str, dict[str, Any]] = {}
     running: list[Collector] = []
@@ -140,7 +149,8 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                 if signals.received:
                     break  # Ctrl-C during start-up: do not start the command
             if not signals.received:
-                exit_code = _run_command(command, options, session, running, signals)
+                exit_code = (_run_command(command, options, session, running, signals) if workload is None
+                             else workload(session, signals))
         finally:
             interrupted = bool(signals.received)
             for collector in running:
@@ -162,9 +172,10 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                 "clock": clock.to_json(),
                 "collectors": statuses,
                 "drops": _drops(statuses),
-                "ollama": {"host": options.ollama_host},
+                "ollama": {"host": options.ollama_host, "pid": options.ollama_pid},
                 "record_content": options.record_content,
                 "errors": errors,
+                "mode": options.mode,
                 "python": sys.version.split()[0],
             }
             capture_dir.write_json(options.directory / "capture.json", meta)

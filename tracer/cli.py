@@ -15,14 +15,18 @@ from tracer.errors import ExitCode, TracerError
 def _commands() -> list[Command]:
     # Imported here so `tracer --version` stays fast and a broken optional import
     # in one subcommand cannot take the others down.
+    from tracer.commands.attach import AttachCommand
     from tracer.commands.bench import BenchCommand
     from tracer.commands.capture import CaptureCommand
     from tracer.commands.doctor import DoctorCommand
     from tracer.commands.export import ExportCommand
+    from tracer.commands.proxy import ProxyCommand
     from tracer.commands.report import ReportCommand
+    from tracer.commands.run import RunCommand
     from tracer.commands.testbed import TestbedCommand
 
-    return [TestbedCommand(), BenchCommand(), CaptureCommand(), ReportCommand(), ExportCommand(), DoctorCommand()]
+    return [TestbedCommand(), BenchCommand(), CaptureCommand(), ReportCommand(), ExportCommand(), DoctorCommand(),
+            ProxyCommand(), RunCommand(), AttachCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,6 +65,25 @@ def check_bpftrace() -> CheckResult:
     return CheckResult("bpftrace", "ok", f"{version} at {path}")
 
 
+def check_ebpf_profile() -> CheckResult:
+    """Whether a ``profile`` probe loads (perf events may be restricted even for bpftrace)."""
+    path = system.bpftrace_path()
+    if path is None or not system.can_bpf():
+        return CheckResult("ebpf-profile", "unavailable", "needs bpftrace and root or CAP_BPF (see above)",
+                           "fix the bpftrace and privileges checks first")
+    try:
+        out = subprocess.run([path, "-e", 'profile:hz:99 { printf("ok\\n"); exit(); }'], capture_output=True,
+                             text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return CheckResult("ebpf-profile", "fail", f"a profile probe did not run ({err})", "check `bpftrace -l`")
+    if "ok" not in out.stdout.split():
+        reason = next((line for line in out.stderr.splitlines() if "RLIMIT_MEMLOCK" not in line and line.strip()),
+                      "no sample")
+        return CheckResult("ebpf-profile", "unavailable", f"profile:hz:99 did not fire: {reason}",
+                           "check `sysctl kernel.perf_event_paranoid` (needs <= 2 with CAP_PERFMON, or root)")
+    return CheckResult("ebpf-profile", "ok", "profile:hz:99 fires; server and runner stacks can be sampled")
+
+
 def check_tracefs() -> CheckResult:
     path = system.tracefs_path()
     if path is None:
@@ -147,6 +166,7 @@ def run_checks(ollama_host: str, otlp_endpoint: str | None, jaeger_query: str | 
         check_privileges,
         check_bpftrace,
         check_tracefs,
+        check_ebpf_profile,
         check_pyspy,
         check_nvml,
         lambda: check_otlp_endpoint(otlp_endpoint),

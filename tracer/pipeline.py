@@ -9,9 +9,12 @@ from typing import Any
 
 from tracer import capture_dir
 from tracer.attribution import CaptureRecords, attribute
+from tracer.correlate import Evidence, correlate
 from tracer.errors import ExitCode, TracerError
+from tracer.exporters import ExportData
 
-SERVICE_BY_PROCESS = {"client": "ollama-client", "server": "ollama-server", "runner": "ollama-runner"}
+SERVICE_BY_PROCESS = {"client": "ollama-client", "server": "ollama-server", "runner": "ollama-runner",
+                      "proxy": "ollama-proxy"}
 
 
 def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords, dict[str, int]]:
@@ -39,7 +42,36 @@ def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords,
             "roles": {pid: roles.get(str(pid)) or role_of(pid, server_pid) for pid in pids},
         }
         unreadable["raw/ebpf_events.txt"] = bad_events
+        if meta.get("mode") == "attach":
+            from tracer.attribution.server_requests import server_request_spans
+
+            # No client: the requests are the ones the server read, seen through eBPF alone.
+            spans = server_request_spans(events, extra["ebpf"]["roles"])
+        if ebpf_meta.get("profile_hz"):
+            from collectors.ebpf_profile import load_samples
+
+            extra["native_stacks"], unreadable["raw/ebpf_events.txt (stacks)"] = load_samples(
+                directory, ClockModel.from_json(meta["clock"]))
+    if (directory / "raw" / "gpu_samples.jsonl").exists():
+        from collectors.nvml import load_gpu_samples
+
+        extra["gpu_samples"], extra["gpu_meta"], unreadable["raw/gpu_samples.jsonl"] = load_gpu_samples(directory)
+    if (directory / "raw" / "pyspy_meta.json").exists():
+        from collectors.pyspy import load_stacks
+
+        extra["python_stacks"], extra["pyspy_meta"], unreadable["raw/pyspy.chrometrace.json"] = load_stacks(directory)
     return CaptureRecords(spans=spans, extra=extra), unreadable
+
+
+def _evidence_of(records: CaptureRecords) -> Evidence:
+    extra = records.extra
+    roles = (extra.get("ebpf") or {}).get("roles") or {}
+    pyspy_meta = extra.get("pyspy_meta") or {}
+    return Evidence(gpu_samples=extra.get("gpu_samples", ()), native_samples=extra.get("native_stacks", ()),
+                    native_roles={int(pid): str(role) for pid, role in roles.items() if role},
+                    native_hz=int((extra.get("ebpf") or {}).get("meta", {}).get("profile_hz") or 99),
+                    python_slices=extra.get("python_stacks", ()),
+                    python_rate_hz=float(pyspy_meta.get("rate_hz", 100)))
 
 
 def _span_id(*parts: object) -> str:
@@ -76,10 +108,30 @@ def phase_spans(attribution: dict[str, Any], spans: list[dict[str, Any]]) -> lis
                 for key, value in phase.get("attributes", {}).items():
                     if isinstance(value, (str, int, float, bool)):
                         attributes[f"tracer.{key}"] = value
-                rows.append(_row(trace_id, _span_id(trace_id, interval["index"], phase["name"], phase["start_ns"]),
-                                 interval_id, phase["name"], phase["start_ns"], phase["end_ns"], phase["process"],
-                                 attributes))
+                attributes.update(_gpu_attributes(phase.get("gpu") or {}))
+                row = _row(trace_id, _span_id(trace_id, interval["index"], phase["name"], phase["start_ns"]),
+                           interval_id, phase["name"], phase["start_ns"], phase["end_ns"], phase["process"],
+                           attributes)
+                row["events"] = _stack_events(phase)
+                rows.append(row)
     return rows
+
+
+def _gpu_attributes(gpu: dict[str, Any]) -> dict[str, Any]:
+    """``tracer.gpu.<index>.util_mean`` etc., flat, as Jaeger shows span tags."""
+    return {f"tracer.gpu.{index}.{key}": value for index, entry in gpu.items() for key, value in entry.items()}
+
+
+def _stack_events(phase: dict[str, Any]) -> list[dict[str, Any]]:
+    """One span event per top stack of each process (at the phase's start: stacks are a summary)."""
+    events = []
+    for role, stacks in (phase.get("stacks") or {}).items():
+        for rank, stack in enumerate(stacks):
+            events.append({"name": f"stack.{role}", "timeUnixNano": phase["start_ns"], "attributes": {
+                "tracer.stack.process": role, "tracer.stack.rank": rank + 1, "tracer.stack.samples": stack["samples"],
+                "tracer.stack.leaf": stack["frames"][-1] if stack["frames"] else "",
+                "tracer.stack.frames": ";".join(stack["frames"])}})
+    return events
 
 
 def _row(trace_id: str, span_id: str, parent: str, name: str, start: int, end: int, process: str,
@@ -92,14 +144,19 @@ def _row(trace_id: str, span_id: str, parent: str, name: str, start: int, end: i
     }
 
 
-def compute(directory: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-    """(capture meta, attribution, spans.jsonl rows), recomputed from the raw records."""
+def compute(directory: Path) -> ExportData:
+    """The capture meta, attribution, spans.jsonl rows and evidence, recomputed from the raw records."""
     meta = capture_dir.load_capture_meta(directory)
     records, bad_rows = load_records(directory, meta)
     if not records.spans and not (directory / capture_dir.CLIENT_SPANS).exists():
         raise TracerError(f"{directory} holds no recorded spans ({capture_dir.CLIENT_SPANS} is missing); "
                           "the capture is incomplete.", ExitCode.BAD_CAPTURE)
     attribution = attribute(records)
+    if "ebpf_matching" in records.extra:
+        attribution["ebpf_matching"] = records.extra["ebpf_matching"]
+    evidence = _evidence_of(records)
+    correlate(attribution, evidence)
+    attribution["alignment"] = _alignment(records)
     attribution["unreadable_rows"] = bad_rows
     # A client may have emitted its own reconstruction of the server phases (`tracer bench`
     # does, source=response). The attribution's phase spans supersede them in spans.jsonl, so a
@@ -107,7 +164,33 @@ def compute(directory: Path) -> tuple[dict[str, Any], dict[str, Any], list[dict[
     client_spans = [s for s in records.spans if s.get("attributes", {}).get("tracer.source") != "response"]
     spans = client_spans + phase_spans(attribution, records.spans)
     attribution["evidence"] = _evidence(attribution)
-    return meta, attribution, spans
+    return ExportData(meta=meta, attribution=attribution, spans=spans, evidence=evidence)
+
+
+def _alignment(records: CaptureRecords) -> dict[str, Any]:
+    """How well each source's clock lines up with the spans' epoch clock, as recorded."""
+    meta = records.extra["meta"]
+    clock = meta.get("clock") or {}
+    out: dict[str, Any] = {}
+    if "ebpf" in records.extra:
+        boot = (clock.get("start") or {}).get("boottime") or {}
+        drift = (clock.get("drift_ns") or {}).get("boottime")
+        out["ebpf"] = {"method": "CLOCK_BOOTTIME offset, narrowest of 200 clock readings at start and end",
+                       "error_ns": int(boot.get("uncertainty_ns", 0)) + abs(int(drift or 0))}
+    gpu_meta = records.extra.get("gpu_meta") or {}
+    if gpu_meta:
+        domains = gpu_meta.get("clock_domain") or {}
+        described = ", ".join(f"{api}: {domain}" for api, domain in sorted(domains.items())) \
+            if isinstance(domains, dict) else str(domains)
+        out["nvml"] = {"method": f"driver timestamps converted to epoch ({described or 'point queries only'})",
+                       "clock_domain": domains, "error_ns": gpu_meta.get("alignment_error_ns"),
+                       "period_ns": gpu_meta.get("period_ns")}
+    pyspy_meta = records.extra.get("pyspy_meta") or {}
+    if pyspy_meta:
+        anchor = pyspy_meta.get("alignment") or {}
+        out["pyspy"] = {"method": anchor.get("method"), "error_ns": anchor.get("error_ns"),
+                        "markers_used": anchor.get("markers_used")}
+    return out
 
 
 def _evidence(attribution: dict[str, Any]) -> dict[str, Any]:
@@ -124,17 +207,17 @@ def _evidence(attribution: dict[str, Any]) -> dict[str, Any]:
     return {"gguf_scans_per_request": scans}
 
 
-def write_outputs(directory: Path, meta: dict[str, Any], attribution: dict[str, Any],
-                  spans: list[dict[str, Any]]) -> list[Path]:
-    from tracer.exporters import ExportData, perfetto
+def write_outputs(directory: Path, data: ExportData) -> list[Path]:
+    from tracer.exporters import perfetto
 
     written = []
-    meta = dict(meta, evidence=attribution.get("evidence", {}))
+    attribution, spans = data.attribution, data.spans
+    meta = dict(data.meta, evidence=attribution.get("evidence", {}))
     capture_dir.write_json(directory / "capture.json", meta)
     capture_dir.write_json(directory / "attribution.json", attribution)
     written.append(directory / "attribution.json")
     capture_dir.write_jsonl(directory / "spans.jsonl", spans)
     written.append(directory / "spans.jsonl")
-    perfetto.write(directory / "trace.perfetto.json", ExportData(meta=meta, attribution=attribution, spans=spans))
+    perfetto.write(directory / "trace.perfetto.json", ExportData(meta, attribution, spans, data.evidence))
     written.append(directory / "trace.perfetto.json")
     return written

@@ -26,6 +26,8 @@ def test_doctor_reports_ebpf_ready_and_nvml_unavailable(testbed: dict[str, Any])
     assert checks["bpftrace"]["status"] == "ok"
     assert checks["tracefs"]["status"] == "ok"
     assert checks["privileges"]["status"] == "ok"
+    assert checks["ebpf-profile"]["status"] == "ok", checks["ebpf-profile"]
+    assert checks["py-spy"]["status"] == "ok", checks["py-spy"]
     assert checks["nvml"]["status"] == "unavailable"
     assert checks["nvml"]["detail"], "NVML unavailable must say why"
 

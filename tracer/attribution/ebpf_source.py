@@ -79,6 +79,48 @@ def merged_name(names: list[str]) -> str:
     return out
 
 
+def connection_of(request: dict[str, Any], events: list[ProbeEvent], roles: dict[int, str]) -> int | None:
+    """The server's fd of the request's client connection, by the TCP 4-tuple: the client's
+    local port (recorded by the instrumentation or the proxy) is the peer port the server's
+    accept saw. None when it is not known (a connection accepted before the capture)."""
+    attributes = request.get("attributes", {})
+    if attributes.get("server.fd") is not None:  # a request the server side itself recorded (attach)
+        return int(attributes["server.fd"])
+    port = attributes.get("tracer.local_port")
+    if not port:
+        return None
+    built = int(request["startTimeUnixNano"])
+    accepts = [e for e in events if e.kind == "A" and e.value == int(port) and e.time_ns <= built
+               and roles.get(e.pid) == "server"]
+    return accepts[-1].fd if accepts else None
+
+
+def concurrent_requests(events: list[ProbeEvent], roles: dict[int, str], found: dict[str, ProbeEvent]) -> int:
+    """How many other client requests were between their read and their first response write
+    while this one was (R..SW): then the boundaries in between belong to either."""
+    if "R" not in found or "SW" not in found:
+        return 0
+    ours, start, end = found["R"].fd, found["R"].time_ns, found["SW"].time_ns
+    runner_hops = {(e.pid, e.fd) for e in events if e.kind == "C"}
+    pending: dict[tuple[int, int], int] = {}  # other connection -> its POST read time
+    overlapping = set()
+    for e in events:
+        if e.time_ns > end:
+            break
+        key = (e.pid, e.fd)
+        if roles.get(e.pid) != "server" or e.fd == ours or key in runner_hops:
+            continue
+        if e.kind == "R" and e.value > 0 and e.text.startswith("POST"):
+            pending[key] = e.time_ns
+        elif e.kind == "W" and e.text.startswith("HTTP") and key in pending:
+            if pending.pop(key) <= end and e.time_ns >= start:
+                overlapping.add(key)
+        elif e.kind in "RX" and key in pending and e.value <= 0:
+            pending.pop(key)  # the other client left before any answer
+    overlapping.update(key for key, read_at in pending.items() if read_at <= end)
+    return len(overlapping)
+
+
 class EbpfSource:
     name = SOURCE
     rank = 10
@@ -91,7 +133,19 @@ class EbpfSource:
         roles: dict[int, str] = ebpf["roles"]
         built = int(interval.request["startTimeUnixNano"])
         window = [e for e in events if built <= e.time_ns <= interval.end_ns]
-        found = self._boundaries(window, roles)
+        client_fd = connection_of(interval.request, events, roles)
+        found = self._boundaries(window, roles, client_fd)
+        matching = records.extra.setdefault("ebpf_matching", {"matched": 0, "unmatched": []})
+        others = concurrent_requests(events, roles, found)
+        if others:
+            # Another request was between its read and its first token at the same time: the
+            # server-internal boundaries cannot be told apart by time, and are not guessed.
+            matching["unmatched"].append({"interval": interval.index, "concurrent_requests": others,
+                                          "connection_matched": client_fd is not None})
+            cancel = self._cancel(events, roles, interval)
+            return [cancel] if cancel is not None else []
+        if found:
+            matching["matched"] += 1
         phases = self._phases(found)
         if "LD" in found:
             # needsReload ran first: a runner was loaded but unusable for this request (different
@@ -116,7 +170,8 @@ class EbpfSource:
         return phases
 
     @staticmethod
-    def _boundaries(window: list[ProbeEvent], roles: dict[int, str]) -> dict[str, ProbeEvent]:
+    def _boundaries(window: list[ProbeEvent], roles: dict[int, str],
+                    known_fd: int | None = None) -> dict[str, ProbeEvent]:
         def server(e: ProbeEvent) -> bool:
             return roles.get(e.pid) == "server"
 
@@ -151,8 +206,9 @@ class EbpfSource:
             hit: ProbeEvent | None = None
             for rule in rules[boundary.key]:  # the symbol layer first; the syscall stand-in if absent
                 candidates = [e for e in window if e.time_ns >= after and rule(e)]
-                if boundary.key == "SW" and client_fd is not None:
-                    candidates = [e for e in candidates if e.fd == client_fd]
+                fd = client_fd if client_fd is not None else known_fd
+                if boundary.key in ("R", "SW") and fd is not None:
+                    candidates = [e for e in candidates if e.fd == fd]
                 if candidates:
                     hit = candidates[0]
                     break

@@ -46,8 +46,11 @@ def _first_token_ns(span: Span) -> int | None:
 
 
 def _process_key(span: Span) -> tuple[Any, ...]:
+    """Whose requests these are: an interrupt pairs a cancelled stream with the same client's next
+    request. A proxy serves many clients from one process, so it names the client per span."""
     resource = span.get("resource", {})
-    return (resource.get("service.name"), resource.get("process.pid"), resource.get("service.instance.id"))
+    return (resource.get("service.name"), resource.get("process.pid"), resource.get("service.instance.id"),
+            span.get("attributes", {}).get("tracer.client_key"))
 
 
 def find_intervals(spans: list[Span]) -> list[Interval]:

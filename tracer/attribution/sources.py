@@ -16,6 +16,8 @@ from collectors.response import ResponseTimings, response_phases
 from tracer.attribution.intervals import Interval
 from tracer.model import Phase
 
+PROXY_SERVICE = "ollama-proxy"  # tracer.proxy's service name (not imported: the proxy pulls in aiohttp)
+
 
 class Records(Protocol):
     """The records a capture holds; sources read only what they understand."""
@@ -44,9 +46,22 @@ class ClientSource:
         phases = []
         if interval.interrupt is not None:
             phases.append(_span_phase(interval.interrupt, "client.interrupt", self.name, "client"))
+        elif interval.cancelled is not None:
+            # No client.interrupt span (an uninstrumented interrupt): the client's own time between
+            # closing the stream and starting the next request is still the client's.
+            gap_start, gap_end = int(interval.cancelled["endTimeUnixNano"]), int(interval.request["startTimeUnixNano"])
+            if gap_end > gap_start:
+                phases.append(Phase("client.gap", gap_start, gap_end, self.name, "client"))
+        # Through `tracer proxy`, the spans are the proxy's: its request and first-token hops are
+        # its own added latency, shown as phases of the proxy process.
+        via_proxy = interval.request.get("resource", {}).get("service.name") == PROXY_SERVICE
         for child in interval.children:
             if child["name"] in ("client.request", "client.first_token"):
-                phases.append(_span_phase(child, child["name"], self.name, "client"))
+                if via_proxy:
+                    name = child["name"].replace("client.", "proxy.")
+                    phases.append(_span_phase(child, name, self.name, "proxy"))
+                else:
+                    phases.append(_span_phase(child, child["name"], self.name, "client"))
         return phases
 
 

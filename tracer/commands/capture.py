@@ -19,15 +19,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from collectors.registry import make_collectors
+from collectors.ebpf_profile import DEFAULT_HZ
+from collectors.registry import CollectorOptions, make_collectors
 from tracer import capture_dir
 from tracer.capture import CaptureOptions, default_directory, resolve_command, run_capture
 from tracer.errors import ExitCode, TracerError
-from tracer.exporters import ExportData
 from tracer.exporters import table as table_exporter
 from tracer.exporters.otlp import PROTOCOLS, export_rows
+from tracer.exporters.table import SHOW_CHOICES
 from tracer.ollama_host import resolve_host
 from tracer.pipeline import compute, write_outputs
+from tracer.process_discovery import ollama_server_pid
 
 
 def add_otlp_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -48,6 +50,29 @@ def export_capture(directory: Path, endpoint: str, protocol: str | None) -> dict
         raise
     capture_dir.write_json(directory / "export.json", {**result, "status": "exported"})
     return result
+
+
+def _rate(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of samples per second") from None
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..10000 samples per second")
+    return value
+
+
+def add_show_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--show", type=_show, default=(), metavar="gpu,stacks",
+                        help="extra table columns: gpu (utilization per phase), stacks (top function per process)")
+
+
+def _show(text: str) -> tuple[str, ...]:
+    chosen = tuple(word.strip() for word in text.split(",") if word.strip())
+    unknown = [word for word in chosen if word not in SHOW_CHOICES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown column {unknown[0]!r}; choose from {', '.join(SHOW_CHOICES)}")
+    return chosen
 
 
 def _testbed_log(host: str) -> Path | None:
@@ -79,6 +104,17 @@ class CaptureCommand:
                             help="the Ollama server's pid (default: the process listening on the --ollama-host port)")
         parser.add_argument("--ollama-log", type=Path,
                             help="the server's log (OLLAMA_DEBUG=1); default: the testbed's, when it is the target")
+        parser.add_argument("--profile-hz", type=_rate, default=DEFAULT_HZ, metavar="HZ",
+                            help=f"eBPF native stack samples of the server and runners per second "
+                                 f"(default {DEFAULT_HZ}; 0: off)")
+        parser.add_argument("--gpu-rate", type=_rate, default=100, metavar="HZ",
+                            help="NVML GPU samples per second (default 100; 0: off); skipped without a GPU")
+        parser.add_argument("--pyspy-rate", type=_rate, default=100, metavar="HZ",
+                            help="py-spy stack samples per second of the command's Python processes "
+                                 "(default 100; 0: off)")
+        parser.add_argument("--pyspy-pid", type=int, metavar="PID",
+                            help="sample this Python process with py-spy instead of the command")
+        add_show_argument(parser)
         parser.add_argument("--no-auto-instrument", action="store_true",
                             help="do not auto-instrument Python commands (spans they export still land)")
         parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
@@ -90,18 +126,23 @@ class CaptureCommand:
         command = resolve_command(command)
         directory = args.output or default_directory(command)
         host = resolve_host(args.ollama_host)
+        ollama_pid = args.ollama_pid or ollama_server_pid(host)
         result = run_capture(
             CaptureOptions(command=command, directory=directory, force=args.force, ollama_host=host,
-                           record_content=args.record_content, auto_instrument=not args.no_auto_instrument),
-            make_collectors(ebpf=not args.no_ebpf, ollama_pid=args.ollama_pid, ebpf_layers=args.ebpf_layers,
-                            ollama_log=args.ollama_log or _testbed_log(host), record_content=args.record_content),
+                           ollama_pid=ollama_pid, record_content=args.record_content,
+                           auto_instrument=not args.no_auto_instrument),
+            make_collectors(CollectorOptions(
+                ebpf=not args.no_ebpf, ollama_pid=ollama_pid, ebpf_layers=args.ebpf_layers,
+                profile_hz=args.profile_hz, ollama_log=args.ollama_log or _testbed_log(host),
+                record_content=args.record_content, gpu_rate_hz=args.gpu_rate, pyspy_rate_hz=args.pyspy_rate,
+                pyspy_pid=args.pyspy_pid)),
             progress=lambda message: print(message, file=sys.stderr),
         )
-        meta, attribution, spans = compute(directory)
-        written = write_outputs(directory, meta, attribution, spans)
+        data = compute(directory)
+        written = write_outputs(directory, data)
         print()
-        table_exporter.render(sys.stdout, ExportData(meta=meta, attribution=attribution, spans=spans))
-        drops = {k: v for k, v in meta.get("drops", {}).items() if v}
+        table_exporter.render(sys.stdout, data, show=args.show)
+        drops = {k: v for k, v in data.meta.get("drops", {}).items() if v}
         if drops:
             print(f"tracer: WARNING: data was dropped: {drops}", file=sys.stderr)
         print(f"Wrote {directory}/ ({', '.join(p.name for p in written)}). "

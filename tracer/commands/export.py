@@ -26,7 +26,7 @@ class ExportCommand:
     def run(self, args: argparse.Namespace) -> int:
         capture_dir.load_capture_meta(args.directory)
         if not (args.directory / "spans.jsonl").exists():  # an interrupted capture: rebuild it
-            write_outputs(args.directory, *compute(args.directory))
+            write_outputs(args.directory, compute(args.directory))
         result = export_capture(args.directory, args.otlp_endpoint, args.otlp_protocol)
         print(f"Exported {result['exported_spans']} spans ({', '.join(result['services'])}) "  # type: ignore[arg-type]
               f"to {args.otlp_endpoint}.")

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from tracer.commands.capture import add_show_argument
 from tracer.errors import ExitCode
-from tracer.exporters import ExportData
 from tracer.exporters import table as table_exporter
 from tracer.pipeline import compute
 
@@ -24,12 +24,13 @@ class ReportCommand:
     def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("directory", type=Path, help="a capture directory")
         parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+        add_show_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        meta, attribution, spans = compute(args.directory)
+        data = compute(args.directory)
         if args.format == "json":
-            json.dump(attribution, sys.stdout, indent=2)
+            json.dump(data.attribution, sys.stdout, indent=2)
             print()
         else:
-            table_exporter.render(sys.stdout, ExportData(meta=meta, attribution=attribution, spans=spans))
+            table_exporter.render(sys.stdout, data, show=args.show)
         return int(ExitCode.OK)

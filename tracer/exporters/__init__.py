@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from tracer.correlate import Evidence
 
 
 @dataclass
@@ -13,6 +16,7 @@ class ExportData:
     meta: dict[str, Any]  # capture.json: "command", "tracer_version", "clock", "collectors", "exit_code", "drops"
     attribution: dict[str, Any]  # attribution.json ("tracer.attribution/1")
     spans: list[dict[str, Any]]  # spans.jsonl rows (OTLP-JSON-shaped)
+    evidence: Evidence | None = None  # GPU samples and stacks, for exporters that draw them
 
 
 class Exporter(Protocol):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tracer import __version__, capture_dir
+from tracer.correlate import Evidence
 from tracer.exporters import ExportData
 
 SCHEMA = "tracer.perfetto/1"
@@ -37,6 +38,9 @@ INTERVAL_TRACK = "interval"
 PHASES_TRACK = "phases"
 OFF_CRITICAL_PATH_TRACK = "off critical path"
 SPANS_TRACK = "spans"
+STACKS_TRACK = "stacks"
+GPU_COUNTERS = {"gpu_util": "util %", "mem_util": "memory util %", "mem_used_bytes": "memory used bytes",
+                "power_w": "power W", "sm_clock_mhz": "SM clock MHz", "proc_sm_util": "process SM util %"}
 _TRACK_ORDER = (INTERVAL_TRACK, PHASES_TRACK, OFF_CRITICAL_PATH_TRACK, SPANS_TRACK)
 _PROCESS_ORDER = {"ollama-client": 0, "ollama-server": 1, "ollama-runner": 2}
 
@@ -113,10 +117,14 @@ def render(outfile: TextIO, data: ExportData) -> None:
                 process = client if process_name == "client" else layout.process(f"ollama-{process_name}", None)
                 layout.add(process, track, _phase_slice(phase, interval))
 
+    if data.evidence is not None:
+        _add_stacks(layout, data.evidence)
     origin_ns = _origin_ns(layout)
     events: list[Event] = []
     for process in sorted(layout.processes.values(), key=lambda p: (_PROCESS_ORDER.get(p.name, 99), p.pid)):
         events.extend(_process_events(process, origin_ns))
+    if data.evidence is not None and data.evidence.gpu_samples:
+        events.extend(_gpu_counters(layout, data.evidence, origin_ns))
 
     dropped = data.meta.get("drops", {})
     metadata: dict[str, Any] = {
@@ -152,6 +160,67 @@ def counter_events(name: str, pid: int, samples: list[tuple[int, float]], *, ori
         {"name": name, "ph": "C", "pid": pid, "ts": _us(epoch_ns, origin_ns), "args": {name: value}}
         for epoch_ns, value in sorted(samples)
     ]
+
+
+def _gpu_counters(layout: _Layout, evidence: Evidence, origin_ns: int) -> list[Event]:
+    """One counter track per GPU metric, under a process of its own ("gpu")."""
+    pid = layout.process("gpu", None).pid
+    series: dict[str, list[tuple[int, float]]] = {}
+    for sample in evidence.gpu_samples:
+        if sample.metric in GPU_COUNTERS:
+            label = f"GPU {sample.gpu} {GPU_COUNTERS[sample.metric]}"
+            if getattr(sample, "pid", None) is not None:
+                label += f" pid {sample.pid}"  # type: ignore[attr-defined]
+            series.setdefault(label, []).append((sample.time_ns, sample.value))
+    events: list[Event] = []
+    for label, samples in sorted(series.items()):
+        events.extend(counter_events(label, pid, samples, origin_ns=origin_ns))
+    return events
+
+
+def _add_stacks(layout: _Layout, evidence: Evidence) -> None:
+    """Stacks as flame-chart slices on thread tracks of their own (``stacks 1``, ``stacks 2``...).
+
+    A run of identical consecutive samples of one thread becomes one slice per frame (root
+    outermost), lasting from the first sample to one period after the last. Threads whose
+    lifetimes do not overlap share a track (ggml starts short-lived worker threads per graph),
+    so the number of tracks is the number of threads alive at once, not ever seen.
+    """
+    roles = evidence.native_roles or {}
+    period = 1_000_000_000 // max(1, int(evidence.native_hz or 99))
+    runs: dict[tuple[str, int, int], list[list[Any]]] = {}  # (service, pid, tid) -> [start, end, frames, n]
+    for sample in sorted(evidence.native_samples, key=lambda x: x.time_ns):
+        key = (f"ollama-{roles.get(sample.pid, 'server')}", sample.pid, sample.tid)
+        thread_runs = runs.setdefault(key, [])
+        last = thread_runs[-1] if thread_runs else None
+        if last is not None and last[2] == sample.frames and sample.time_ns - last[1] <= period // 2:
+            last[1], last[3] = sample.time_ns + period, last[3] + 1
+        else:
+            if last is not None:
+                last[1] = min(last[1], sample.time_ns)  # the thread's next sample ends this run
+            thread_runs.append([sample.time_ns, sample.time_ns + period, sample.frames, 1])
+    for piece in sorted(evidence.python_slices, key=lambda x: x.start_ns):
+        runs.setdefault(("", piece.pid, piece.tid), []).append([piece.start_ns, piece.end_ns, piece.frames, 0])
+    slot_ends: dict[str, list[int]] = {}
+    for (service, pid, tid), thread_runs in sorted(runs.items(), key=lambda item: item[1][0][0]):
+        process = _process_with_pid(layout, pid) if not service else layout.process(service, None)
+        ends = slot_ends.setdefault(process.name + str(process.pid), [])
+        slot = next((i for i, end in enumerate(ends) if end <= thread_runs[0][0]), len(ends))
+        if slot == len(ends):
+            ends.append(0)
+        ends[slot] = max(run[1] for run in thread_runs)
+        category, source = ("stack.native", "ebpf profile") if service else ("stack.python", "py-spy")
+        for start, end, frames, count in thread_runs:
+            args: dict[str, Any] = {"tid": tid, "source": source, **({"samples": count} if count else {})}
+            for frame in frames:
+                layout.add(process, f"{STACKS_TRACK} {slot + 1}", _Slice(frame, category, start, end, args))
+
+
+def _process_with_pid(layout: _Layout, pid: int) -> _Process:
+    for (_service, real_pid), process in layout.processes.items():
+        if real_pid == pid:
+            return process
+    return layout.process("ollama-client", pid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +344,8 @@ def _process_events(process: _Process, origin_ns: int) -> list[Event]:
          "args": {"sort_index": _PROCESS_ORDER.get(process.name, 99)}},
     ]
     tid = 0
-    for track in _TRACK_ORDER:
+    extra = sorted(set(process.tracks) - set(_TRACK_ORDER), key=lambda name: (len(name), name))
+    for track in (*_TRACK_ORDER, *extra):
         for lane_number, lane in enumerate(_nested_lanes(process.tracks.get(track, []))):
             tid += 1
             thread_name = track if lane_number == 0 else f"{track} (overflow {lane_number})"

@@ -14,9 +14,32 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def render(outfile: TextIO, data: ExportData) -> None:
+SHOW_CHOICES = ("gpu", "stacks")
+
+
+def _gpu_cell(phase: dict[str, Any]) -> str:
+    gpus = phase.get("gpu") or {}
+    return " ".join(f"{'' if len(gpus) == 1 else f'GPU{i} '}{g['util_mean']:.0f}/{g['util_max']:.0f} %"
+                    for i, g in sorted(gpus.items())) or "—"
+
+
+def _stacks_cell(phase: dict[str, Any]) -> str:
+    lines = []
+    for role, functions in (phase.get("top_functions") or {}).items():
+        if functions:
+            top = functions[0]
+            lines.append(f"{role}: {_short(top['function'])} ({top['samples']:g})")
+    return "\n".join(lines) or "—"
+
+
+def _short(function: str) -> str:
+    """``github.com/ollama/ollama/fs/gguf.readString`` → ``gguf.readString``."""
+    return function.rsplit("/", 1)[-1]
+
+
+def render(outfile: TextIO, data: ExportData, show: tuple[str, ...] = ()) -> None:
     summary: dict[str, Any] = data.attribution.get("summary", {})
-    console = Console(file=outfile, width=140, force_terminal=False)
+    console = Console(file=outfile, width=140 + 40 * len(show), force_terminal=False)
     if not summary.get("intervals"):
         console.print("No intervals found: the command made no Ollama request that reached a first token.")
         return
@@ -29,14 +52,23 @@ def render(outfile: TextIO, data: ExportData) -> None:
     for column, justify in (("phase", "left"), ("process", "left"), ("source", "left"), ("median ms", "right"),
                             ("p95 ms", "right"), ("share", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    if "gpu" in show:
+        table.add_column("GPU util mean/max", justify="right")
+    if "stacks" in show:
+        table.add_column("top function per process (samples)", justify="left")
+    blanks = [""] * len(show)
     for phase in summary["phases"]:
+        extra = [_gpu_cell(phase) if column == "gpu" else _stacks_cell(phase) for column in show]
         table.add_row(phase["name"], phase["process"], phase["source"], _ms(phase["median_ms"]),
-                      _ms(phase["p95_ms"]), f"{100 * phase['share']:.1f} %")
+                      _ms(phase["p95_ms"]), f"{100 * phase['share']:.1f} %", *extra)
     un = summary["unattributed"]
     table.add_row("unattributed", "", "", _ms(un["median_ms"]), _ms(un["p95_ms"]), f"{100 * un['share']:.1f} %",
-                  style="dim")
-    table.add_row("interval", "", "", _ms(interval["median_ms"]), _ms(interval["p95_ms"]), "100.0 %", style="bold")
+                  *blanks, style="dim")
+    table.add_row("interval", "", "", _ms(interval["median_ms"]), _ms(interval["p95_ms"]), "100.0 %", *blanks,
+                  style="bold")
     console.print(table)
     excluded = summary.get("warmup_intervals_excluded")
     if excluded:
         console.print(f"({excluded} warm-up interval(s) excluded from the summary)")
+    if "gpu" in show and not data.attribution.get("correlation", {}).get("gpu_samples"):
+        console.print("(no GPU samples in this capture: see `tracer doctor` for why)")

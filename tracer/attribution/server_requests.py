@@ -1,0 +1,100 @@
+"""Requests as the server saw them, from eBPF events alone (``tracer attach``: no client spans).
+
+Each client connection of the Ollama server (accepted sockets; not the server→runner hops) is
+followed through its syscall events:
+
+* a read that starts with ``POST /api/generate`` or ``POST /api/chat`` starts a request;
+* the first response write (``HTTP/1.1 ...``) is its first token: Ollama sends the headers
+  with the first chunk;
+* the chunked-encoding terminator (``0\\r\\n\\r\\n``) written back completes it;
+* EOF or a reset read from the client before that is the client closing a stream it had not
+  finished: an interrupt (``tracer.cancelled``);
+* the next request on the connection, or a close after completion, ends it normally.
+
+A non-streamed response has no terminator, so a client closing after one reads as cancelled;
+the interrupt pattern (a cancelled stream, then a new request within seconds) is what makes
+an interval, and a non-streamed request is not followed that way in practice.
+
+The results are spans shaped like the client instrumentation's, so intervals and phases are
+found by the same code. What the server cannot see (the client's own time) is not invented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from collectors.ebpf import ProbeEvent
+
+TRACKED_PATHS = ("POST /api/generate", "POST /api/chat")
+_EAGAIN = -11
+_TERMINATOR = ("0\\x0d\\x0a", "0\r\n")  # as bpftrace's %r prints it, or raw
+
+
+def _is_request(e: ProbeEvent) -> bool:
+    """A generate/chat request's first read. Older captures kept 4 bytes ("POST"): any POST then."""
+    if e.kind != "R" or e.value <= 0:
+        return False
+    head = e.text
+    return any(path.startswith(head) if len(head) < len(path) else head.startswith(path) for path in TRACKED_PATHS)
+
+
+def _id(*parts: object, size: int = 16) -> str:
+    return hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=size // 2).hexdigest()
+
+
+def server_request_spans(events: list[ProbeEvent], roles: dict[int, str]) -> list[dict[str, Any]]:
+    """One span per request the server read from a client, in time order."""
+    runner_hops = {(e.pid, e.fd) for e in events if e.kind == "C"}  # the server's connections to runners
+    peers: dict[tuple[int, int], int] = {}
+    open_requests: dict[tuple[int, int], dict[str, Any]] = {}
+    spans: list[dict[str, Any]] = []
+
+    def finish(key: tuple[int, int], end_ns: int, cancelled: bool) -> None:
+        request = open_requests.pop(key, None)
+        if request is None:
+            return
+        attributes = request["attributes"]
+        if cancelled:
+            attributes["tracer.cancelled"] = True
+        request["endTimeUnixNano"] = max(end_ns, request["startTimeUnixNano"])
+        spans.append(request)
+
+    for e in events:
+        if roles.get(e.pid) != "server":
+            continue
+        key = (e.pid, e.fd)
+        if e.kind == "A":
+            finish(key, e.time_ns, cancelled=False)  # a reused fd number: the old connection is gone
+            peers[key] = e.value
+            continue
+        if key in runner_hops:
+            continue
+        if e.kind == "R" and _is_request(e):
+            finish(key, e.time_ns, cancelled=False)
+            index = len(spans) + len(open_requests)
+            trace_id = _id("attach", e.pid, e.fd, e.time_ns, size=32)
+            open_requests[key] = {
+                "traceId": trace_id, "spanId": _id(trace_id, "request"), "parentSpanId": "",
+                "name": "server.request", "kind": 2, "startTimeUnixNano": e.time_ns, "endTimeUnixNano": e.time_ns,
+                "attributes": {"gen_ai.provider.name": "ollama", "tracer.source": "ebpf",
+                               "tracer.request.index": index, "server.pid": e.pid, "server.fd": e.fd,
+                               **({"client.port": peers[key]} if peers.get(key) else {})},
+                "events": [], "status": {"code": 0, "message": ""},
+                "resource": {"service.name": "ollama-server", "process.pid": e.pid},
+                "service": "ollama-server",
+            }
+        elif e.kind == "W" and e.text.startswith("HTTP") and key in open_requests:
+            open_requests[key]["attributes"].setdefault("tracer.first_token_ns", e.time_ns)
+        elif e.kind == "W" and e.text.startswith(_TERMINATOR) and key in open_requests:
+            finish(key, e.time_ns, cancelled=False)
+        elif e.kind == "R" and key in open_requests and (e.value == 0 or (e.value < 0 and e.value != _EAGAIN)):
+            finish(key, e.time_ns, cancelled=True)
+        elif e.kind == "X":
+            finish(key, e.time_ns, cancelled=False)
+            peers.pop(key, None)
+    for key in list(open_requests):
+        request = open_requests[key]
+        finish(key, max(request["startTimeUnixNano"], request["attributes"].get("tracer.first_token_ns", 0)), False)
+    spans.sort(key=lambda s: s["startTimeUnixNano"])
+    return spans
