@@ -10,7 +10,11 @@ every interval gets, when the evidence exists:
 * ``stacks``: per process role (client, server, runner), the most frequent stacks seen during
   the phase, each as its leaf-most frames with a sample count. Native stacks are eBPF samples
   (one per hit); Python stacks are py-spy stretches, counted as the samples they stand for
-  (overlap × rate), so both read as "samples".
+  (overlap × rate), so both read as "samples". py-spy samples at exponentially spaced times
+  (a Poisson timer), so each stretch's start and end are seen one exponential lag late, with
+  mean one period; stretches are moved back by that mean, the unbiased estimate of when the
+  code ran. Stacks therefore resolve time to about one sample period (10 ms at 100 Hz), and
+  every phase says so (``stack_resolution_ms``): a 1 ms phase's Python stacks are a guess.
 
 The summary aggregates the same per phase name across the measured intervals. Nothing is
 inferred: a phase with no sample simply has no ``stacks``.
@@ -178,12 +182,22 @@ class _Stacks:
         self.native = sorted(evidence.native_samples, key=lambda s: s.time_ns)
         self.native_times = [s.time_ns for s in self.native]
         self.native_roles = roles
+        self.native_hz = evidence.native_hz
         self.python = sorted((s for s in evidence.python_slices if not _is_own(s.frames)), key=lambda s: s.start_ns)
         self.python_starts = [s.start_ns for s in self.python]
         self.longest_python_ns = max((s.end_ns - s.start_ns for s in self.python), default=0)
         self.rate = evidence.python_rate_hz
+        self.python_lag_ns = int(1e9 / self.rate) if self.rate > 0 else 0  # mean detection lag
 
-    def counters(self, start: int, end: int) -> dict[str, _Counts]:
+    def resolution_ms(self, counters: dict[str, _Counts]) -> dict[str, float]:
+        """Per role, the sampling period: how finely its stacks can place code in time."""
+        return {role: round(1000 / (self.rate if role == "client" else self.native_hz), 1) for role in counters
+                if (self.rate if role == "client" else self.native_hz) > 0}
+
+    def counters(self, start: int, end: int, client: dict[str, int] | None = None) -> dict[str, _Counts]:
+        """Samples per role and stack in [start, end). ``client``: the pid and thread that made
+        the request; then only that thread's Python stacks count (a thread pool idling beside it
+        is not what the client was doing)."""
         out: dict[str, _Counts] = {}
         lo = bisect.bisect_left(self.native_times, start)
         hi = bisect.bisect_left(self.native_times, end)
@@ -192,10 +206,14 @@ class _Stacks:
             out.setdefault(role, defaultdict(float))[sample.frames[-STACK_FRAMES:]] += 1
         # Slices are sorted by start; any slice overlapping [start, end) starts after
         # start - longest, so the scan is bounded.
-        first = bisect.bisect_left(self.python_starts, start - self.longest_python_ns)
-        last = bisect.bisect_left(self.python_starts, end)
+        lag = self.python_lag_ns
+        first = bisect.bisect_left(self.python_starts, start + lag - self.longest_python_ns)
+        last = bisect.bisect_left(self.python_starts, end + lag)
+        pid, thread = (client or {}).get("pid"), (client or {}).get("thread")
         for piece in self.python[first:last]:
-            overlap = min(piece.end_ns, end) - max(piece.start_ns, start)
+            if (pid is not None and piece.pid != pid) or (thread is not None and piece.tid != thread):
+                continue
+            overlap = min(piece.end_ns - lag, end) - max(piece.start_ns - lag, start)
             if overlap > 0:
                 out.setdefault("client", defaultdict(float))[piece.frames[-STACK_FRAMES:]] += overlap * self.rate / 1e9
         return out
@@ -217,8 +235,9 @@ def correlate(attribution: dict[str, Any], evidence: Evidence) -> dict[str, Any]
                         phase["gpu"] = gpu
                         if not interval.get("warmup") and group == "phases":
                             gpu_by_name.setdefault(phase["name"], []).append(gpu)
-                counters = stacks.counters(start, end)
+                counters = stacks.counters(start, end, interval.get("client"))
                 if counters:
+                    phase["stack_resolution_ms"] = stacks.resolution_ms(counters)
                     phase["stacks"] = {role: _top(counter) for role, counter in sorted(counters.items())}
                     phase["top_functions"] = _top_functions(counters)
                     if not interval.get("warmup") and group == "phases":

@@ -55,7 +55,8 @@ def configure_from_env(service_name: str) -> TracerProvider | None:
         return current
     if not exporter_configured():
         return None
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
+                                "process.pid": os.getpid()})  # py-spy stacks are matched to it
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(
         BatchSpanProcessor(make_otlp_exporter(), max_queue_size=MAX_QUEUE_SIZE,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import REPO, run_tracer
+from tests.conftest import REPO, heal_testbed, run_tracer
 from tracer.testbed.runtime import free_loopback_port
 
 pytestmark = pytest.mark.integration
@@ -191,11 +191,11 @@ def test_proxy_soak_memory_stays_flat(testbed: dict[str, Any], tmp_path: Path) -
     assert max(rss[1:], default=rss[0]) - rss[0] < 8 * 1024, rss
 
 
-def test_attach_to_a_running_ollama_while_a_plain_script_interrupts(testbed: dict[str, Any], tmp_path: Path) -> None:
-    out = tmp_path / "attach"
+def _attach_while_script_runs(testbed: dict[str, Any], out: Path) -> tuple[int, str]:
+    """`tracer attach` around an unmodified script; (the script's exit code, attach's stderr)."""
     port = testbed["ollama_host"].rsplit(":", 1)[1]
-    attach = subprocess.Popen([sys.executable, "-m", "tracer", "attach", "--ollama-port", port, "-o", str(out)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    attach = subprocess.Popen([sys.executable, "-m", "tracer", "attach", "--ollama-port", port, "-o", str(out),
+                               "--force"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not (out / "raw" / "ebpf_meta.json").exists():  # the probes are live once the meta is written
@@ -203,12 +203,24 @@ def test_attach_to_a_running_ollama_while_a_plain_script_interrupts(testbed: dic
             time.sleep(0.1)
         script = Path(REPO) / "tests" / "targets" / "interrupt_then_busy.py"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRACER_"))}
-        env.update(OLLAMA_HOST=testbed["ollama_host"], TARGET_ITERATIONS="3")
-        subprocess.run([sys.executable, str(script), LLAMA], env=env, check=True, timeout=120)
+        env.update(OLLAMA_HOST=testbed["ollama_host"], TARGET_ITERATIONS="3", TARGET_TIMEOUT_S="20")
+        code = subprocess.run([sys.executable, str(script), LLAMA], env=env, timeout=120, check=False).returncode
     finally:
         attach.send_signal(signal.SIGINT)  # Ctrl-C ends the window cleanly
         _stdout, stderr = attach.communicate(timeout=120)
     assert attach.returncode == 0, stderr
+    return code, stderr
+
+
+def test_attach_to_a_running_ollama_while_a_plain_script_interrupts(testbed: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "attach"
+    code, _ = _attach_while_script_runs(testbed, out)
+    if code != 0:  # the script timed out: Ollama v0.13's interrupt deadlock (README); heal and retry once
+        print("\nNOTE: the script stalled under attach (Ollama v0.13 interrupt deadlock); healing and retrying",
+              file=sys.stderr)
+        heal_testbed(testbed)
+        code, _ = _attach_while_script_runs(testbed, out)
+    assert code == 0
     attribution = json.loads((out / "attribution.json").read_text())
     interrupts = [iv for iv in attribution["intervals"] if iv["kind"] == "interrupt"]
     assert len(interrupts) >= 2, [(iv["kind"], iv["duration_ms"]) for iv in attribution["intervals"]]

@@ -22,7 +22,7 @@ def busy_spin_between_requests(seconds: float) -> int:
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else "tracer-gemma3:test"
     iterations = int(os.environ.get("TARGET_ITERATIONS", "3"))
-    client = ollama.Client(timeout=60)
+    client = ollama.Client(timeout=float(os.environ.get("TARGET_TIMEOUT_S", "60")))
     for _ in range(iterations):
         stream = client.generate(model=model, prompt="tell me a story", stream=True)
         started = time.monotonic()

@@ -100,6 +100,36 @@ def test_each_phase_gets_its_gpu_window_and_its_stacks_per_process() -> None:
     assert "stacks" not in prefill
 
 
+def test_python_stretches_move_back_by_the_mean_sampling_lag() -> None:
+    # py-spy saw busy_spin from +10 to +60 ms; its Poisson timer sees each change one period
+    # (10 ms) late on average, so the code ran over about [0, 50) ms: nothing of it lands in a
+    # phase starting at +52 ms, while a phase over [0, 50) gets all five samples.
+    def phase(name: str, start: int, end: int) -> dict[str, Any]:
+        return {"name": name, "start_ns": T0 + start * MS, "end_ns": T0 + end * MS, "process": "client",
+                "source": "client", "duration_ms": float(end - start)}
+
+    attribution = {"intervals": [{"index": 0, "phases": [phase("client.gap", 0, 50), phase("client.request", 52, 60)],
+                                  "off_critical_path": []}], "summary": {"phases": []}}
+    slices = [Py(T0 + 10 * MS, T0 + 60 * MS, 1, 2, ("<module> (t.py)", "busy_spin (t.py)"))]
+    correlate(attribution, Evidence(python_slices=slices, python_rate_hz=100))
+    gap, request = attribution["intervals"][0]["phases"]
+    assert gap["top_functions"]["client"] == [{"function": "busy_spin (t.py)", "samples": 5.0}]
+    assert gap["stack_resolution_ms"] == {"client": 10.0}
+    assert "stacks" not in request
+
+
+def test_client_stacks_come_from_the_thread_that_made_the_request() -> None:
+    attribution = {"intervals": [{"index": 0, "client": {"pid": 1, "thread": 2}, "off_critical_path": [], "phases": [
+        {"name": "client.gap", "start_ns": T0, "end_ns": T0 + 100 * MS, "process": "client", "source": "client",
+         "duration_ms": 100.0}]}], "summary": {"phases": []}}
+    slices = [Py(T0, T0 + 110 * MS, 1, 2, ("main (t.py)", "busy_spin (t.py)")),
+              Py(T0, T0 + 110 * MS, 1, 3, ("Thread.run (threading.py)", "_worker (thread.py)")),  # an idle pool
+              Py(T0, T0 + 110 * MS, 4, 2, ("other (o.py)",))]  # another process, same pthread id
+    correlate(attribution, Evidence(python_slices=slices, python_rate_hz=100))
+    phase = attribution["intervals"][0]["phases"][0]
+    assert phase["top_functions"] == {"client": [{"function": "busy_spin (t.py)", "samples": 10.0}]}
+
+
 def test_summary_merges_measured_intervals_only() -> None:
     attribution = correlate(_attribution(), _evidence())
     rows = {row["name"]: row for row in attribution["summary"]["phases"]}

@@ -57,6 +57,7 @@ class AttributedInterval:
             "iteration": iv.iteration,
             "warmup": iv.warmup,
             "model": iv.request.get("attributes", {}).get("gen_ai.request.model"),
+            "client": _client_of(iv.request),
             "start_ns": iv.start_ns,
             "end_ns": iv.end_ns,
             "duration_ms": duration / 1e6,
@@ -65,6 +66,18 @@ class AttributedInterval:
             "unattributed_ms": self.unattributed_ns / 1e6,
             "coverage": self.attributed_ns / duration if duration > 0 else 1.0,
         }
+
+
+def _client_of(request: dict[str, Any]) -> dict[str, int]:
+    """The process and thread that made the request, where the instrumentation recorded them."""
+    out = {}
+    pid = (request.get("resource") or {}).get("process.pid")
+    thread = (request.get("attributes") or {}).get("thread.id")
+    if isinstance(pid, int):
+        out["pid"] = pid
+    if isinstance(thread, int):
+        out["thread"] = thread
+    return out
 
 
 def _subtract(start: int, end: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -110,6 +111,8 @@ class StreamRecorder:
                 "gen_ai.request.stream": stream,
                 "server.address": parts.hostname or "",
                 "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+                # The pthread id py-spy reports: the client's stacks in a phase are this thread's.
+                "thread.id": threading.get_ident(),
             }
             if isinstance(options, Mapping) and options.get("num_predict") is not None:
                 attributes["gen_ai.request.max_tokens"] = int(options["num_predict"])
