@@ -11,6 +11,13 @@ One bpftrace process carries two layers:
   bound each phase. Addresses come from the ELF symbol table, or from Go's ``.gopclntab`` when
   the binary is stripped; each catalogue entry is checked against the binary at start-up and a
   missing one is reported, never fatal.
+* **goroutines** (with the symbol layer, when the binary has DWARF: ``collectors.go_offsets``):
+  each uprobe also prints its goroutine id and the id of the goroutine that started it, and
+  ``net/http.(*conn).serve`` / ``(*persistConn).roundTrip`` print which connection (fd) a
+  goroutine serves or sends on. With the syscall layer's ``getsockname`` ports (the TCP
+  4-tuple of the server→runner hop), a request is followed from its client connection through
+  the handler goroutine, the goroutine that calls the runner and the runner connection into the
+  runner's handler: exact matching when requests overlap (``tracer.attribution.request_chain``).
 
 ``nsecs`` is CLOCK_BOOTTIME here; the parser converts to epoch ns with the capture's clock
 model. The workload starts only after bpftrace printed its ready marker (probes live).
@@ -24,12 +31,13 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from collectors import ebpf_profile
 from collectors.base import SessionInfo
+from collectors.go_offsets import GoOffsets, read_offsets
 from collectors.probe_catalogue import DESIGN_NOTES, ProbeSpec, design_for, probes_for
 from tracer import system
 from tracer.clock import ClockModel
@@ -69,6 +77,11 @@ tracepoint:syscalls:sys_enter_write /{F} && @sock[pid, args->fd]/ {
   if ($head == "POST" || $head == "GET " || $head == "HTTP" || $head == "0\r\n\r") {
     printf("W %llu %d %d %d %d %r\n", nsecs, pid, tid, args->fd, args->count, buf(args->buf, 18));
   } }
+tracepoint:syscalls:sys_enter_getsockname /{F}/ { @gsa[tid] = (uint64)args->usockaddr; @gsfd[tid] = args->fd; }
+tracepoint:syscalls:sys_exit_getsockname /@gsa[tid] != 0/ {
+  // Go reads its local address right after connect: the server's port of the hop to a runner.
+  if (args->ret == 0) { printf("N %llu %d %d %d %r\n", nsecs, pid, tid, @gsfd[tid], buf(@gsa[tid] + 2, 2)); }
+  delete(@gsa[tid]); delete(@gsfd[tid]); }
 tracepoint:syscalls:sys_enter_openat /{F}/ { @opath[tid] = args->filename; @opend[tid] = 1; }
 tracepoint:syscalls:sys_exit_openat /@opend[tid] == 1/ {
   if (args->ret >= 0) { @file[pid, args->ret] = 1; }
@@ -94,6 +107,9 @@ class ProbePlan:
     attached: dict[str, tuple[ProbeSpec, int]] = field(default_factory=dict)  # symbol -> (spec, address)
     missing: list[str] = field(default_factory=list)
     symbol_source: str = "none"
+    goroutines: GoOffsets | None = None  # the goroutine layer, when the binary's DWARF gives the offsets
+    goroutine_probes: dict[str, int] = field(default_factory=dict)  # "serve"/"round_trip" -> address
+    goroutine_note: str = "off: the symbol layer is off"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +118,8 @@ class ProbePlan:
             "attached": {sym: {"key": spec.key, "address": hex(addr), "process": spec.process}
                          for sym, (spec, addr) in self.attached.items()},
             "missing": self.missing,
+            "goroutines": {"on": self.goroutines is not None, "note": self.goroutine_note,
+                           **({"offsets": asdict(self.goroutines)} if self.goroutines else {})},
         }
 
 
@@ -122,13 +140,47 @@ def plan_probes(binary: Path, version: str | None, layers: str = "all") -> Probe
             # stripped binary it takes the number as the file offset itself.
             plan.attached[spec.symbol] = (spec, table.file_offset(address) if table.stripped else address)
     plan.missing = sorted(set(missing))
+    _plan_goroutines(plan, table)
     return plan
 
 
-def existing_sockets(comm: str) -> list[tuple[int, int]]:
-    """(pid, fd) of sockets the Ollama processes already hold: keep-alive connections opened
-    before the capture are otherwise invisible to the fd-tracking probes."""
-    found = []
+GOROUTINE_SYMBOLS = {"serve": "net/http.(*conn).serve", "round_trip": "net/http.(*persistConn).roundTrip"}
+
+
+def _plan_goroutines(plan: ProbePlan, table: Any) -> None:
+    if not plan.attached:
+        plan.goroutine_note = "off: no catalogue probe attached"
+        return
+    found, missing = table.resolve_many(GOROUTINE_SYMBOLS.values())
+    if missing:
+        plan.goroutine_note = f"off: {', '.join(sorted(missing))} not in the binary"
+        return
+    offsets, reason = read_offsets(plan.binary)
+    if offsets is None:
+        plan.goroutine_note = f"off: {reason}"
+        return
+    plan.goroutines = offsets
+    plan.goroutine_probes = {key: found[symbol].address for key, symbol in GOROUTINE_SYMBOLS.items()}
+    plan.goroutine_note = "on: requests that overlap in the server are matched by goroutine and connection"
+
+
+@dataclass(frozen=True)
+class HeldSocket:
+    """A socket an Ollama process held when the capture started, with its TCP ports if any."""
+
+    pid: int
+    fd: int
+    local_port: int = 0
+    remote_port: int = 0
+
+
+def existing_sockets(comm: str) -> list[HeldSocket]:
+    """Sockets the Ollama processes already hold: keep-alive connections opened before the capture
+    are otherwise invisible to the fd-tracking probes, and their ports are the 4-tuples that tie a
+    server's runner connection to the runner's end of it."""
+    from tracer.netstat import tcp_rows
+
+    held: list[tuple[int, int, str]] = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -136,24 +188,37 @@ def existing_sockets(comm: str) -> list[tuple[int, int]]:
             if (proc / "comm").read_text().strip() != comm:
                 continue
             for fd in (proc / "fd").iterdir():
-                if str(fd.readlink()).startswith("socket:"):
-                    found.append((int(proc.name), int(fd.name)))
+                target = str(fd.readlink())
+                if target.startswith("socket:"):
+                    held.append((int(proc.name), int(fd.name), target[8:-1]))
         except (OSError, ValueError):
             continue
-    return found
+    ports = {row.inode: (row.local_port, row.remote_port) for row in tcp_rows()} if held else {}
+    return [HeldSocket(pid, fd, *ports.get(inode, (0, 0))) for pid, fd, inode in held]
 
 
-def build_script(plan: ProbePlan, profile_hz: int = 0) -> str:
+def build_script(plan: ProbePlan, profile_hz: int = 0, held: list[HeldSocket] | None = None) -> str:
     comm = comm_of(plan.binary)
     filt = f'comm == "{comm}"'
-    primed = " ".join(f"@sock[{pid}, {fd}] = 3;" for pid, fd in existing_sockets(comm))
+    primed = " ".join(f"@sock[{h.pid}, {h.fd}] = 3;" for h in (existing_sockets(comm) if held is None else held))
     lines = [f'BEGIN {{ {primed} printf("{READY}\\n"); }}', _SYSCALLS.replace("{F}", filt)]
     if profile_hz > 0:
         lines.append(ebpf_profile.probe(profile_hz, filt))
+    go = plan.goroutines
+    # With the goroutine layer every uprobe also says which goroutine it ran on, and which started it.
+    ids = (f' %llu %llu\\n", nsecs, pid, tid, *(uint64*)(reg("r14") + {go.g_goid}), '
+           f'*(uint64*)(reg("r14") + {go.g_parent_goid})') if go else '\\n", nsecs, pid, tid'
     for index, (_symbol, (_spec, address)) in enumerate(sorted(plan.attached.items(), key=lambda i: i[1][1])):
-        lines.append(f'uprobe:{plan.binary}:{address:#x} {{ printf("U %llu %d %d {index}\\n", nsecs, pid, tid); }}')
+        lines.append(f'uprobe:{plan.binary}:{address:#x} {{ printf("U %llu %d %d {index}{ids}); }}')
+    if go:
+        goid = f'*(uint64*)(reg("r14") + {go.g_goid})'
+        serve_fd = go.fd_of_conn_iface(f'reg("ax") + {go.http_conn_rwc}')
+        trip_fd = go.fd_of_conn_iface(f'reg("ax") + {go.persist_conn_conn}')
+        for kind, key, fd in (("G", "serve", serve_fd), ("T", "round_trip", trip_fd)):
+            lines.append(f'uprobe:{plan.binary}:{plan.goroutine_probes[key]:#x} '
+                         f'{{ printf("{kind} %llu %d %d %lld %llu\\n", nsecs, pid, tid, {fd}, {goid}); }}')
     lines.append("END { clear(@apeer); clear(@sock); clear(@file); clear(@cfd); clear(@cpend); clear(@rfd); "
-                 "clear(@rbuf); clear(@opath); clear(@rpend); clear(@opend); }")
+                 "clear(@rbuf); clear(@opath); clear(@rpend); clear(@opend); clear(@gsa); clear(@gsfd); }")
     return "\n".join(lines) + "\n"
 
 
@@ -221,7 +286,8 @@ class EbpfCollector:
         version = ollama_version_of(session.ollama_host)
         self._plan = plan_probes(binary, version, self.layers)
         self._directory = session.directory
-        script = build_script(self._plan, self.profile_hz)
+        held = existing_sockets(comm_of(binary))
+        script = build_script(self._plan, self.profile_hz, held)
         self._clock = session.clock
         from tracer import capture_dir
 
@@ -252,7 +318,8 @@ class EbpfCollector:
                 self._kill()
                 raise TracerError(f"bpftrace did not start ({message}).", ExitCode.PERMISSION)
         self._meta = {"pid": pid, "binary": str(binary), "plan": self._plan.to_json(),
-                      "probe_index": probe_index(self._plan), "roles": {}}
+                      "probe_index": probe_index(self._plan), "roles": {},
+                      "sockets_at_start": [asdict(h) for h in held if h.local_port]}
         self._write_meta()
 
     def _write_meta(self) -> None:
@@ -348,13 +415,17 @@ class EbpfCollector:
 class ProbeEvent:
     """One line of the eBPF collector's output, on the epoch clock."""
 
-    kind: str  # A accept, C connect, R read, W write, O openat, X close, U uprobe
+    # A accept, C connect, R read, W write, O openat, X close, U uprobe, N getsockname;
+    # goroutine layer: G a goroutine serves connection fd, T a goroutine sends a request on fd
+    kind: str
     time_ns: int
     pid: int
     tid: int
     fd: int = -1
-    value: int = 0  # bytes (read ret / write count), connect ret, accept: the peer's port (0: unknown)
+    value: int = 0  # bytes (read ret / write count), connect ret; accept: the peer's port, N: the local port
     text: str = ""  # first bytes of the buffer, or the opened path, or the probe's symbol
+    goid: int = 0  # the goroutine (U, G, T with the goroutine layer; 0: unknown)
+    parent_goid: int = 0  # the goroutine that started it (U)
 
 
 class ParseError(ValueError):
@@ -364,15 +435,24 @@ class ParseError(ValueError):
 def parse_line(line: str, clock: ClockModel, probes: dict[int, str]) -> ProbeEvent:
     """Parse one output line; raises ParseError (a ValueError) on anything malformed."""
     parts = line.rstrip("\n").split(" ", 6)
-    if len(parts) < 4 or len(parts[0]) != 1 or parts[0] not in "ACRWOXU":
+    if len(parts) < 4 or len(parts[0]) != 1 or parts[0] not in "ACRWOXUGTN":
         raise ParseError(f"not an event line: {line[:80]!r}")
     kind = parts[0]
     try:
         boot_ns, pid, tid = int(parts[1]), int(parts[2]), int(parts[3])
         when = clock.to_epoch("boottime", boot_ns)
         if kind == "U":
+            if len(parts) == 7:
+                return ProbeEvent(kind, when, pid, tid, text=probes[int(parts[4])], goid=int(parts[5]),
+                                  parent_goid=int(parts[6]))
+            if len(parts) != 5:
+                raise ParseError(f"malformed U event: {line[:80]!r}")
             return ProbeEvent(kind, when, pid, tid, text=probes[int(parts[4])])
-        if kind == "A":
+        if kind in "GT":
+            if len(parts) != 6:
+                raise ParseError(f"malformed {kind} event: {line[:80]!r}")
+            return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]), goid=int(parts[5]))
+        if kind in "AN":
             rest = line.rstrip("\n").split(" ", 5)  # the port's bytes may print as a space
             return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]),
                               value=peer_port(rest[5]) if len(rest) > 5 else 0)

@@ -23,7 +23,7 @@ from typing import Any
 from collectors.base import Collector, SessionInfo
 from tracer import __version__, capture_dir
 from tracer.autoinstrument import child_env
-from tracer.clock import ClockModel
+from tracer.clock import ClockModel, ClockTicker
 from tracer.errors import ExitCode, TracerError
 
 # Files a capture writes; --force removes exactly these, never anything else in the directory.
@@ -130,7 +130,7 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
     errors: list[str] = []
     exit_code = int(ExitCode.FAILURE)
     interrupted = False
-    with _Signals() as signals:
+    with _Signals() as signals, ClockTicker() as ticker:
         try:
             for collector in collectors:
                 ok, reason = collector.available()
@@ -159,7 +159,7 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                 except Exception as err:  # one collector's failure must not lose the others' data
                     statuses[collector.name]["error"] = f"{type(err).__name__}: {err}"
                     errors.append(f"{collector.name}: {err}")
-            clock = clock.finish()
+            clock = clock.finish(tuple(ticker.points))
             meta = {
                 "schema": capture_dir.CAPTURE_SCHEMA,
                 "tracer_version": __version__,

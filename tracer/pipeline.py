@@ -9,6 +9,7 @@ from typing import Any
 
 from tracer import capture_dir
 from tracer.attribution import CaptureRecords, attribute
+from tracer.clock import ClockModel
 from tracer.correlate import Evidence, correlate
 from tracer.errors import ExitCode, TracerError
 from tracer.exporters import ExportData
@@ -30,7 +31,6 @@ def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords,
         unreadable[RAW_LOG] = bad_log
     if (directory / "raw" / "ebpf_meta.json").exists():
         from collectors.ebpf import load_events
-        from tracer.clock import ClockModel
         from tracer.process_discovery import role_of
 
         events, ebpf_meta, bad_events = load_events(directory, ClockModel.from_json(meta["clock"]))
@@ -172,11 +172,12 @@ def _alignment(records: CaptureRecords) -> dict[str, Any]:
     meta = records.extra["meta"]
     clock = meta.get("clock") or {}
     out: dict[str, Any] = {}
-    if "ebpf" in records.extra:
-        boot = (clock.get("start") or {}).get("boottime") or {}
-        drift = (clock.get("drift_ns") or {}).get("boottime")
-        out["ebpf"] = {"method": "CLOCK_BOOTTIME offset, narrowest of 200 clock readings at start and end",
-                       "error_ns": int(boot.get("uncertainty_ns", 0)) + abs(int(drift or 0))}
+    if "ebpf" in records.extra and clock.get("start"):
+        model = ClockModel.from_json(clock)
+        out["ebpf"] = {"method": "CLOCK_BOOTTIME offset measured at start, end and every 0.5 s, "
+                                 "interpolated between neighbours",
+                       "error_ns": model.error_ns("boottime"), "drift_ns": model.drift_ns("boottime"),
+                       "checkpoints": len(model.checkpoints)}
     gpu_meta = records.extra.get("gpu_meta") or {}
     if gpu_meta:
         domains = gpu_meta.get("clock_domain") or {}
@@ -200,7 +201,7 @@ def _evidence(attribution: dict[str, Any]) -> dict[str, Any]:
         for phase in interval["phases"]:
             attrs = phase.get("attributes", {})
             if "gguf_scans" in attrs:
-                scans.append({"interval": interval["index"], "blob_opens": attrs["blob_opens"],
+                scans.append({"interval": interval["index"], "blob_opens": attrs.get("blob_opens"),
                               "gguf_scans": attrs["gguf_scans"], "gguf_scan_ms": attrs.get("gguf_scan_ms"),
                               "uprobe_hits": attrs.get("uprobe_hits"), "syscall_events": attrs.get("syscall_events")})
                 break

@@ -175,3 +175,22 @@ def test_log_collector_keeps_no_prompt_text_without_record_content(tmp_path: Pat
         kept = (tmp_path / "cap" / "raw" / "ollama.log").read_text()
         assert ("SECRET" in kept) is expect_secret
         assert "loading cache slot" in kept and "old line" not in kept
+
+
+def test_a_slewed_realtime_is_followed_between_checkpoints() -> None:
+    from tracer.clock import ClockOffset
+
+    def at(t: int, offset: int) -> dict[str, ClockOffset]:
+        return {"boottime": ClockOffset("boottime", offset, 100, t)}
+
+    # REALTIME gains 5 ms per second on BOOTTIME for 2 s (as seen on this project's VMs), then stops.
+    base = 10**18
+    points = [at(base + k * 500_000_000, base + min(k, 4) * 2_500_000) for k in range(7)]
+    model = ClockModel(start=points[0], end=points[-1], checkpoints=tuple(points[1:-1]))
+    boot_at_1s = 1_000_000_000  # epoch ≈ base + 1 s
+    assert model.to_epoch("boottime", boot_at_1s) == boot_at_1s + base + 5_000_000
+    assert model.to_epoch("boottime", 2_750_000_000) == 2_750_000_000 + base + 10_000_000
+    # The bend where the slew stopped is the conversion's error bound; start/end alone would say 10 ms.
+    assert model.error_ns("boottime") == 100 + 1_250_000
+    assert ClockModel(start=points[0], end=points[-1]).error_ns("boottime") == 100 + 10_000_000
+    assert ClockModel.from_json(model.to_json()) == model

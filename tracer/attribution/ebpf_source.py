@@ -38,6 +38,7 @@ from typing import Any
 
 from collectors.ebpf import ProbeEvent
 from tracer.attribution.intervals import Interval
+from tracer.attribution.request_chain import Broken, Chain, own_events, resolve
 from tracer.attribution.sources import Records
 from tracer.model import Phase
 
@@ -89,26 +90,29 @@ def connection_of(request: dict[str, Any], events: list[ProbeEvent], roles: dict
     port = attributes.get("tracer.local_port")
     if not port:
         return None
-    built = int(request["startTimeUnixNano"])
-    accepts = [e for e in events if e.kind == "A" and e.value == int(port) and e.time_ns <= built
+    # A new connection is accepted after the request was built (the client connects then); a
+    # pooled one long before. Either way, before the response began: the latest such accept.
+    answered = int(attributes.get("tracer.first_token_ns") or request["endTimeUnixNano"])
+    accepts = [e for e in events if e.kind == "A" and e.value == int(port) and e.time_ns <= answered
                and roles.get(e.pid) == "server"]
     return accepts[-1].fd if accepts else None
 
 
 def concurrent_requests(events: list[ProbeEvent], roles: dict[int, str], found: dict[str, ProbeEvent]) -> int:
     """How many other client requests were between their read and their first response write
-    while this one was (R..SW): then the boundaries in between belong to either."""
+    while this one was (R..SW): then the boundaries in between belong to either. The server reads
+    ``POST`` only from clients and writes ``HTTP`` only to them (it writes requests to runners),
+    so no fd bookkeeping is needed, and reused fd numbers cannot confuse it."""
     if "R" not in found or "SW" not in found:
         return 0
     ours, start, end = found["R"].fd, found["R"].time_ns, found["SW"].time_ns
-    runner_hops = {(e.pid, e.fd) for e in events if e.kind == "C"}
     pending: dict[tuple[int, int], int] = {}  # other connection -> its POST read time
     overlapping = set()
     for e in events:
         if e.time_ns > end:
             break
         key = (e.pid, e.fd)
-        if roles.get(e.pid) != "server" or e.fd == ours or key in runner_hops:
+        if roles.get(e.pid) != "server" or e.fd == ours:
             continue
         if e.kind == "R" and e.value > 0 and e.text.startswith("POST"):
             pending[key] = e.time_ns
@@ -135,15 +139,27 @@ class EbpfSource:
         window = [e for e in events if built <= e.time_ns <= interval.end_ns]
         client_fd = connection_of(interval.request, events, roles)
         found = self._boundaries(window, roles, client_fd)
-        matching = records.extra.setdefault("ebpf_matching", {"matched": 0, "unmatched": []})
+        matching = records.extra.setdefault("ebpf_matching", {"matched": 0, "matched_by_chain": 0, "unmatched": []})
         others = concurrent_requests(events, roles, found)
-        if others:
-            # Another request was between its read and its first token at the same time: the
-            # server-internal boundaries cannot be told apart by time, and are not guessed.
-            matching["unmatched"].append({"interval": interval.index, "concurrent_requests": others,
-                                          "connection_matched": client_fd is not None})
-            cancel = self._cancel(events, roles, interval)
-            return [cancel] if cancel is not None else []
+        chain: Chain | None = None
+        try:
+            # Follow the request by identity (connection, goroutine, runner connection) when the
+            # goroutine layer allows; when another request was inside the server at the same time,
+            # that is the only way: the first event after a boundary may be the other's, and
+            # time order is never used to pick.
+            if client_fd is None and others:
+                raise Broken("its client connection is unknown (the client recorded no local port)")
+            chain = self._chain(events, roles, found, interval, ebpf["meta"])
+        except Broken as why:
+            if others:
+                matching["unmatched"].append({"interval": interval.index, "concurrent_requests": others,
+                                              "connection_matched": client_fd is not None, "reason": str(why)})
+                return []
+            # Alone in the server: the first event after each boundary is this request's own.
+        if chain is not None:
+            window = own_events(window, chain, set(_symbol_keys()["sample"]) | set(_symbol_keys()["decode"]))
+            found = self._boundaries(window, roles, chain.client_fd)
+            matching["matched_by_chain"] += 1
         if found:
             matching["matched"] += 1
         phases = self._phases(found)
@@ -154,7 +170,12 @@ class EbpfSource:
                       "or its health check failed)" if "NR" in found else "cold load: no runner was loaded")
             phases = [Phase(p.name, p.start_ns, p.end_ns, p.source, p.process, {**p.attributes, "reason": reason})
                       if "model_load" in p.name else p for p in phases]
-        evidence = blob_scans(window, roles, found.get("R"), found.get("SW"), set(ebpf["meta"].get("model_blobs", [])))
+        if chain is None:
+            evidence = blob_scans(window, roles, found.get("R"), found.get("SW"),
+                                  set(ebpf["meta"].get("model_blobs", [])))
+        else:  # other requests' file opens interleave; count this handler goroutine's gguf.Open calls
+            evidence = {"gguf_scans": _entries(window, _symbol_keys()["gguf_open"]), "matched_by": "chain",
+                        **chain.to_json()}
         if "R" in found and "SW" in found:
             r, sw = found["R"].time_ns, found["SW"].time_ns
             evidence["uprobe_hits"] = sum(1 for e in window if e.kind == "U" and r <= e.time_ns <= sw)
@@ -164,10 +185,21 @@ class EbpfSource:
                 if "model_lookup" in phase.name:
                     phases[i] = Phase(phase.name, phase.start_ns, phase.end_ns, phase.source, phase.process,
                                       {**phase.attributes, **evidence})
-        cancel = self._cancel(events, roles, interval)
+        cancel = self._cancel(events, roles, interval, concurrent=bool(others), meta=ebpf["meta"])
         if cancel is not None:
             phases.append(cancel)
         return phases
+
+    @staticmethod
+    def _chain(events: list[ProbeEvent], roles: dict[int, str], found: dict[str, ProbeEvent], interval: Interval,
+               meta: dict[str, Any]) -> Chain:
+        if not (meta.get("plan") or {}).get("goroutines", {}).get("on"):
+            note = (meta.get("plan") or {}).get("goroutines", {}).get("note", "off")
+            raise Broken(f"the goroutine layer is {note.removeprefix('off: ') if note.startswith('off') else note}")
+        if "R" not in found:
+            raise Broken("its request read on the server was not seen")
+        return resolve(events, roles, found["R"], interval.end_ns, _symbol_keys()["completion"],
+                       meta.get("sockets_at_start") or [])
 
     @staticmethod
     def _boundaries(window: list[ProbeEvent], roles: dict[int, str],
@@ -245,28 +277,60 @@ class EbpfSource:
         return phases
 
     @staticmethod
-    def _cancel(events: list[ProbeEvent], roles: dict[int, str], interval: Interval) -> Phase | None:
+    def _cancel(events: list[ProbeEvent], roles: dict[int, str], interval: Interval, *, concurrent: bool = False,
+                meta: dict[str, Any] | None = None) -> Phase | None:
         if interval.kind != "interrupt":
             return None
         start_window = interval.start_ns - 50_000_000
         # Off the critical path, the teardown may be noticed after the next first token (a llama
         # interval lasts ~10 ms): look up to a second past the interval's end.
-        eof = next((e for e in events if start_window <= e.time_ns <= interval.end_ns + 1_000_000_000
-                    and roles.get(e.pid) == "server" and e.kind == "R" and _peer_gone(e)), None)
+        until = interval.end_ns + 1_000_000_000
+        cancelled_fd = connection_of(interval.cancelled, events, roles) if interval.cancelled else None
+        if concurrent and cancelled_fd is None:
+            return None  # whose EOF is whose cannot be told apart
+        eof = next((e for e in events if start_window <= e.time_ns <= until and roles.get(e.pid) == "server"
+                    and e.kind == "R" and _peer_gone(e) and (cancelled_fd is None or e.fd == cancelled_fd)), None)
         if eof is None:
             return None
         keys = _symbol_keys()
-        removed = next((e for e in events if e.time_ns >= eof.time_ns and e.kind == "U"
-                        and e.text in keys["remove_sequence"] and roles.get(e.pid) == "runner"), None)
-        end_note = "runner removed the sequence"
-        if removed is None:
-            removed = next((e for e in events if e.time_ns >= eof.time_ns and roles.get(e.pid) == "runner"
-                            and e.kind == "R" and _peer_gone(e)), None)
+        if concurrent and interval.cancelled is not None:
+            # The runner removes sequences on its batch goroutine, shared by all: follow the
+            # cancelled request's own runner connection instead, and time its close there.
+            try:
+                read = next(e for e in events if e.kind == "R" and e.pid == eof.pid and e.fd == eof.fd
+                            and e.value > 0 and e.text.startswith("POST")
+                            and int(interval.cancelled["startTimeUnixNano"]) <= e.time_ns <= eof.time_ns)
+                chain = resolve(events, roles, read, eof.time_ns, keys["completion"],
+                                (meta or {}).get("sockets_at_start") or [])
+            except (StopIteration, Broken):
+                return None
+            removed = next((e for e in events if e.time_ns >= eof.time_ns and e.pid == chain.runner_pid
+                            and e.fd == chain.runner_fd and e.kind == "R" and _peer_gone(e)), None)
             end_note = "runner saw the connection close"
+        else:
+            removed = next((e for e in events if e.time_ns >= eof.time_ns and e.kind == "U"
+                            and e.text in keys["remove_sequence"] and roles.get(e.pid) == "runner"), None)
+            end_note = "runner removed the sequence"
+            if removed is None:
+                removed = next((e for e in events if e.time_ns >= eof.time_ns and roles.get(e.pid) == "runner"
+                                and e.kind == "R" and _peer_gone(e)), None)
+                end_note = "runner saw the connection close"
         if removed is None or removed.time_ns - eof.time_ns > 5_000_000_000:
             return None
         return Phase("server.cancel", eof.time_ns, removed.time_ns, SOURCE, "server",
                      {"off_critical_path": True, "end": end_note})
+
+
+def _entries(window: list[ProbeEvent], symbols: tuple[str, ...]) -> int:
+    """Calls of these functions in the window; Go's stack-growth prologue re-enters a function
+    from its first instruction, so a hit on the same goroutine within 50 µs is the same call."""
+    calls, last = 0, dict[int, int]()
+    for e in window:
+        if e.kind == "U" and e.text in symbols:
+            if e.time_ns - last.get(e.goid, -10**12) > 50_000:
+                calls += 1
+            last[e.goid] = e.time_ns
+    return calls
 
 
 def blob_scans(window: list[ProbeEvent], roles: dict[int, str], start: ProbeEvent | None,

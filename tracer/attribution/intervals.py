@@ -47,10 +47,12 @@ def _first_token_ns(span: Span) -> int | None:
 
 def _process_key(span: Span) -> tuple[Any, ...]:
     """Whose requests these are: an interrupt pairs a cancelled stream with the same client's next
-    request. A proxy serves many clients from one process, so it names the client per span."""
+    request. A proxy serves many clients from one process, so it names the client per span; in an
+    instrumented process each thread is a client of its own (threads interrupt independently)."""
     resource = span.get("resource", {})
+    attributes = span.get("attributes", {})
     return (resource.get("service.name"), resource.get("process.pid"), resource.get("service.instance.id"),
-            span.get("attributes", {}).get("tracer.client_key"))
+            attributes.get("tracer.client_key"), attributes.get("thread.id"))
 
 
 def find_intervals(spans: list[Span]) -> list[Interval]:

@@ -45,7 +45,7 @@ def _id(*parts: object, size: int = 16) -> str:
 
 def server_request_spans(events: list[ProbeEvent], roles: dict[int, str]) -> list[dict[str, Any]]:
     """One span per request the server read from a client, in time order."""
-    runner_hops = {(e.pid, e.fd) for e in events if e.kind == "C"}  # the server's connections to runners
+    runner_hops: set[tuple[int, int]] = set()  # the server's connections to runners, while open
     peers: dict[tuple[int, int], int] = {}
     open_requests: dict[tuple[int, int], dict[str, Any]] = {}
     spans: list[dict[str, Any]] = []
@@ -64,6 +64,11 @@ def server_request_spans(events: list[ProbeEvent], roles: dict[int, str]) -> lis
         if roles.get(e.pid) != "server":
             continue
         key = (e.pid, e.fd)
+        if e.kind == "C":
+            runner_hops.add(key)
+            continue
+        if e.kind == "X":
+            runner_hops.discard(key)  # the fd number may next be a client's connection
         if e.kind == "A":
             finish(key, e.time_ns, cancelled=False)  # a reused fd number: the old connection is gone
             peers[key] = e.value

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from tracer.instrument.genai import StreamRecorder, operation_for_path
 log = logging.getLogger("tracer.instrument")
 
 _ORIGINALS: dict[str, Any] = {}
+_HEADERS_STARTED = "http11.send_request_headers.started"
 _SEND_DONE = "http11.send_request_body.complete"
 _HEADERS_DONE = "http11.receive_response_headers.complete"
 _CONNECTED = "connection.connect_tcp.complete"
@@ -37,9 +39,30 @@ def _local_port(info: Mapping[str, Any]) -> int | None:
         return None
 
 
+def _pooled_local_port() -> int | None:
+    """The local port of the connection httpcore is sending on, when it reused a pooled one (no
+    connect event then). httpcore calls the trace hook from inside ``HTTP11Connection``'s methods,
+    whose ``self`` holds the network stream; look a few frames up for it."""
+    frame = sys._getframe(1)
+    for _ in range(8):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return None
+        stream = getattr(frame.f_locals.get("self"), "_network_stream", None)
+        if stream is not None:
+            try:
+                return int(stream.get_extra_info("socket").getsockname()[1])
+            except Exception:
+                return None
+    return None
+
+
 def _sync_hook(recorder: StreamRecorder) -> Callable[[str, dict[str, Any]], None]:
     def hook(event: str, info: dict[str, Any]) -> None:
-        if event == _SEND_DONE:
+        if event == _HEADERS_STARTED:
+            if recorder.local_port is None:
+                recorder.local_port = _pooled_local_port()
+        elif event == _SEND_DONE:
             recorder.request_written()
         elif event == _HEADERS_DONE:
             recorder.response_started()

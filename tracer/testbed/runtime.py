@@ -113,17 +113,20 @@ def ollama_version(host: str, timeout_s: float = 2.0) -> str | None:
         return None
 
 
-def start_ollama(binary: Path, directory: Path, progress: Progress,
-                 port: int | None = None) -> tuple[ManagedProcess, str]:
+def start_ollama(binary: Path, directory: Path, progress: Progress, port: int | None = None, *,
+                 log: Path | None = None, settings: dict[str, str] | None = None) -> tuple[ManagedProcess, str]:
+    """``ollama serve`` on the testbed's models; ``settings``: more OLLAMA_* variables (e.g. a
+    second server with ``OLLAMA_NUM_PARALLEL=2`` beside the testbed's, logging to ``log``)."""
     port = port or free_loopback_port()
     host = f"http://127.0.0.1:{port}"
-    log = directory / "ollama.log"
+    log = log or directory / "ollama.log"
     env = dict(os.environ)
     env.update(
         OLLAMA_HOST=f"127.0.0.1:{port}",
         OLLAMA_DEBUG="1",
         OLLAMA_MODELS=str(directory / "ollama-models"),
         OLLAMA_NOPRUNE="1",
+        **(settings or {}),
     )
     argv = [str(binary), "serve"]
     progress(f"starting ollama serve on {host} (log: {log})")

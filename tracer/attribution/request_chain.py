@@ -1,0 +1,148 @@
+"""Follow one request through the server and into the runner by identity, never by time order.
+
+When requests overlap inside the server (``OLLAMA_NUM_PARALLEL`` > 1, several clients), the
+first event after a boundary may belong to another request. The goroutine layer of the eBPF
+collector gives the identities that tie a request's events together:
+
+1. **client connection**: the server's fd of the request's TCP connection, from the 4-tuple
+   (the client's local port is the peer port the server's accept saw);
+2. **handler goroutine**: the goroutine ``net/http.(*conn).serve`` runs for that fd; Go's
+   HTTP/1.1 server runs the handler (``GenerateHandler``, model lookup, scheduling) on it;
+3. **completion goroutine**: the goroutine the handler starts to call the runner
+   (``llmServer.Completion``: its parent goroutine is the handler's);
+4. **runner connection**: the connection that goroutine's ``(*persistConn).roundTrip`` sent the
+   ``POST /completion`` on (a ``/health`` ping before it goes out on its own connection);
+5. **the runner's end**: the runner's fd of that connection, by the 4-tuple again (the server's
+   local port from ``getsockname`` is the peer port the runner's accept saw, or both ends were
+   already connected when the capture started), and the runner's handler goroutine on it.
+
+:func:`resolve` returns the chain, or the first link that could not be made and why: a request
+whose chain breaks is reported as unmatched, never filled in by time order. :func:`own_events`
+keeps only the events of the chain. Per-token runner work (the batch loop's sampler and decode)
+runs on one goroutine for every sequence and cannot be told apart, so it is left out and the
+runner's phases after admission merge into ``runner.prefill+sample``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from collectors.ebpf import ProbeEvent
+
+
+@dataclass(frozen=True)
+class Chain:
+    server_pid: int
+    client_fd: int
+    handler_goid: int
+    completion_goid: int
+    server_runner_fds: frozenset[int]  # every runner connection the two goroutines used (pings too)
+    runner_pid: int
+    runner_fd: int
+    runner_goid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"server_pid": self.server_pid, "client_fd": self.client_fd, "handler_goroutine": self.handler_goid,
+                "completion_goroutine": self.completion_goid, "runner_pid": self.runner_pid,
+                "runner_fd": self.runner_fd, "runner_goroutine": self.runner_goid}
+
+
+class Broken(Exception):
+    """A link of the chain that the evidence does not establish; the message says which."""
+
+
+def _latest(events: list[ProbeEvent], before_ns: int, match: Any) -> ProbeEvent | None:
+    found = None
+    for e in events:
+        if e.time_ns > before_ns:
+            break
+        if match(e):
+            found = e
+    return found
+
+
+def _first(events: list[ProbeEvent], after_ns: int, match: Any) -> ProbeEvent | None:
+    return next((e for e in events if e.time_ns >= after_ns and match(e)), None)
+
+
+def resolve(events: list[ProbeEvent], roles: dict[int, str], read: ProbeEvent, until_ns: int,
+            completion_symbols: tuple[str, ...], sockets_at_start: list[dict[str, int]]) -> Chain:
+    """The chain of the request whose first read on its client connection is ``read``.
+
+    Raises :class:`Broken` naming the link that is missing."""
+    server = read.pid
+    serve = _latest(events, read.time_ns,
+                    lambda e: e.kind == "G" and e.pid == server and e.fd == read.fd)
+    if serve is None:
+        raise Broken("its client connection was accepted before the capture, so its handler goroutine is unknown")
+    handler = serve.goid
+    completion = _first(events, read.time_ns, lambda e: e.kind == "U" and e.pid == server
+                        and e.parent_goid == handler and e.text in completion_symbols)
+    if completion is None or completion.time_ns > until_ns:
+        raise Broken("no runner call started by its handler goroutine was seen")
+    goroutines = {handler, completion.goid}
+    trips = [e for e in events if e.kind == "T" and e.pid == server and e.goid in goroutines
+             and read.time_ns <= e.time_ns <= until_ns]
+    runner_trip = None
+    for trip in (t for t in trips if t.goid == completion.goid):
+        # The request this round trip sent is the next message written on its connection.
+        sent = _first(events, trip.time_ns, lambda e, fd=trip.fd: e.kind == "W" and e.pid == server
+                      and e.fd == fd and e.text.startswith(("POST", "GET ")))
+        if sent is not None and sent.text.startswith("POST") and sent.time_ns <= until_ns:
+            runner_trip = trip
+            break
+    if runner_trip is None:
+        raise Broken("the runner connection of its POST /completion was not seen")
+    port = _local_port(events, sockets_at_start, server, runner_trip.fd, runner_trip.time_ns)
+    if port is None:
+        raise Broken("the server's port of its runner connection is unknown (no getsockname seen)")
+    runner_pid, runner_fd = _runner_end(events, roles, sockets_at_start, port, runner_trip.time_ns)
+    if runner_pid is None or runner_fd is None:
+        raise Broken(f"no runner accepted the connection from port {port}")
+    received = _first(events, runner_trip.time_ns, lambda e: e.kind == "R" and e.pid == runner_pid
+                      and e.fd == runner_fd and e.value > 0 and e.text.startswith("POST"))
+    runner_serve = _latest(events, received.time_ns if received else until_ns,
+                           lambda e: e.kind == "G" and e.pid == runner_pid and e.fd == runner_fd)
+    if runner_serve is None:
+        raise Broken("the runner's connection was accepted before the capture, so its handler goroutine is unknown")
+    return Chain(server, read.fd, handler, completion.goid, frozenset(t.fd for t in trips), runner_pid, runner_fd,
+                 runner_serve.goid)
+
+
+def _local_port(events: list[ProbeEvent], sockets_at_start: list[dict[str, int]], pid: int, fd: int,
+                before_ns: int) -> int | None:
+    named = _latest(events, before_ns, lambda e: e.kind == "N" and e.pid == pid and e.fd == fd and e.value)
+    if named is not None:
+        return named.value
+    opened = _latest(events, before_ns, lambda e: e.kind in "CX" and e.pid == pid and e.fd == fd)
+    if opened is not None:
+        return None  # the fd was (re)connected or closed during the capture without a getsockname
+    held = [s for s in sockets_at_start if s["pid"] == pid and s["fd"] == fd]
+    return int(held[0]["local_port"]) if held else None
+
+
+def _runner_end(events: list[ProbeEvent], roles: dict[int, str], sockets_at_start: list[dict[str, int]],
+                port: int, before_ns: int) -> tuple[int | None, int | None]:
+    accepted = _latest(events, before_ns, lambda e: e.kind == "A" and roles.get(e.pid) == "runner"
+                       and e.value == port)
+    if accepted is not None:
+        return accepted.pid, accepted.fd
+    held = [s for s in sockets_at_start if roles.get(int(s["pid"])) == "runner" and s["remote_port"] == port]
+    return (int(held[0]["pid"]), int(held[0]["fd"])) if held else (None, None)
+
+
+def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[str]) -> list[ProbeEvent]:
+    """The events of ``window`` that belong to the chain's request."""
+    server_goroutines = {chain.handler_goid, chain.completion_goid}
+    server_fds = chain.server_runner_fds | {chain.client_fd}
+
+    def ours(e: ProbeEvent) -> bool:
+        if e.pid == chain.server_pid:
+            return (e.kind == "U" and e.goid in server_goroutines) or (e.kind in "RW" and e.fd in server_fds)
+        if e.pid == chain.runner_pid:
+            return ((e.kind == "U" and e.goid == chain.runner_goid and e.text not in per_token_symbols)
+                    or (e.kind in "RW" and e.fd == chain.runner_fd))
+        return False
+
+    return [e for e in window if ours(e)]
