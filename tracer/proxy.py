@@ -19,16 +19,19 @@ the capture directory through the OTLP receiver as they end.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
 import logging
+import os
 import random
 import socket
 import statistics
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -36,6 +39,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from tracer.instrument.genai import StreamRecorder, operation_for_path
 
@@ -55,7 +60,7 @@ class Reservoir:
     def __init__(self, size: int = RESERVOIR, seed: int = 7) -> None:
         self.size = size
         self.count = 0
-        self.values: list[int] = []
+        self.values = array.array("q")  # 8 bytes a value: the full reservoir is 160 KB, not megabytes
         self._random = random.Random(seed)
 
     def add(self, value: int) -> None:
@@ -262,6 +267,104 @@ def check_listen(host: str, port: int) -> None:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
+
+
+class SegmentExporter(SpanExporter):
+    """Sends the proxy's spans to the current segment's receiver; holds them between segments.
+
+    The proxy runs for hours across rolling capture segments, each with its own receiver. At a
+    segment's end the provider is flushed into it; spans that end while no segment is open (the
+    collectors restarting) are held, up to ``hold`` of them, and go to the next one. Spans beyond
+    that are counted as dropped, never silently lost."""
+
+    def __init__(self, hold: int = 100_000) -> None:
+        self.hold = hold
+        self.dropped = 0
+        self._target: SpanExporter | None = None
+        self._held: list[ReadableSpan] = []
+        self._lock = threading.Lock()
+
+    def retarget(self, target: SpanExporter | None) -> None:
+        with self._lock:
+            old, self._target = self._target, target
+            if target is not None and self._held:
+                held, self._held = self._held, []
+                if target.export(held) is not SpanExportResult.SUCCESS:
+                    self.dropped += len(held)
+        if old is not None:
+            old.shutdown()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            if self._target is not None:
+                result = self._target.export(spans)
+                if result is not SpanExportResult.SUCCESS:
+                    self.dropped += len(spans)
+                return result
+            room = self.hold - len(self._held)
+            self._held.extend(spans[:max(room, 0)])
+            self.dropped += max(len(spans) - max(room, 0), 0)
+            return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.retarget(None)
+
+
+class ProxyServer:
+    """The proxy on its own thread and event loop, for the whole life of `tracer proxy`, while
+    capture segments come and go around it."""
+
+    def __init__(self, host: str, port: int, upstream: str, *, record_content: bool = False) -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        from tracer.otel_setup import MAX_EXPORT_BATCH, MAX_QUEUE_SIZE
+
+        self.host, self.port, self.upstream = host, port, upstream
+        self.exporter = SegmentExporter()
+        self.provider = TracerProvider(resource=Resource.create({"service.name": PROXY_SERVICE,
+                                                                 "process.pid": os.getpid()}))
+        self.provider.add_span_processor(BatchSpanProcessor(self.exporter, max_queue_size=MAX_QUEUE_SIZE,
+                                                            max_export_batch_size=MAX_EXPORT_BATCH))
+        self.proxy = OllamaProxy(upstream, tracer=self.provider.get_tracer("tracer.proxy"),
+                                 record_content=record_content)
+        self.bound_port: int | None = None
+        self.error: BaseException | None = None
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tracer-proxy", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> int:
+        """Start serving; the bound port. Raises what binding raised (e.g. the port is taken)."""
+        self._thread.start()
+        if not self._ready.wait(timeout_s) and self.error is None:
+            raise TimeoutError(f"the proxy did not start listening within {timeout_s:g} s")
+        if self.error is not None:
+            raise self.error
+        assert self.bound_port is not None
+        return self.bound_port
+
+    def _run(self) -> None:
+        def ready(port: int) -> None:
+            self.bound_port = port
+            self._ready.set()
+
+        try:
+            asyncio.run(serve(self.proxy, self.host, self.port, self._stopping.is_set, ready))
+        except BaseException as err:  # reported by start() or stop()
+            self.error = err
+            self._ready.set()
+
+    def flush(self) -> None:
+        """Every span of a request that has ended is in the current target when this returns."""
+        self.provider.force_flush()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self.provider.shutdown()
 
 
 async def serve(proxy: OllamaProxy, host: str, port: int, stop: Callable[[], bool],

@@ -64,18 +64,23 @@ def test_overlapping_requests_are_matched_by_connection_and_goroutine(parallel_o
     for entry in matching["unmatched"]:
         assert entry["reason"], entry
     blobs = {model: _model_blob(parallel_ollama["models_dir"], model) for model in (LLAMA, GEMMA)}
-    chained = 0
+    chained = overlapped = 0
     for interval in interrupts:
         lookup = next((p for p in interval["phases"] if p["name"] == "server.model_lookup"), None)
         if lookup is None or lookup.get("attributes", {}).get("matched_by") != "chain":
             continue
         chained += 1
         evidence = lookup["attributes"]
+        overlapped += int(evidence["concurrent_requests"] > 0)
         # The runner that served it runs this request's model: a time-order match across the two
         # models' runners would not hold this for every request.
         assert _runner_blob(evidence["runner_pid"]) == blobs[interval["model"]], (interval["model"], evidence)
-        names = [p["name"] for p in interval["phases"]]
-        assert {"server.receive", "server.decode", "runner.admit", "runner.prefill+sample"} <= set(names), names
+        names = set(p["name"] for p in interval["phases"])
+        assert {"server.receive", "server.decode", "server.model_lookup", "runner.admit"} <= names, names
+        # The batch loop samples for every sequence: under overlap, prefill and sample merge.
+        runner_rest = {"runner.prefill+sample"} if evidence["concurrent_requests"] else {"runner.prefill",
+                                                                                         "runner.sample"}
+        assert runner_rest <= names, names
         assert evidence["gguf_scans"] == 3, evidence  # this handler goroutine's own gguf.Open calls
         assert interval["coverage"] > 0.9, interval
-    assert chained == matching["matched_by_chain"]
+    assert chained == matching["matched_by_chain"] and overlapped >= 3

@@ -75,16 +75,32 @@ def _curl(url: str, body: dict[str, Any], *, max_time: float | None = None) -> s
     return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 
 
-def test_curl_through_the_proxy_gets_an_attributed_interrupt(testbed: dict[str, Any], tmp_path: Path) -> None:
-    out = tmp_path / "proxy"
+def _curl_interrupts(testbed: dict[str, Any], out: Path) -> tuple[bool, int, str, str]:
+    """Three interrupts by curl through the proxy: (all answered, proxy exit code, stdout, stderr)."""
+    answered = True
     with proxy(testbed["ollama_host"], out, "--show", "stacks") as running:
         for _ in range(3):
             interrupted = _curl(running.url, {"model": LLAMA, "prompt": "go on"}, max_time=0.5)
             assert interrupted.returncode == 28  # curl's "operation timed out": the client closed early
-            second = _curl(running.url, {"model": LLAMA, "prompt": "again", "options": {"num_predict": 3}})
+            second = _curl(running.url, {"model": LLAMA, "prompt": "again", "options": {"num_predict": 3}},
+                           max_time=20)
+            if second.returncode == 28:  # Ollama v0.13's interrupt deadlock (README)
+                answered = False
+                break
             assert second.returncode == 0 and '"done":true' in second.stdout
         code, stdout, stderr = running.stop()
-    assert code == 0, stderr
+    return answered, code, stdout, stderr
+
+
+def test_curl_through_the_proxy_gets_an_attributed_interrupt(testbed: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "proxy"
+    answered, code, stdout, stderr = _curl_interrupts(testbed, out)
+    if not answered:
+        print("\nNOTE: Ollama stalled behind the proxy (v0.13 interrupt deadlock); healing and retrying",
+              file=sys.stderr)
+        heal_testbed(testbed)
+        answered, code, stdout, stderr = _curl_interrupts(testbed, out)
+    assert answered and code == 0, stderr
     attribution = json.loads((out / "attribution.json").read_text())
     interrupts = [iv for iv in attribution["intervals"] if iv["kind"] == "interrupt"]
     assert len(interrupts) == 3, [iv["kind"] for iv in attribution["intervals"]]
@@ -127,6 +143,36 @@ def test_concurrent_streams_keep_their_own_chunks(testbed: dict[str, Any], tmp_p
         # held back by Ollama, so that is not always budget + 1), and its own token count.
         assert span["attributes"]["tracer.chunks"] == received[budget]
         assert span["attributes"]["ollama.eval_count"] == budget
+
+
+def test_a_rolling_proxy_exports_each_segment_while_it_runs(testbed_jaeger: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "rolling"
+    jaeger = testbed_jaeger["jaeger"]
+    with proxy(testbed_jaeger["ollama_host"], out, "--no-ebpf", "--segment", "4", "--keep", "2",
+               "--otlp-endpoint", jaeger["otlp_grpc"]) as running:
+        for round_index in range(3):
+            response = requests.post(f"{running.url}/api/generate", timeout=60, json={
+                "model": LLAMA, "prompt": f"segment {round_index}", "stream": False, "options": {"num_predict": 1}})
+            assert response.status_code == 200
+            time.sleep(4.5)  # the next request falls in the next segment
+        # Exported while the proxy still runs: a segment closed, was attributed, and went to Jaeger.
+        names: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and f"text_completion {LLAMA}" not in names:
+            data = requests.get(f"{jaeger['query']}/api/traces", params={"service": "ollama-proxy"},
+                                timeout=10).json()["data"]
+            names = [s["operationName"] for t in data for s in t["spans"]]
+            time.sleep(0.5)
+        assert running.proc.poll() is None and f"text_completion {LLAMA}" in names, names
+        code, stdout, stderr = running.stop()
+    assert code == 0, stderr
+    kept = sorted(p.name for p in out.iterdir() if p.name.startswith("segment-"))
+    assert len(kept) == 2 and kept[-1] > "segment-0003", kept  # older ones were pruned
+    for name in kept:
+        assert (out / name / "attribution.json").exists() and (out / name / "export.json").exists()
+    last = json.loads((out / kept[-1] / "raw" / "proxy_stats.json").read_text())
+    assert last["requests"] == 3 and last["traced"] == 3 and last["spans_dropped"] == 0  # running totals
+    assert stdout.count("Wrote ") == int(kept[-1].split("-")[1])
 
 
 def test_bad_upstream_and_malformed_requests_do_not_stop_the_proxy(tmp_path: Path) -> None:

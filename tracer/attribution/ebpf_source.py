@@ -157,7 +157,10 @@ class EbpfSource:
                 return []
             # Alone in the server: the first event after each boundary is this request's own.
         if chain is not None:
-            window = own_events(window, chain, set(_symbol_keys()["sample"]) | set(_symbol_keys()["decode"]))
+            # The batch loop samples every sequence on one goroutine: its hits are this request's
+            # only when no other request was in flight (the first after admission, as without a chain).
+            shared = set() if not others else set(_symbol_keys()["sample"]) | set(_symbol_keys()["decode"])
+            window = own_events(window, chain, shared, keep_shared=not others)
             found = self._boundaries(window, roles, chain.client_fd)
             matching["matched_by_chain"] += 1
         if found:
@@ -175,7 +178,7 @@ class EbpfSource:
                                   set(ebpf["meta"].get("model_blobs", [])))
         else:  # other requests' file opens interleave; count this handler goroutine's gguf.Open calls
             evidence = {"gguf_scans": _entries(window, _symbol_keys()["gguf_open"]), "matched_by": "chain",
-                        **chain.to_json()}
+                        "concurrent_requests": others, **chain.to_json()}
         if "R" in found and "SW" in found:
             r, sw = found["R"].time_ns, found["SW"].time_ns
             evidence["uprobe_hits"] = sum(1 for e in window if e.kind == "U" and r <= e.time_ns <= sw)

@@ -132,8 +132,10 @@ def _runner_end(events: list[ProbeEvent], roles: dict[int, str], sockets_at_star
     return (int(held[0]["pid"]), int(held[0]["fd"])) if held else (None, None)
 
 
-def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[str]) -> list[ProbeEvent]:
-    """The events of ``window`` that belong to the chain's request."""
+def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[str],
+               keep_shared: bool = False) -> list[ProbeEvent]:
+    """The events of ``window`` that belong to the chain's request. ``keep_shared``: also keep the
+    runner's uprobes on other goroutines (its batch loop), when no other request was in flight."""
     server_goroutines = {chain.handler_goid, chain.completion_goid}
     server_fds = chain.server_runner_fds | {chain.client_fd}
 
@@ -141,8 +143,9 @@ def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[st
         if e.pid == chain.server_pid:
             return (e.kind == "U" and e.goid in server_goroutines) or (e.kind in "RW" and e.fd in server_fds)
         if e.pid == chain.runner_pid:
-            return ((e.kind == "U" and e.goid == chain.runner_goid and e.text not in per_token_symbols)
-                    or (e.kind in "RW" and e.fd == chain.runner_fd))
+            if e.kind == "U":
+                return (e.goid == chain.runner_goid or keep_shared) and e.text not in per_token_symbols
+            return e.kind in "RW" and e.fd == chain.runner_fd
         return False
 
     return [e for e in window if ours(e)]

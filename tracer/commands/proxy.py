@@ -11,14 +11,17 @@ The proxy's own added latency is measured and shown as the phases proxy.request 
 proxy.first_token. Prompts and completions are not recorded unless --record-content.
 
 It runs until Ctrl-C (or --duration), then writes the capture directory and prints the table.
-With --otlp-endpoint the traces also go to Jaeger. The proxy binds loopback unless
---allow-remote is given for a non-loopback --listen address.
+For a proxy that runs all day, --segment S rolls to a new capture directory every S seconds
+(DIR/segment-0001, ...), each attributed (and, with --otlp-endpoint, exported to Jaeger) as it
+closes; --keep N bounds the disk. Memory stays bounded either way: a request's state lives only
+while it runs, and spans go to disk as they end. An interval cut by a segment boundary loses the
+server-side evidence recorded before it. The proxy binds loopback unless --allow-remote is
+given for a non-loopback --listen address.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import ipaddress
 import os
@@ -74,6 +77,11 @@ class ProxyCommand:
         parser.add_argument("--force", action="store_true", help="overwrite the capture files in an existing -o")
         add_otlp_arguments(parser)
         parser.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)")
+        parser.add_argument("--segment", type=float, default=0, metavar="S",
+                            help="roll to a new capture directory (DIR/segment-NNNN) every S seconds, each "
+                                 "attributed and exported when it closes (default 0: one capture for the whole run)")
+        parser.add_argument("--keep", type=int, default=24, metavar="N",
+                            help="with --segment, keep the newest N segments on disk (default 24)")
         parser.add_argument("--allow-remote", action="store_true",
                             help="allow a non-loopback --listen address (anyone who reaches it can use Ollama)")
         parser.add_argument("--record-content", action="store_true",
@@ -90,84 +98,125 @@ class ProxyCommand:
                                   "expose Ollama through the proxy to the network.", ExitCode.USAGE)
             print(f"tracer proxy: WARNING: listening on {host}:{port}: anyone who can reach it can use Ollama "
                   "and is traced.", file=sys.stderr)
-        from tracer.proxy import check_listen
+        from tracer.proxy import ProxyServer, check_listen
 
         try:
             check_listen(host, port)
         except OSError as err:
-            if err.errno == errno.EADDRINUSE:
-                raise TracerError(f"{host}:{port} is already in use; choose another --listen port.",
-                                  ExitCode.ADDRESS_IN_USE) from None
-            raise TracerError(f"cannot listen on {host}:{port} ({err.strerror}).", ExitCode.USAGE) from None
+            raise _listen_error(host, port, err) from None
         upstream = args.upstream if "://" in args.upstream else f"http://{args.upstream}"
         directory = args.output or Path(f"proxy-{time.strftime('%Y%m%d-%H%M%S')}")
-        collectors = make_collectors(CollectorOptions(
-            ebpf=not args.no_ebpf, ollama_pid=ollama_server_pid(upstream), ollama_log=args.ollama_log,
-            record_content=args.record_content, pyspy_rate_hz=0))
-        workload = ProxyWorkload(host, port, upstream, args.record_content, args.duration)
-        result = run_capture(
-            CaptureOptions(command=["tracer", "proxy", f"--listen={host}:{port}", f"--upstream={upstream}"],
-                           directory=directory, force=args.force, ollama_host=upstream,
-                           record_content=args.record_content, mode="proxy"),
-            collectors, progress=lambda message: print(message, file=sys.stderr), workload=workload.run)
-        data = compute(directory)
-        written = write_outputs(directory, data)
-        table_exporter.render(sys.stdout, data, show=args.show)
-        stats = workload.stats
+        # It starts listening inside the first segment, once the collectors are live, so that the
+        # first requests are traced on both sides.
+        server = ProxyServer(host, port, upstream, record_content=args.record_content)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        segments: list[Path] = []
+        exit_code = int(ExitCode.OK)
+        try:
+            while True:
+                index = len(segments) + 1
+                segment = directory / f"segment-{index:04d}" if args.segment else directory
+                window = ProxyWindow(server, args.segment or None, deadline)
+                result = run_capture(
+                    CaptureOptions(command=["tracer", "proxy", f"--listen={host}:{port}", f"--upstream={upstream}"],
+                                   directory=segment, force=args.force, ollama_host=upstream,
+                                   record_content=args.record_content, mode="proxy"),
+                    make_collectors(CollectorOptions(
+                        ebpf=not args.no_ebpf, ollama_pid=ollama_server_pid(upstream), ollama_log=args.ollama_log,
+                        record_content=args.record_content, pyspy_rate_hz=0)),
+                    progress=lambda message: print(message, file=sys.stderr), workload=window.run)
+                if server.bound_port is None:  # Ctrl-C while the collectors started: nothing was proxied
+                    print(f"tracer proxy: stopped before it began listening; {segment}/ holds only the "
+                          "collectors' start-up.", file=sys.stderr)
+                    return int(ExitCode.INTERRUPTED)
+                segments.append(segment)
+                self._report(segment, args, server, final=window.final)
+                if result.exit_code != 0:
+                    exit_code = result.exit_code
+                if args.segment:
+                    _prune(segments, args.keep)
+                if window.final:
+                    break
+        finally:
+            server.stop()
+        return exit_code
+
+    @staticmethod
+    def _report(segment: Path, args: argparse.Namespace, server: Any, *, final: bool) -> None:
+        data = compute(segment)
+        written = write_outputs(segment, data)
+        if final or not args.segment:
+            table_exporter.render(sys.stdout, data, show=args.show)
+        stats = server.proxy.stats.to_json()
         latency = stats.get("added_latency", {}).get("first_chunk_forward", {})
-        print(f"Proxied {stats.get('requests', 0)} request(s): {stats.get('traced', 0)} traced, "
+        print(f"Proxied {stats.get('requests', 0)} request(s) so far: {stats.get('traced', 0)} traced, "
               f"{stats.get('cancelled', 0)} closed early by the client, {stats.get('failed_total', 0)} failed; "
-              f"added latency per first chunk: median {latency.get('median_us')} µs, p99 {latency.get('p99_us')} µs.")
-        print(f"Wrote {directory}/ ({', '.join(p.name for p in written)}).")
+              f"added latency per first chunk: median {latency.get('median_us')} µs, p99 {latency.get('p99_us')} µs.",
+              flush=True)
+        print(f"Wrote {segment}/ ({', '.join(p.name for p in written)}).", flush=True)
         if args.otlp_endpoint:
             try:
-                exported = export_capture(directory, args.otlp_endpoint, args.otlp_protocol)
-                print(f"Exported {exported['exported_spans']} spans to {args.otlp_endpoint}.")
+                exported = export_capture(segment, args.otlp_endpoint, args.otlp_protocol)
+                print(f"Exported {exported['exported_spans']} spans to {args.otlp_endpoint}.", flush=True)
             except TracerError as err:
                 print(f"tracer: warning: {err.message}", file=sys.stderr)
-        return int(ExitCode.OK) if result.exit_code == 0 else result.exit_code
 
 
-class ProxyWorkload:
-    """The proxy, run inside a capture session: its spans go to the session's OTLP receiver."""
+def _listen_error(host: str, port: int, err: OSError) -> TracerError:
+    if err.errno == errno.EADDRINUSE:
+        return TracerError(f"{host}:{port} is already in use; choose another --listen port.", ExitCode.ADDRESS_IN_USE)
+    return TracerError(f"cannot listen on {host}:{port} ({err.strerror}).", ExitCode.USAGE)
 
-    def __init__(self, host: str, port: int, upstream: str, record_content: bool, duration: float | None) -> None:
-        self.host, self.port, self.upstream = host, port, upstream
-        self.record_content = record_content
-        self.duration = duration
-        self.stats: dict[str, Any] = {}
+
+def _prune(segments: list[Path], keep: int) -> None:
+    """Keep the newest ``keep`` segments on disk: a proxy that runs all day stays bounded."""
+    import shutil
+
+    for old in segments[:-keep] if keep > 0 else []:
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class ProxyWindow:
+    """One segment of the proxy's life: until the segment's length, the overall deadline, or Ctrl-C.
+    Its spans reach this segment's receiver, and the proxy's counters go with it."""
+
+    def __init__(self, server: Any, segment_s: float | None, deadline: float | None) -> None:
+        self.server = server
+        self.segment_s = segment_s
+        self.deadline = deadline
+        self.final = True
 
     def run(self, session: SessionInfo, signals: Any) -> int:
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from tracer.otel_setup import make_otlp_exporter
 
-        from tracer.otel_setup import MAX_EXPORT_BATCH, MAX_QUEUE_SIZE, make_otlp_exporter
-        from tracer.proxy import PROXY_SERVICE, OllamaProxy, serve
-
-        provider = TracerProvider(resource=Resource.create({"service.name": PROXY_SERVICE,
-                                                            "process.pid": os.getpid()}))
-        endpoint = session.child_env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        if endpoint:
-            provider.add_span_processor(BatchSpanProcessor(
-                make_otlp_exporter(endpoint, session.child_env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")),
-                max_queue_size=MAX_QUEUE_SIZE, max_export_batch_size=MAX_EXPORT_BATCH))
-        proxy = OllamaProxy(self.upstream, tracer=provider.get_tracer("tracer.proxy"),
-                            record_content=self.record_content)
-        deadline = time.monotonic() + self.duration if self.duration else None
-
-        def stop() -> bool:
-            return bool(signals.received) or (deadline is not None and time.monotonic() >= deadline)
-
-        def ready(bound: int) -> None:
-            print(f"tracer proxy: http://{self.host}:{bound} → {self.upstream}; "
-                  f"set OLLAMA_HOST=http://{self.host}:{bound}. Ctrl-C stops and writes the capture.",
+        if self.server.bound_port is None:
+            try:
+                bound = self.server.start()
+            except OSError as err:
+                raise _listen_error(self.server.host, self.server.port, err) from None
+            print(f"tracer proxy: http://{self.server.host}:{bound} → {self.server.upstream}; set "
+                  f"OLLAMA_HOST=http://{self.server.host}:{bound}. Ctrl-C stops and writes the capture.",
                   file=sys.stderr, flush=True)
 
+        endpoint = session.child_env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if endpoint:
+            self.server.exporter.retarget(make_otlp_exporter(
+                endpoint, session.child_env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")))
+        ends = [t for t in (self.deadline, time.monotonic() + self.segment_s if self.segment_s else None) if t]
+        end = min(ends) if ends else None
         try:
-            asyncio.run(serve(proxy, self.host, self.port, stop, ready))
+            while not signals.received and (end is None or time.monotonic() < end):
+                if self.server.error is not None:
+                    print(f"tracer proxy: the proxy stopped: {self.server.error}", file=sys.stderr)
+                    break
+                time.sleep(0.1)
         finally:
-            provider.shutdown()  # flush every span to the receiver before the collectors stop
-            self.stats = proxy.stats.to_json()
-            capture_dir.write_json(session.raw_dir / "proxy_stats.json", self.stats)
-        return 0
+            self.server.flush()  # every span of an ended request into this segment's receiver
+            self.server.exporter.retarget(None)
+            stats = self.server.proxy.stats.to_json()
+            stats["spans_dropped"] = self.server.exporter.dropped
+            capture_dir.write_json(session.raw_dir / "proxy_stats.json", stats)
+        self.final = bool(signals.received) or self.server.error is not None or (
+            self.deadline is not None and time.monotonic() >= self.deadline)
+        return 0 if self.server.error is None else int(ExitCode.FAILURE)
