@@ -135,13 +135,17 @@ def _runner_end(events: list[ProbeEvent], roles: dict[int, str], sockets_at_star
 def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[str],
                keep_shared: bool = False) -> list[ProbeEvent]:
     """The events of ``window`` that belong to the chain's request. ``keep_shared``: also keep the
-    runner's uprobes on other goroutines (its batch loop), when no other request was in flight."""
+    uprobes on other goroutines (the scheduler's, the runner's batch loop), when no other request
+    was in flight."""
     server_goroutines = {chain.handler_goid, chain.completion_goid}
     server_fds = chain.server_runner_fds | {chain.client_fd}
 
     def ours(e: ProbeEvent) -> bool:
         if e.pid == chain.server_pid:
-            return (e.kind == "U" and e.goid in server_goroutines) or (e.kind in "RW" and e.fd in server_fds)
+            # The scheduler's own goroutine loads runners (Scheduler.load) for whichever request is
+            # pending: its hits are this request's only when it was alone.
+            return ((e.kind == "U" and (e.goid in server_goroutines or keep_shared))
+                    or (e.kind in "RW" and e.fd in server_fds))
         if e.pid == chain.runner_pid:
             if e.kind == "U":
                 return (e.goid == chain.runner_goid or keep_shared) and e.text not in per_token_symbols
