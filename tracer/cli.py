@@ -18,6 +18,7 @@ def _commands() -> list[Command]:
     from tracer.commands.attach import AttachCommand
     from tracer.commands.bench import BenchCommand
     from tracer.commands.capture import CaptureCommand
+    from tracer.commands.diff import DiffCommand
     from tracer.commands.doctor import DoctorCommand
     from tracer.commands.export import ExportCommand
     from tracer.commands.proxy import ProxyCommand
@@ -25,8 +26,8 @@ def _commands() -> list[Command]:
     from tracer.commands.run import RunCommand
     from tracer.commands.testbed import TestbedCommand
 
-    return [TestbedCommand(), BenchCommand(), CaptureCommand(), ReportCommand(), ExportCommand(), DoctorCommand(),
-            ProxyCommand(), RunCommand(), AttachCommand()]
+    return [TestbedCommand(), BenchCommand(), CaptureCommand(), ReportCommand(), DiffCommand(), ExportCommand(),
+            DoctorCommand(), ProxyCommand(), RunCommand(), AttachCommand()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,9 @@ class BenchOptions:
     second_prompt: str = DEFAULT_SECOND_PROMPT
     num_predict: int = 16
     num_ctx: int | None = None
+    # options.num_ctx for the second stage only: a runner loaded for one context size cannot serve
+    # another, so Ollama reloads the runner inside every interval (a measurable model-load phase).
+    second_num_ctx: int | None = None
     record_content: bool = False
     request_timeout_s: float = 120.0  # a stalled server becomes an error, never a hang
 
@@ -53,7 +56,7 @@ class BenchOptions:
         payload = {
             "host": self.host, "client": self.client, "interrupt_after_ms": self.interrupt_after_ms,
             "iterations": self.iterations, "warmup": self.warmup, "num_predict": self.num_predict,
-            "num_ctx": self.num_ctx, "record_content": self.record_content,
+            "num_ctx": self.num_ctx, "second_num_ctx": self.second_num_ctx, "record_content": self.record_content,
             "request_timeout_s": self.request_timeout_s,
             "prompt_chars": len(self.prompt), "second_prompt_chars": len(self.second_prompt),
         }
@@ -123,12 +126,12 @@ class BenchClient:
             RequestsInstrumentor().instrument(record_content=options.record_content)
             self._session = requests.Session()
 
-    def stream(self, prompt: str, num_predict: int | None) -> StageStream:
+    def stream(self, prompt: str, num_predict: int | None, num_ctx: int | None) -> StageStream:
         options: dict[str, Any] = {}
         if num_predict is not None:
             options["num_predict"] = num_predict
-        if self.options.num_ctx is not None:
-            options["num_ctx"] = self.options.num_ctx
+        if num_ctx is not None:
+            options["num_ctx"] = num_ctx
         if self.options.client == "sdk":
             generator = self._sdk.generate(
                 model=self.options.model, prompt=prompt, stream=True, options=options or None
@@ -168,7 +171,7 @@ def run_iteration(client: BenchClient, index: int, warmup: bool, tracer: trace.T
     ) as root:
         first_start = time.time_ns()
         deadline = first_start + int(opts.interrupt_after_ms * 1e6)
-        first = client.stream(opts.prompt, None)
+        first = client.stream(opts.prompt, None, opts.num_ctx)
         interrupted = False
         open_ports: set[int] | None = None
         for _ in first:
@@ -188,7 +191,8 @@ def run_iteration(client: BenchClient, index: int, warmup: bool, tracer: trace.T
         _span(tracer, "client.interrupt", decided, closed, {"tracer.source": "client"})
 
         second_start = time.time_ns()
-        second = client.stream(opts.second_prompt, opts.num_predict)
+        second_num_ctx = opts.second_num_ctx if opts.second_num_ctx is not None else opts.num_ctx
+        second = client.stream(opts.second_prompt, opts.num_predict, second_num_ctx)
         recorder = genai.LAST_RECORDER.get()
         first_token: int | None = None
         final: dict[str, Any] = {}

@@ -74,6 +74,9 @@ class BenchCommand:
         p.add_argument("--num-predict", type=_positive(int), default=16,
                        help="second-stage num_predict, so it runs to done with timing fields (default: 16)")
         p.add_argument("--num-ctx", type=_positive(int), help="options.num_ctx for both stages")
+        p.add_argument("--second-num-ctx", type=_positive(int),
+                       help="options.num_ctx for the second stage only (overrides --num-ctx there): a size "
+                            "different from the first stage's makes Ollama reload the runner in every interval")
         p.add_argument("--request-timeout", type=_positive(float), default=120.0,
                        help="seconds to wait for Ollama's next byte before giving up (default: 120)")
         p.add_argument("--record-content", action="store_true",
@@ -87,7 +90,8 @@ class BenchCommand:
             host=host, model=args.model, client=args.client, interrupt_after_ms=args.interrupt_after_ms,
             iterations=args.iterations, warmup=args.warmup, prompt=args.prompt or defaults.prompt,
             second_prompt=args.second_prompt or defaults.second_prompt, num_predict=args.num_predict,
-            num_ctx=args.num_ctx, record_content=args.record_content, request_timeout_s=args.request_timeout,
+            num_ctx=args.num_ctx, second_num_ctx=args.second_num_ctx, record_content=args.record_content,
+            request_timeout_s=args.request_timeout,
         )
         _preflight(options)
         provider = configure_from_env("ollama-client")

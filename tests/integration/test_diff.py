@@ -1,0 +1,73 @@
+"""`tracer diff` on real captures: the same config twice shows no change; a num_ctx change that
+makes Ollama reload the runner in every interval shows the interval grow and a model-load phase."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run_tracer, run_tracer_healing
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tracer-llama:test"  # the small model: an interval is tens of ms, a capture ~20 s
+
+
+def _capture(testbed: dict[str, Any], out: Path, *bench_options: str) -> None:
+    host = testbed["ollama_host"]
+    proc = run_tracer_healing(
+        testbed, "capture", "-o", str(out), "--force", "--ollama-host", host, "--",
+        sys.executable, "-m", "tracer", "bench", "interrupt", "--host", host, "--model", MODEL,
+        "--iterations", "6", "--request-timeout", "15", *bench_options,
+        timeout=240, env={"OLLAMA_HOST": host},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _diff(a: Path, b: Path) -> dict[str, Any]:
+    proc = run_tracer("diff", str(a), str(b), "--format", "json", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    document: dict[str, Any] = json.loads(proc.stdout)
+    assert document["schema"] == "tracer.diff/1"
+    return document
+
+
+def _row(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(row for row in document["rows"] if row["name"] == name)
+
+
+def test_diff_sees_no_change_between_equal_configs_and_a_reload_per_interval(testbed: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    a, b, c = tmp_path / "A", tmp_path / "B", tmp_path / "C"
+    _capture(testbed, a)
+    _capture(testbed, b)
+    _capture(testbed, c, "--second-num-ctx", "1024", "--json", str(tmp_path / "c.json"))
+    assert json.loads((tmp_path / "c.json").read_text())["options"]["second_num_ctx"] == 1024
+
+    same = _diff(a, b)
+    print("\n$ tracer diff A B\n" + run_tracer("diff", str(a), str(b), timeout=120).stdout)
+    assert same["a"]["intervals"] == same["b"]["intervals"] == 6
+    assert same["notes"] == []
+    interval = _row(same, "interval")
+    assert not interval["significant"], interval
+    assert not any("model_load" in row["name"] and row["significant"] for row in same["rows"])
+
+    table = run_tracer("diff", str(a), str(c), timeout=120)
+    assert table.returncode == 0, table.stderr
+    print("\n$ tracer diff A C\n" + table.stdout)
+    changed = _diff(a, c)
+    interval = _row(changed, "interval")
+    assert interval["significant"] and interval["verdict"] == "slower", interval
+    assert interval["change_ms"] > 0 and interval["ci95_ms"][0] > 0
+    loads = [row for row in changed["rows"] if "model_load" in row["name"]]
+    assert loads, [row["name"] for row in changed["rows"]]
+    load = loads[0]
+    assert load["only_in"] == "B" and load["n_b"] == 6 and load["significant"], load
+    assert "model_load" in table.stdout and "new in B" in table.stdout
+    # The diagnosis names the cause, with the reload the eBPF probes saw (Scheduler.load after needsReload).
+    diagnosis = {f["cause"]: f for f in json.loads((c / "attribution.json").read_text())["diagnosis"]}
+    assert "model_reload" in diagnosis and "num_ctx" in diagnosis["model_reload"]["remedy"], diagnosis
