@@ -101,7 +101,7 @@ def parse_samples(lines: Iterable[str], clock: ClockModel) -> Iterator[tuple[int
                 if len(parts) != 4:
                     raise ValueError(line)
                 current = (clock.to_epoch("boottime", int(parts[1])), int(parts[2]), int(parts[3]))
-            except ValueError:
+            except (ValueError, OverflowError):  # Overflow: a huge nsecs in the clock's interpolation
                 current, bad = None, False
                 yield None
     if current is not None:
@@ -173,7 +173,7 @@ def load_samples(directory: Path, clock: ClockModel) -> tuple[list[StackSample],
         return [], 0
     try:
         symbols: dict[str, dict[str, str]] = json.loads((directory / RAW_SYMBOLS).read_text())["symbols"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         symbols = {}
     samples, bad = [], 0
     with path.open(encoding="utf-8", errors="replace") as lines:
@@ -183,6 +183,7 @@ def load_samples(directory: Path, clock: ClockModel) -> tuple[list[StackSample],
                 continue
             when, pid, tid, addresses = block
             names = symbols.get(str(pid), {}) if isinstance(symbols, dict) else {}
+            names = names if isinstance(names, dict) else {}  # a damaged table: the addresses, unnamed
             frames = tuple(str(names.get(f"{a:#x}", f"{a:#x}")) for a in reversed(addresses))
             samples.append(StackSample(when, pid, tid, frames))
     samples.sort(key=lambda s: s.time_ns)

@@ -37,7 +37,9 @@ class LogEvent:
 
 def _unquote(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] == '"':
-        return bytes(value[1:-1], "utf-8").decode("unicode_escape", errors="replace")
+        # Go's quoting keeps printable non-ASCII as it is: escape it first, or unicode_escape reads its UTF-8
+        # bytes as latin-1 ("café" → "cafÃ©").
+        return value[1:-1].encode("ascii", "backslashreplace").decode("unicode_escape", errors="replace")
     return value
 
 

@@ -206,7 +206,7 @@ def _event(raw: Any) -> ChromeEvent | None:
         return None
     if ts_int is not None:
         ts_ns = ts_int * 1000
-    elif isinstance(ts, float) and math.isfinite(ts):
+    elif isinstance(ts, float) and 0 <= ts <= _MAX_TS_US:  # 1e308 is finite, but not once × 1000
         ts_ns = round(ts * 1000)
     else:
         return None
@@ -459,6 +459,14 @@ def load_stacks(directory: Path) -> tuple[list[StackSlice], dict[str, Any], int]
     collector stopped has none, so it is recomputed here from the trace and the markers.
     """
     meta = _read_meta(directory / RAW_META)
+    # What attribution reads from the meta is well-formed or left out (and said so), whatever happens below.
+    if meta.get("alignment") is not None and Alignment.from_json(meta["alignment"]) is None:
+        meta["alignment"] = None
+        meta["meta_error"] = f"{RAW_META} has a malformed alignment, which was left out"
+    rate = _as_int(meta.get("rate_hz"))
+    if "rate_hz" in meta and not (rate is not None and 0 < rate < 2**32):
+        del meta["rate_hz"]
+        meta["meta_error"] = f"{RAW_META} has a malformed rate_hz, which was left out"
     try:
         data = (directory / RAW_TRACE).read_bytes()
     except OSError:

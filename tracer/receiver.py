@@ -52,6 +52,9 @@ TRACES_PATH: Final = "/v1/traces"
 # Far above what an SDK batch needs (512 spans is well under 1 MiB), yet bounded, so one
 # broken client cannot make us buffer gigabytes.
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
+# Each gzip member after the first costs a copy of the rest of the body (zlib's unused_data), so a
+# body of a million tiny members would take minutes; real ones have one, or a few when concatenated.
+_MAX_GZIP_MEMBERS: Final = 32
 
 _PROTOBUF_CONTENT_TYPE: Final = "application/x-protobuf"
 _JSON_CONTENT_TYPE: Final = "application/json"
@@ -196,21 +199,28 @@ def _hex_ids_to_base64(node: Any) -> None:
 
 
 def _gunzip(body: bytes) -> bytes:
-    # Decompress incrementally so a small "zip bomb" cannot expand past the size limit.
-    decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        data = decompressor.decompress(body, MAX_REQUEST_BYTES + 1)
-    except zlib.error as exc:
-        raise _MalformedPayload("malformed_gzip", f"body is not valid gzip: {exc}") from exc
-    if len(data) > MAX_REQUEST_BYTES:
-        raise _MalformedPayload(
-            "payload_too_large",
-            f"decompressed body exceeds {MAX_REQUEST_BYTES} bytes",
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        )
-    if not decompressor.eof:
-        raise _MalformedPayload("malformed_gzip", "gzip body is truncated")
-    return data
+    # Decompress incrementally so a small "zip bomb" cannot expand past the size limit. A body may
+    # hold several gzip members (RFC 1952 §2.2; Go's and Python's readers take them all): every
+    # member is read, under one limit, or the spans of all but the first would vanish unanswered.
+    data = bytearray()  # not bytes: a body of many tiny members must not be copied once per member
+    for _ in range(_MAX_GZIP_MEMBERS):
+        decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            data += decompressor.decompress(body, MAX_REQUEST_BYTES + 1 - len(data))
+        except zlib.error as exc:
+            raise _MalformedPayload("malformed_gzip", f"body is not valid gzip: {exc}") from exc
+        if len(data) > MAX_REQUEST_BYTES:
+            raise _MalformedPayload(
+                "payload_too_large",
+                f"decompressed body exceeds {MAX_REQUEST_BYTES} bytes",
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            )
+        if not decompressor.eof:
+            raise _MalformedPayload("malformed_gzip", "gzip body is truncated")
+        body = decompressor.unused_data.lstrip(b"\0")  # zero padding after the last member, as gzip's reader allows
+        if not body:
+            return bytes(data)
+    raise _MalformedPayload("malformed_gzip", f"gzip body has more than {_MAX_GZIP_MEMBERS} members")
 
 
 # --------------------------------------------------------------------------------------------
