@@ -1,6 +1,6 @@
 """Recompute and print the attribution of a capture directory, from its raw records alone.
 
-`tracer report DIR [--format table|json]`
+`tracer report DIR [--format table|json|html] [-o FILE]`
 """
 
 from __future__ import annotations
@@ -11,24 +11,34 @@ import sys
 from pathlib import Path
 
 from tracer.commands.capture import add_show_argument
-from tracer.errors import ExitCode
+from tracer.errors import ExitCode, TracerError
+from tracer.exporters import html as html_exporter
 from tracer.exporters import table as table_exporter
 from tracer.pipeline import compute
 
 
 class ReportCommand:
-    """Recompute and print a capture's attribution (table or JSON)."""
+    """Recompute and print a capture's attribution (table or JSON), or write it as a self-contained HTML report."""
 
     name = "report"
 
     def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("directory", type=Path, help="a capture directory")
-        parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+        parser.add_argument("--format", choices=("table", "json", "html"), default="table", help="output format")
+        parser.add_argument("-o", "--output", type=Path, metavar="FILE",
+                            help="where --format html writes (default: DIR/report.html)")
         add_show_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        if args.output is not None and args.format != "html":
+            raise TracerError("-o/--output is where --format html writes; add --format html, or drop -o.",
+                              ExitCode.USAGE)
         data = compute(args.directory)
-        if args.format == "json":
+        if args.format == "html":
+            output = args.output or args.directory / "report.html"
+            html_exporter.write(output, data)
+            print(f"Wrote {output}. Open it in a browser (it needs no network).")
+        elif args.format == "json":
             json.dump(data.attribution, sys.stdout, indent=2)
             print()
         else:
