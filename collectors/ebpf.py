@@ -263,6 +263,7 @@ class EbpfCollector:
         self._plan: ProbePlan | None = None
         self._lines = 0
         self._directory: Path | None = None
+        self._out: Any = None  # the raw events file (a capture_dir.RawWriter)
         self._meta: dict[str, Any] = {}
         self._pids: set[int] = set()
 
@@ -332,8 +333,10 @@ class EbpfCollector:
         assert proc.stdout is not None
         from tracer import capture_dir
 
-        with capture_dir.open_private(out_path) as out:
-            for line in proc.stdout:
+        out = capture_dir.RawWriter(out_path)
+        self._out = out
+        try:
+            for line in proc.stdout:  # read to the end even if the disk fills: bpftrace must not block
                 if line.startswith(READY):
                     ready.set()
                     continue
@@ -350,7 +353,8 @@ class EbpfCollector:
                         self._maps[pid] = ebpf_profile.read_maps(pid)
                     if line.startswith("P "):
                         self._samples += 1
-            out.flush()
+        finally:
+            out.close()
 
     def child_started(self, pid: int) -> None:
         pass
@@ -385,6 +389,8 @@ class EbpfCollector:
             if exited_early and self._directory is not None:
                 stats["error"] = self._stderr_summary(self._directory)
         stats["events"] = self._lines
+        if self._out is not None:
+            stats.update(self._out.stats())
         if self._meta and self._directory is not None:
             from tracer.process_discovery import role_of
 
@@ -463,27 +469,34 @@ def parse_line(line: str, clock: ClockModel, probes: dict[int, str]) -> ProbeEve
                               text=parts[6] if len(parts) > 6 else "")
         text = " ".join(parts[5:]) if len(parts) > 5 else ""
         return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]), text=text)
-    except (IndexError, KeyError, ValueError) as err:
+    except (IndexError, KeyError, ValueError, OverflowError) as err:  # Overflow: a huge nsecs in the clock
         raise ParseError(f"malformed {kind} event: {line[:80]!r} ({err})") from None
 
 
 def peer_port(printed: str) -> int:
     """bpftrace's ``%r`` of the 2 port bytes (``\\xc2\\x08``, printable bytes as themselves) → 49672."""
-    raw = printed.encode("latin-1", errors="replace").decode("unicode_escape").encode("latin-1", errors="replace")
+    # Only ``\xNN`` is an escape: a backslash byte prints as itself, which unicode_escape misreads.
+    raw = bytes(int(escaped, 16) if escaped else ord(char)  # ValueError for a character past \xff
+                for escaped, char in re.findall(r"\\x([0-9a-fA-F]{2})|(.)", printed, re.DOTALL))
     if len(raw) != 2:
         raise ValueError(f"not a 2-byte port: {printed!r}")
     return int.from_bytes(raw, "big")
 
 
 def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], dict[str, Any], int]:
-    """(events in time order, the collector's meta, number of unparsable lines)."""
-    import json
+    """(events in time order, the collector's meta, number of unparsable lines). A meta that is not what
+    the collector wrote raises TracerError (BAD_CAPTURE): without it no event has a process or a probe."""
+    from tracer import capture_dir
 
     meta_path = directory / "raw" / "ebpf_meta.json"
     if not meta_path.exists():
         return [], {}, 0
-    meta = json.loads(meta_path.read_text())
-    probes = {int(k): v for k, v in meta.get("probe_index", {}).items()}
+    meta = capture_dir.read_json(meta_path, "the eBPF collector's meta")
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise TracerError(f"{meta_path} is corrupt (its {problem} is not what the eBPF collector writes); "
+                          "re-run the capture.", ExitCode.BAD_CAPTURE)
+    probes = {int(k): v for k, v in (meta.get("probe_index") or {}).items()}
     events: list[ProbeEvent] = []
     bad = 0
     path = directory / RAW_EVENTS
@@ -499,3 +512,35 @@ def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], d
     events.sort(key=lambda e: e.time_ns)
     return events, meta, bad
 
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """The first field of the collector's meta that attribution reads and that does not have the shape
+    the collector writes, if any."""
+
+    def is_int(value: Any, bound: int = 2**63) -> bool:
+        return type(value) is int and abs(value) < bound
+
+    def is_int_text(key: str) -> bool:
+        try:
+            int(key)
+        except ValueError:
+            return False
+        return True
+
+    probe_index, roles, blobs = meta.get("probe_index") or {}, meta.get("roles") or {}, meta.get("model_blobs", [])
+    plan, sockets = meta.get("plan") or {}, meta.get("sockets_at_start") or []
+    goroutines = plan.get("goroutines", {}) if isinstance(plan, dict) else None
+    fields = {
+        "pid": is_int(meta.get("pid")),
+        "probe_index": isinstance(probe_index, dict)
+        and all(is_int_text(k) and isinstance(v, str) for k, v in probe_index.items()),
+        "roles": isinstance(roles, dict) and all(v is None or isinstance(v, str) for v in roles.values()),
+        "model_blobs": isinstance(blobs, list) and all(isinstance(b, str) for b in blobs),
+        "profile_hz": meta.get("profile_hz") is None or (is_int(meta["profile_hz"], 2**32) and meta["profile_hz"] >= 0),
+        "plan": isinstance(plan, dict) and isinstance(goroutines, dict) and isinstance(goroutines.get("note", ""), str)
+        and isinstance(plan.get("version") or "", str),
+        "sockets_at_start": isinstance(sockets, list) and all(
+            isinstance(s, dict) and all(is_int(s.get(k)) for k in ("pid", "fd", "local_port", "remote_port"))
+            for s in sockets),
+    }
+    return next((name for name, ok in fields.items() if not ok), None)

@@ -273,11 +273,13 @@ class NvmlCollector:
         ok, reason = self._probed or (False, "the collector was never started")
         if self._session is not None:
             self._write_meta("" if ok else reason)
+        written = self._out.stats() if self._out is not None else {}
         return {
-            "samples": self._written(),
+            "samples": self._written() - int(written.get("lost", 0)),
             "ticks": self._ticks,
             "errors": dict(self.errors),
-            "dropped": self._dropped,
+            "dropped": self._dropped + int(written.pop("lost", 0)),
+            **written,
             "unplaced": self._unplaced,
             "gpus": len(self._gpus),
             "clock_domain": dict(self._clock_domain),

@@ -38,5 +38,6 @@ class OtlpCollector:
             stats = self._receiver.stats()
         if self._out is not None:
             self._out.close()
-            stats["written_spans"] = self._out.rows
+            stats["written_spans"] = self._out.rows - self._out.lost
+            stats.update(self._out.stats())
         return stats

@@ -25,6 +25,7 @@ from tracer import __version__, capture_dir
 from tracer.autoinstrument import child_env
 from tracer.clock import ClockModel, ClockTicker
 from tracer.errors import ExitCode, TracerError
+from tracer.process_discovery import ollama_version_of, process_alive, server_settings
 
 # Files a capture writes; --force removes exactly these, never anything else in the directory.
 CAPTURE_FILES = ("capture.json", "attribution.json", "spans.jsonl", "trace.perfetto.json", "report.html",
@@ -51,6 +52,7 @@ class CaptureResult:
     exit_code: int
     interrupted: bool
     meta: dict[str, Any] = field(default_factory=dict)
+    command_started: bool = True  # False: Ctrl-C came while the collectors started
 
 
 def resolve_command(command: Sequence[str]) -> list[str]:
@@ -125,11 +127,19 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
     session = SessionInfo(directory=options.directory, clock=clock, ollama_host=options.ollama_host,
                           ollama_pid=options.ollama_pid)
     started_ns = time.time_ns()
+    server = {"host": options.ollama_host, "pid": options.ollama_pid,
+              "version": ollama_version_of(options.ollama_host), "settings": server_settings(options.ollama_pid)}
     statuses: dict[str, dict[str, Any]] = {}
     running: list[Collector] = []
     errors: list[str] = []
     exit_code = int(ExitCode.FAILURE)
-    interrupted = False
+    interrupted = command_started = False
+    # A provisional capture.json first: if the final one cannot be written (a full disk, a kill),
+    # the raw files are still a capture that `tracer report` can read.
+    capture_dir.write_json(options.directory / "capture.json", {
+        "schema": capture_dir.CAPTURE_SCHEMA, "tracer_version": __version__, "command": command, "complete": False,
+        "started_ns": started_ns, "clock": clock.to_json(), "ollama": server, "collectors": {},
+        "record_content": options.record_content, "mode": options.mode, "python": sys.version.split()[0]})
     with _Signals() as signals, ClockTicker() as ticker:
         try:
             for collector in collectors:
@@ -149,6 +159,7 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                 if signals.received:
                     break  # Ctrl-C during start-up: do not start the command
             if not signals.received:
+                command_started = True
                 exit_code = (_run_command(command, options, session, running, signals) if workload is None
                              else workload(session, signals))
         finally:
@@ -159,11 +170,17 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                 except Exception as err:  # one collector's failure must not lose the others' data
                     statuses[collector.name]["error"] = f"{type(err).__name__}: {err}"
                     errors.append(f"{collector.name}: {err}")
+            interrupted = bool(signals.received)  # Ctrl-C while the collectors stopped counts too
             clock = clock.finish(tuple(ticker.points))
+            if options.ollama_pid and not process_alive(options.ollama_pid):
+                errors.append(f"the Ollama server (pid {options.ollama_pid}) exited during the capture")
+            full = [name for name, status in statuses.items() if (status.get("stats") or {}).get("disk_full")]
+            errors += [f"{name}: {statuses[name]['stats']['write_error']}" for name in full]
             meta = {
                 "schema": capture_dir.CAPTURE_SCHEMA,
                 "tracer_version": __version__,
                 "command": command,
+                "complete": not full,
                 "exit_code": exit_code,
                 "interrupted": interrupted,
                 "signals": [signal.Signals(s).name for s in signals.received],
@@ -172,14 +189,25 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                 "clock": clock.to_json(),
                 "collectors": statuses,
                 "drops": _drops(statuses),
-                "ollama": {"host": options.ollama_host, "pid": options.ollama_pid},
+                "ollama": server,
                 "record_content": options.record_content,
                 "errors": errors,
                 "mode": options.mode,
                 "python": sys.version.split()[0],
             }
-            capture_dir.write_json(options.directory / "capture.json", meta)
-    return CaptureResult(directory=options.directory, exit_code=exit_code, interrupted=interrupted, meta=meta)
+            try:
+                capture_dir.write_json(options.directory / "capture.json", meta)
+            except TracerError as err:
+                if err.exit_code != ExitCode.DISK_FULL:
+                    raise
+                full.append("capture.json")  # the provisional one from the start stays
+            if full:
+                lost = sum(int((statuses.get(name) or {}).get("stats", {}).get("lost", 0)) for name in full)
+                raise TracerError(f"the disk holding {options.directory} filled up during the capture ({lost} "
+                                  f"records of {', '.join(full)} lost); what was written before is kept: free some "
+                                  f"space, then run `tracer report {options.directory}`.", ExitCode.DISK_FULL)
+    return CaptureResult(directory=options.directory, exit_code=exit_code, interrupted=interrupted, meta=meta,
+                         command_started=command_started)
 
 
 def _drops(statuses: dict[str, dict[str, Any]]) -> dict[str, int]:

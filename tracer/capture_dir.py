@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterable
@@ -49,8 +50,61 @@ def write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise TracerError(f"the disk holding {path.parent} is full, so {path.name} could not be written; what "
+                              "was written before is kept: free some space and rerun, or choose another -o.",
+                              ExitCode.DISK_FULL) from err
         raise TracerError(f"could not write {path} ({err.strerror}); free some disk space or choose another -o.",
                           ExitCode.FAILURE) from err
+
+
+def is_disk_full(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class RawWriter:
+    """A collector's raw file that keeps whatever it could write. On a write error (a full disk)
+    it stops writing, counts the lines it drops, and remembers why; the collector goes on, and the
+    capture ends with that error instead of a crash mid-way."""
+
+    def __init__(self, path: Path, mode: str = "w") -> None:
+        self.path = path
+        self._out = open_private(path, mode)
+        self.lost = 0
+        self.error: str | None = None
+        self.disk_full = False
+
+    def write(self, text: str) -> None:
+        if self.error is not None:
+            self.lost += 1
+            return
+        try:
+            self._out.write(text)
+        except OSError as err:
+            self._failed(err)
+            self.lost += 1
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._out.flush()
+            except OSError as err:
+                self._failed(err)
+
+    def _failed(self, err: OSError) -> None:
+        self.error = f"writing {self.path.name} failed: {err.strerror}"
+        self.disk_full = is_disk_full(err)
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            self._out.close()
+        except OSError as err:  # the buffered tail could not be written either
+            if self.error is None:
+                self._failed(err)
+
+    def stats(self) -> dict[str, Any]:
+        return {"lost": self.lost, **({"write_error": self.error, "disk_full": self.disk_full} if self.error else {})}
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -66,7 +120,7 @@ class JsonlAppender:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._out = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a", encoding="utf-8")
+        self._out = RawWriter(path, "a")
         self.rows = 0
 
     def append(self, rows: Iterable[Any]) -> None:
@@ -74,6 +128,13 @@ class JsonlAppender:
             self._out.write(json.dumps(row, separators=(",", ":")) + "\n")
             self.rows += 1
         self._out.flush()
+
+    @property
+    def lost(self) -> int:
+        return self._out.lost
+
+    def stats(self) -> dict[str, Any]:
+        return self._out.stats()
 
     def close(self) -> None:
         self._out.close()
@@ -85,8 +146,11 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise TracerError(f"{path} is missing: {path.parent} is not a complete capture ({what}).",
                           ExitCode.BAD_CAPTURE) from None
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise TracerError(f"{path} is corrupt ({err}); re-run the capture.", ExitCode.BAD_CAPTURE) from None
+    except OSError as err:  # a directory in its place, or not ours to read
+        raise TracerError(f"{path} could not be read ({err.strerror}); check its permissions, or re-run the capture.",
+                          ExitCode.BAD_CAPTURE) from None
     if not isinstance(raw, dict):
         raise TracerError(f"{path} is corrupt (not a JSON object); re-run the capture.", ExitCode.BAD_CAPTURE)
     return raw
@@ -105,7 +169,7 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
             continue
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the interpreter's stack
             bad += 1
             continue
         if isinstance(row, dict):
@@ -125,4 +189,31 @@ def load_capture_meta(directory: Path) -> dict[str, Any]:
     if meta.get("schema") != CAPTURE_SCHEMA:
         raise TracerError(f"{directory / 'capture.json'} has schema {meta.get('schema')!r}, expected "
                           f"{CAPTURE_SCHEMA!r}; it was not written by this tracer.", ExitCode.BAD_CAPTURE)
+    problem = _meta_problem(meta)
+    if problem is not None:
+        raise TracerError(f"{directory / 'capture.json'} is corrupt ({problem}); re-run the capture.",
+                          ExitCode.BAD_CAPTURE)
     return meta
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What of capture.json the pipeline reads but does not have the shape the capture wrote, if anything."""
+    from tracer.clock import ClockModel
+
+    if "clock" in meta:
+        try:
+            clock = ClockModel.from_json(meta["clock"])
+        except (KeyError, TypeError, AttributeError, ValueError):
+            return "its clock is not a clock model"
+        points = [clock.start, *clock.checkpoints, *([clock.end] if clock.end else [])]
+        if not all(isinstance(o.clock, str) and all(type(v) is int and abs(v) < 2**64  # a float, a bool, 10**400
+                                                     for v in (o.offset_ns, o.uncertainty_ns, o.taken_at_ns))
+                   for point in points for o in point.values()):
+            return "its clock holds a measurement that is not integer nanoseconds"
+        if "boottime" not in clock.start or (clock.end is not None and not clock.start.keys() <= clock.end.keys()):
+            return "its clock lacks a measurement at the start or the end"
+    ollama = meta.get("ollama")
+    if ollama is not None and not (isinstance(ollama, dict) and isinstance(ollama.get("settings") or {}, dict)
+                                   and isinstance(ollama.get("version") or "", str)):
+        return "its ollama block is not what the capture writes"
+    return None

@@ -23,6 +23,7 @@ class ExitCode(IntEnum):
     OUTPUT_EXISTS = 10  # refusing to overwrite without --force
     SERVER_STALLED = 11  # Ollama accepted a request and then sent nothing (e.g. the v0.13 interrupt deadlock)
     ADDRESS_IN_USE = 12  # the proxy's --listen address is taken
+    DISK_FULL = 13  # the capture directory's disk filled up (what was written before is kept)
     COMMAND_NOT_FOUND = 127  # the command given to `tracer capture` does not exist
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 

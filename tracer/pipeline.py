@@ -11,6 +11,7 @@ from tracer import capture_dir
 from tracer.attribution import CaptureRecords, attribute
 from tracer.clock import ClockModel
 from tracer.correlate import Evidence, correlate
+from tracer.diagnosis import cache_slots, diagnose
 from tracer.errors import ExitCode, TracerError
 from tracer.exporters import ExportData
 
@@ -20,7 +21,9 @@ SERVICE_BY_PROCESS = {"client": "ollama-client", "server": "ollama-server", "run
 
 def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords, dict[str, int]]:
     """The raw records of a capture, and how many unreadable rows each file had."""
-    spans, bad = capture_dir.read_jsonl(directory / capture_dir.CLIENT_SPANS)
+    rows, bad = capture_dir.read_jsonl(directory / capture_dir.CLIENT_SPANS)
+    spans = [row for row in rows if _usable_span(row)]
+    bad += len(rows) - len(spans)  # JSON, but not a span as the receiver writes one
     extra: dict[str, Any] = {"meta": meta}
     unreadable = {capture_dir.CLIENT_SPANS: bad}
     from collectors.ollama_log import RAW_LOG, load_log
@@ -33,6 +36,9 @@ def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords,
         from collectors.ebpf import load_events
         from tracer.process_discovery import role_of
 
+        if not meta.get("clock"):  # load_capture_meta has checked one that is there
+            raise TracerError(f"{directory / 'capture.json'} has no clock, so the eBPF events cannot be placed in "
+                              "time; re-run the capture.", ExitCode.BAD_CAPTURE)
         events, ebpf_meta, bad_events = load_events(directory, ClockModel.from_json(meta["clock"]))
         server_pid = int(ebpf_meta["pid"])
         roles = ebpf_meta.get("roles") or {}
@@ -55,12 +61,46 @@ def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords,
     if (directory / "raw" / "gpu_samples.jsonl").exists():
         from collectors.nvml import load_gpu_samples
 
-        extra["gpu_samples"], extra["gpu_meta"], unreadable["raw/gpu_samples.jsonl"] = load_gpu_samples(directory)
+        samples, extra["gpu_meta"], bad_gpu = load_gpu_samples(directory)
+        # No NVML reading reaches 2**64 (bytes of memory at most); past it, a sum or a difference is infinite.
+        extra["gpu_samples"] = [sample for sample in samples if abs(sample.value) < 2**64]
+        unreadable["raw/gpu_samples.jsonl"] = bad_gpu + len(samples) - len(extra["gpu_samples"])
     if (directory / "raw" / "pyspy_meta.json").exists():
         from collectors.pyspy import load_stacks
 
         extra["python_stacks"], extra["pyspy_meta"], unreadable["raw/pyspy.chrometrace.json"] = load_stacks(directory)
     return CaptureRecords(spans=spans, extra=extra), unreadable
+
+
+# Attributes that attribution reads as integers: epoch ns, durations, a port, an fd.
+_INTEGER_ATTRIBUTES = ("tracer.first_token_ns", "tracer.request_written_ns", "tracer.response_start_ns",
+                       "ollama.created_at_first_ns", "ollama.created_at_last_ns", "ollama.total_duration",
+                       "ollama.load_duration", "ollama.prompt_eval_duration", "tracer.local_port", "server.fd")
+# What tells one client from another (intervals.py): dictionary keys, so never a list or an object.
+_CLIENT_KEYS = (("resource", "service.name"), ("resource", "process.pid"), ("resource", "service.instance.id"),
+                ("attributes", "tracer.client_key"), ("attributes", "thread.id"))
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _usable_span(row: dict[str, Any]) -> bool:
+    """Whether a row of client_spans.jsonl has, in what attribution reads, the shape the receiver writes."""
+    attributes, resource = row.get("attributes", {}), row.get("resource", {})
+    if not (isinstance(attributes, dict) and isinstance(resource, dict)):
+        return False
+    maps = {"attributes": attributes, "resource": resource}
+    return (all(isinstance(row.get(key), str) for key in ("traceId", "spanId", "name"))
+            and isinstance(row.get("parentSpanId") or "", str) and isinstance(row.get("events", []), list)
+            and all(_is_int(row.get(key)) and row[key] >= 0 for key in ("startTimeUnixNano", "endTimeUnixNano"))
+            and all(attributes.get(key) is None or _is_int(attributes[key]) for key in _INTEGER_ATTRIBUTES)
+            # A stream that reached `done` (total_duration) had chunks: their times come with it.
+            and (attributes.get("ollama.total_duration") is None
+                 or None not in (attributes.get(f"ollama.created_at_{end}_ns") for end in ("first", "last")))
+            and all(isinstance(maps[where].get(key), _SCALARS) for where, key in _CLIENT_KEYS))
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (not a bool) that fits in 64 bits."""
+    return type(value) is int and abs(value) < 2**64
 
 
 def _evidence_of(records: CaptureRecords) -> Evidence:
@@ -164,6 +204,12 @@ def compute(directory: Path) -> ExportData:
     client_spans = [s for s in records.spans if s.get("attributes", {}).get("tracer.source") != "response"]
     spans = client_spans + phase_spans(attribution, records.spans)
     attribution["evidence"] = _evidence(attribution)
+    attribution["diagnosis"] = diagnose(attribution, {
+        "ollama_version": (meta.get("ollama") or {}).get("version")
+        or ((records.extra.get("ebpf") or {}).get("meta", {}).get("plan") or {}).get("version"),
+        "num_parallel": ((meta.get("ollama") or {}).get("settings") or {}).get("OLLAMA_NUM_PARALLEL"),
+        "cache_slots": cache_slots(records.extra.get("log_events", [])),
+    })
     return ExportData(meta=meta, attribution=attribution, spans=spans, evidence=evidence)
 
 
@@ -209,7 +255,7 @@ def _evidence(attribution: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_outputs(directory: Path, data: ExportData) -> list[Path]:
-    from tracer.exporters import perfetto
+    from tracer.exporters import html, perfetto
 
     written = []
     attribution, spans = data.attribution, data.spans
@@ -221,4 +267,6 @@ def write_outputs(directory: Path, data: ExportData) -> list[Path]:
     written.append(directory / "spans.jsonl")
     perfetto.write(directory / "trace.perfetto.json", ExportData(meta, attribution, spans, data.evidence))
     written.append(directory / "trace.perfetto.json")
+    html.write(directory / "report.html", ExportData(meta, attribution, spans, data.evidence))
+    written.append(directory / "report.html")
     return written

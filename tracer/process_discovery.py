@@ -46,6 +46,32 @@ def ollama_version_of(host: str | None) -> str | None:
         return None
 
 
+# The server's settings that change what a capture shows (and what the diagnosis says).
+SETTINGS = ("OLLAMA_NUM_PARALLEL", "OLLAMA_MAX_LOADED_MODELS", "OLLAMA_KEEP_ALIVE", "OLLAMA_CONTEXT_LENGTH",
+            "OLLAMA_FLASH_ATTENTION", "OLLAMA_MAX_QUEUE", "OLLAMA_DEBUG")
+
+
+def server_settings(pid: int | None) -> dict[str, str]:
+    """The OLLAMA_* settings in the server's environment (readable as root or the same user)."""
+    if pid is None:
+        return {}
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    pairs = dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+    return {key: pairs[key] for key in SETTINGS if key in pairs}
+
+
+def process_alive(pid: int) -> bool:
+    """Running, not a zombie (a killed child whose parent has not reaped it yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+
+
 def role_of(pid: int, server_pid: int) -> str:
     """``server`` or ``runner`` (one binary serves both; the runner's argv says ``runner``)."""
     if pid == server_pid:

@@ -74,6 +74,15 @@ def test_symbol_layer_gives_every_phase(testbed: dict[str, Any], tmp_path: Path,
     expected_scans = 3  # v0.13: Capabilities() ×3 per request, each a full GGUF KV scan
     assert all(s["gguf_scans"] == expected_scans for s in scans), scans
     assert all(s["uprobe_hits"] < 60 for s in scans), scans  # a handful of coarse probes per phase
+    # The diagnosis names the scans where they matter (gemma3's 262k vocabulary), with evidence.
+    causes = {f["cause"]: f for f in attribution["diagnosis"]}
+    if model == "tracer-gemma3:test":
+        finding = causes["gguf_metadata_scans"]
+        assert finding["impact_ms"] > 10 and len(finding["intervals"]) >= len(_measured(attribution)) // 2
+        assert any("3 opens of the model's GGUF blob" in line for line in finding["evidence"]), finding
+        assert "0.32.15" in finding["remedy"]
+    else:
+        assert "gguf_metadata_scans" not in causes  # well under a millisecond: not a finding
 
 
 class StrippedOllama:

@@ -138,15 +138,26 @@ class CaptureCommand:
                 pyspy_pid=args.pyspy_pid)),
             progress=lambda message: print(message, file=sys.stderr),
         )
-        data = compute(directory)
-        written = write_outputs(directory, data)
+        if not result.command_started:
+            print(f"tracer: interrupted while the collectors started; {command[0]} was not run "
+                  f"({directory}/capture.json says what had started).", file=sys.stderr)
+            return int(ExitCode.INTERRUPTED)
+        try:
+            data = compute(directory)
+            written = write_outputs(directory, data)
+        except KeyboardInterrupt:
+            # The capture itself is complete on disk; only the derived files may be missing.
+            print(f"tracer: interrupted while writing the report; the capture is complete: `tracer report "
+                  f"{directory}` writes it again.", file=sys.stderr)
+            return int(ExitCode.INTERRUPTED)
         print()
         table_exporter.render(sys.stdout, data, show=args.show)
         drops = {k: v for k, v in data.meta.get("drops", {}).items() if v}
         if drops:
             print(f"tracer: WARNING: data was dropped: {drops}", file=sys.stderr)
         print(f"Wrote {directory}/ ({', '.join(p.name for p in written)}). "
-              f"Open trace.perfetto.json in https://ui.perfetto.dev; re-read with `tracer report {directory}`.")
+              f"Open report.html in a browser (offline), or trace.perfetto.json in https://ui.perfetto.dev; "
+              f"re-read with `tracer report {directory}`.")
         if args.otlp_endpoint:
             try:
                 exported = export_capture(directory, args.otlp_endpoint, args.otlp_protocol)

@@ -62,6 +62,20 @@ class TestbedCommand:
 
 
 def up(directory: Path, *, with_jaeger: bool, progress: Progress) -> runtime.TestbedState:
+    """Build (once) and start the testbed, or reuse it. Concurrent callers (several test runs
+    healing at once) take turns: the second finds the first's fresh server and reuses it."""
+    import fcntl
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "up.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _up(directory, with_jaeger=with_jaeger, progress=progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _up(directory: Path, *, with_jaeger: bool, progress: Progress) -> runtime.TestbedState:
     state_path = directory / "state.json"
     state = runtime.TestbedState.load(state_path)
     cache = cache_dir()

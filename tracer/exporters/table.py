@@ -72,3 +72,17 @@ def render(outfile: TextIO, data: ExportData, show: tuple[str, ...] = ()) -> Non
         console.print(f"({excluded} warm-up interval(s) excluded from the summary)")
     if "gpu" in show and not data.attribution.get("correlation", {}).get("gpu_samples"):
         console.print("(no GPU samples in this capture: see `tracer doctor` for why)")
+    render_diagnosis(console, data.attribution.get("diagnosis") or [])
+
+
+def render_diagnosis(console: Console, findings: list[dict[str, Any]]) -> None:
+    """Each known cause the capture shows: what, the evidence, and what to do about it."""
+    if not findings:
+        console.print("Diagnosis: no known cause stands out in this capture.")
+        return
+    console.print(f"Diagnosis: {len(findings)} known cause(s), largest first")
+    for number, finding in enumerate(findings, 1):
+        console.print(f"{number}. {finding['title']} ({finding['cause']}): {finding['summary']}", highlight=False)
+        for line in finding["evidence"]:
+            console.print(f"   evidence: {line}", highlight=False)
+        console.print(f"   remedy:   {finding['remedy']}", highlight=False)

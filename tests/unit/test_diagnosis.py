@@ -1,0 +1,118 @@
+"""Each known cause: found from its evidence, silent without it or when it does not matter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from collectors.ollama_log import parse_line
+from tracer.diagnosis import cache_slots, diagnose
+
+MS = 1_000_000
+
+
+def _phase(name: str, start_ms: float, end_ms: float, **attributes: Any) -> dict[str, Any]:
+    phase = {"name": name, "start_ns": int(start_ms * MS), "end_ns": int(end_ms * MS),
+             "duration_ms": end_ms - start_ms, "source": "ebpf", "process": name.split(".")[0]}
+    if attributes:
+        phase["attributes"] = attributes
+    return phase
+
+
+def _interval(index: int, phases: list[dict[str, Any]], off: list[dict[str, Any]] | None = None,
+              warmup: bool = False) -> dict[str, Any]:
+    start, end = phases[0]["start_ns"], phases[-1]["end_ns"]
+    return {"index": index, "warmup": warmup, "start_ns": start, "end_ns": end, "duration_ms": (end - start) / MS,
+            "phases": phases, "off_critical_path": off or []}
+
+
+def _gemma(index: int, scans: int = 3, scan_ms: float = 95.0) -> dict[str, Any]:
+    base = index * 10_000
+    return _interval(index, [
+        _phase("client.interrupt", base, base + 0.4),
+        _phase("server.model_lookup", base + 0.4, base + 100.4, gguf_scans=scans, gguf_scan_ms=scan_ms,
+               blob_opens=scans),
+        _phase("runner.admit", base + 100.4, base + 101),
+        _phase("runner.prefill", base + 101, base + 121),
+    ])
+
+
+def _causes(intervals: list[dict[str, Any]], **context: Any) -> list[str]:
+    return [f["cause"] for f in diagnose({"intervals": intervals}, context)]
+
+
+def test_gguf_scans_are_named_with_their_evidence_and_the_fixed_version() -> None:
+    findings = diagnose({"intervals": [_gemma(i) for i in range(4)]}, {"ollama_version": "0.13.5"})
+    assert [f["cause"] for f in findings] == ["gguf_metadata_scans"]
+    finding = findings[0]
+    assert finding["impact_ms"] == 95.0 and finding["intervals"] == [0, 1, 2, 3]
+    assert any("3 opens" in line for line in finding["evidence"]) and "0.32.15" in finding["remedy"]
+
+
+def test_cheap_scans_and_warmups_are_not_findings() -> None:
+    # llama's vocabulary: three scans of well under a millisecond do not matter
+    assert _causes([_gemma(i, scan_ms=0.4) for i in range(4)]) == []
+    # one scan per request is not "repeated"
+    assert _causes([_gemma(i, scans=1) for i in range(4)]) == []
+    # only the warm-up shows it
+    assert _causes([_gemma(0) | {"warmup": True}, *[_gemma(i, scan_ms=0.4) for i in range(1, 4)]]) == []
+
+
+def test_reload_and_cold_load_are_told_apart_by_their_recorded_reason() -> None:
+    def loading(index: int, reason: str) -> dict[str, Any]:
+        base = index * 10_000
+        return _interval(index, [_phase("server.schedule", base, base + 1),
+                                 _phase("server.model_load", base + 1, base + 301, reason=reason),
+                                 _phase("runner.prefill", base + 301, base + 310)])
+
+    assert _causes([loading(i, "reload: the loaded runner did not fit the request") for i in range(3)]) == [
+        "model_reload"]
+    assert _causes([loading(0, "cold load: no runner was loaded"), _gemma(1, scan_ms=0.1)]) == ["cold_load"]
+
+
+def test_slot_wait_needs_the_admission_to_follow_the_teardown() -> None:
+    def waiting(index: int, teardown_end_ms: float) -> dict[str, Any]:
+        base = index * 10_000
+        return _interval(index, [_phase("client.interrupt", base, base + 1),
+                                 _phase("runner.admit", base + 1, base + 41),
+                                 _phase("runner.prefill", base + 41, base + 50)],
+                         off=[_phase("server.cancel", base + 0.5, base + teardown_end_ms)])
+
+    findings = diagnose({"intervals": [waiting(i, 40.5) for i in range(4)]}, {"num_parallel": "1"})
+    assert [f["cause"] for f in findings] == ["slot_wait"] and findings[0]["impact_ms"] == 40.0
+    assert "OLLAMA_NUM_PARALLEL=1" in " ".join(findings[0]["evidence"])
+    # the teardown ended before admission began: the wait was something else, not named here
+    assert _causes([waiting(i, 0.8) for i in range(4)]) == []
+
+
+def test_prompt_cache_miss_reads_the_runners_cache_slot_lines() -> None:
+    lines = [f'time=1970-01-01T00:00:{i * 10:02d}.005Z level=DEBUG source=cache.go:104 msg="loading cache slot" '
+             f"id=0 cache=0 prompt=400 used={used} remaining={400 - used}" for i, used in enumerate((0, 0, 390))]
+    slots = cache_slots(e for e in map(parse_line, lines) if e is not None)
+    assert [s["used"] for s in slots] == [0, 0, 390]
+
+    def prefilling(index: int) -> dict[str, Any]:
+        base = index * 10_000
+        return _interval(index, [_phase("runner.admit", base, base + 1), _phase("runner.prefill", base + 1, base + 81)])
+
+    findings = diagnose({"intervals": [prefilling(i) for i in range(3)]}, {"cache_slots": slots})
+    assert [f["cause"] for f in findings] == ["prompt_cache_miss"]
+    assert findings[0]["intervals"] == [0, 1] and "reused 0" in findings[0]["evidence"][0]
+    assert _causes([prefilling(i) for i in range(3)]) == []  # no log: no finding
+
+
+def test_a_late_close_by_the_client() -> None:
+    def closing(index: int, close_ms: float) -> dict[str, Any]:
+        base = index * 10_000
+        return _interval(index, [_phase("client.interrupt", base, base + close_ms),
+                                 _phase("runner.prefill", base + close_ms, base + close_ms + 20)])
+
+    assert _causes([closing(i, 30) for i in range(3)]) == ["late_close"]
+    assert _causes([closing(i, 0.4) for i in range(3)]) == []
+
+
+def test_findings_come_largest_first() -> None:
+    both = [_gemma(i) for i in range(3)]
+    for interval in both:
+        interval["phases"][0]["end_ns"] = interval["phases"][0]["start_ns"] + 10 * MS
+        interval["phases"][0]["duration_ms"] = 10.0
+    assert [f["cause"] for f in diagnose({"intervals": both}, {})] == ["gguf_metadata_scans", "late_close"]

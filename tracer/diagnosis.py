@@ -1,0 +1,255 @@
+"""Name the known causes of a slow interval, each with the evidence that shows it and the remedy.
+
+Every rule reads only what the capture measured (phases, their attributes, the server log's
+cache lines) and returns a finding only when the data shows the cause *and* it matters: at
+least ``MATERIAL_MS`` and ``MATERIAL_SHARE`` of the median interval, in at least half of the
+measured intervals. No data, no finding: a rule whose evidence is missing stays silent.
+
+A finding (``attribution["diagnosis"]``, the terminal and the HTML report):
+``{"cause", "title", "summary", "evidence": [str], "remedy", "impact_ms", "intervals": [int]}``;
+``impact_ms`` is the median time the cause took in the intervals that show it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable
+from typing import Any
+
+MATERIAL_MS = 1.0
+MATERIAL_SHARE = 0.05
+GGUF_CACHE_VERSION = (0, 32, 15)  # Ollama caches model metadata from this version on
+SLOW_CLOSE_MS = 5.0  # client.interrupt above this: the client kept the stream open
+CACHE_MISS_TOKENS = 32  # evaluated prompt tokens below this cost too little to matter
+
+Finding = dict[str, Any]
+
+
+def _measured(attribution: dict[str, Any]) -> list[dict[str, Any]]:
+    return [iv for iv in attribution.get("intervals", []) if not iv.get("warmup")]
+
+
+def _phases(interval: dict[str, Any], part: str) -> list[dict[str, Any]]:
+    """The interval's phases whose (possibly merged) name contains ``part``."""
+    return [p for p in interval.get("phases", []) if part in p["name"]]
+
+
+def _median_interval(intervals: list[dict[str, Any]]) -> float:
+    return statistics.median(iv["duration_ms"] for iv in intervals) if intervals else 0.0
+
+
+def _material(impact_ms: float, interval_ms: float) -> bool:
+    return impact_ms >= MATERIAL_MS and interval_ms > 0 and impact_ms / interval_ms >= MATERIAL_SHARE
+
+
+def _enough(hit: int, total: int) -> bool:
+    return total > 0 and hit * 2 >= total
+
+
+def _version(text: str | None) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in (text or "").split("-")[0].split(".")[:3])
+    except ValueError:
+        return None
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms" if value >= 1 else f"{value:.2f} ms"
+
+
+def gguf_scans(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    hits: list[tuple[int, int, float, float]] = []  # (interval, scans, scan ms, lookup ms)
+    for iv in intervals:
+        for phase in _phases(iv, "model_lookup"):
+            attrs = phase.get("attributes", {})
+            scans = attrs.get("gguf_scans")
+            if isinstance(scans, int) and scans >= 2:
+                scan_ms = attrs.get("gguf_scan_ms")
+                hits.append((iv["index"], scans, float(scan_ms) if scan_ms is not None else phase["duration_ms"],
+                             phase["duration_ms"]))
+                break
+    if not _enough(len(hits), len(intervals)):
+        return None
+    impact = statistics.median(h[2] for h in hits)
+    interval_ms = _median_interval(intervals)
+    if not _material(impact, interval_ms):
+        return None
+    scans = statistics.median(h[1] for h in hits)
+    version = context.get("ollama_version")
+    fixed = _version(version) is not None and _version(version) >= GGUF_CACHE_VERSION  # type: ignore[operator]
+    evidence = [f"{scans:g} opens of the model's GGUF blob per request (eBPF openat on the server), "
+                f"in {len(hits)} of {len(intervals)} intervals",
+                f"reading them took {_ms(impact)} (median), {100 * impact / interval_ms:.0f} % of the "
+                f"{_ms(interval_ms)} interval; server.model_lookup {_ms(statistics.median(h[3] for h in hits))}"]
+    if version:
+        evidence.append(f"Ollama {version}")
+    return {
+        "cause": "gguf_metadata_scans", "title": "Repeated GGUF metadata scans on every request",
+        "summary": (f"The server re-reads the model file's metadata {scans:g} times per request "
+                    f"(capabilities, scheduling): {_ms(impact)} per request."),
+        "evidence": evidence,
+        "remedy": ("Unexpected on this version: check whether the model's metadata cache is bypassed." if fixed else
+                   "Upgrade Ollama to 0.32.15 or newer, which caches model metadata. Until then the cost grows "
+                   "with the vocabulary (gemma3: 262k tokens), so a model with a smaller vocabulary pays less."),
+        "impact_ms": round(impact, 3), "intervals": [h[0] for h in hits],
+    }
+
+
+def _loads(intervals: list[dict[str, Any]], kind: str) -> list[tuple[int, float, str]]:
+    out = []
+    for iv in intervals:
+        for phase in _phases(iv, "model_load"):
+            reason = str(phase.get("attributes", {}).get("reason", ""))
+            if reason.startswith(kind):
+                out.append((iv["index"], phase["duration_ms"], reason))
+                break
+    return out
+
+
+def model_reload(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    loads = _loads(intervals, "reload")
+    if not loads:
+        return None
+    impact = statistics.median(d for _, d, _ in loads)
+    if not _material(impact, _median_interval(intervals)):
+        return None
+    return {
+        "cause": "model_reload", "title": "The runner is reloaded because the request's options changed",
+        "summary": (f"In {len(loads)} of {len(intervals)} intervals the loaded runner did not fit the request and "
+                    f"was restarted: {_ms(impact)} (median)."),
+        "evidence": [f"server.model_load after the loaded runner's check (needsReload) in {len(loads)} of "
+                     f"{len(intervals)} intervals, median {_ms(impact)}", f"reason recorded: {loads[0][2]}"],
+        "remedy": ("Send the same runner options on every request (num_ctx, num_batch, num_gpu, main_gpu, use_mmap, "
+                   "num_thread): any change restarts the runner. Set them once in the Modelfile (PARAMETER num_ctx) "
+                   "or with OLLAMA_CONTEXT_LENGTH instead of per request."),
+        "impact_ms": round(impact, 3), "intervals": [i for i, _, _ in loads],
+    }
+
+
+def cold_load(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    loads = _loads(intervals, "cold")
+    if not loads:
+        return None
+    impact = statistics.median(d for _, d, _ in loads)
+    if not _material(impact, _median_interval(intervals)):
+        return None
+    return {
+        "cause": "cold_load", "title": "The model was not loaded: a cold start",
+        "summary": f"{len(loads)} interval(s) started a runner from scratch: {_ms(impact)} (median).",
+        "evidence": [f"server.model_load with no runner loaded in {len(loads)} of {len(intervals)} intervals, "
+                     f"median {_ms(impact)}"],
+        "remedy": ("Keep the model loaded: raise keep_alive on the request or OLLAMA_KEEP_ALIVE (default 5m; -1 keeps "
+                   "it loaded), and pre-load it with an empty request before the latency-sensitive work."),
+        "impact_ms": round(impact, 3), "intervals": [i for i, _, _ in loads],
+    }
+
+
+def slot_wait(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    hits: list[tuple[int, float, float | None]] = []  # (interval, admit ms, ms it ended after the teardown)
+    for iv in intervals:
+        admits = [p for p in iv.get("phases", []) if p["name"] == "runner.admit"]
+        cancels = [p for p in iv.get("off_critical_path", []) if p["name"] == "server.cancel"]
+        if not admits:
+            continue
+        admit = admits[0]
+        after = None
+        if cancels and cancels[0]["end_ns"] >= admit["start_ns"]:
+            after = (admit["end_ns"] - cancels[0]["end_ns"]) / 1e6
+        hits.append((iv["index"], admit["duration_ms"], after))
+    waits = [h for h in hits if h[2] is not None and h[2] >= -1.0]  # admitted once the old sequence was gone
+    if not _enough(len(waits), len(intervals)):
+        return None
+    impact = statistics.median(h[1] for h in waits)
+    if not _material(impact, _median_interval(intervals)):
+        return None
+    parallel = context.get("num_parallel")
+    return {
+        "cause": "slot_wait", "title": "The new request waits for the interrupted one's slot",
+        "summary": (f"runner.admit waited {_ms(impact)} (median) until the runner removed the interrupted sequence "
+                    "and freed its slot."),
+        "evidence": [f"in {len(waits)} of {len(intervals)} intervals runner.admit overlapped server.cancel (the "
+                     "interrupted request's teardown) and ended "
+                     f"{_ms(max(0.0, statistics.median(h[2] or 0.0 for h in waits)))} after it (median)",
+                     f"runner.admit median {_ms(impact)}"
+                     + (f"; OLLAMA_NUM_PARALLEL={parallel}" if parallel else "")],
+        "remedy": ("Give the runner a second slot (OLLAMA_NUM_PARALLEL=2, at the cost of KV-cache memory) so the next "
+                   "request does not wait for the cancelled one to be torn down, or close the first stream earlier "
+                   "so that teardown is over before the next request arrives."),
+        "impact_ms": round(impact, 3), "intervals": [h[0] for h in waits],
+    }
+
+
+def prompt_cache_miss(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    slots: list[dict[str, Any]] = context.get("cache_slots") or []
+    hits: list[tuple[int, int, int, float]] = []  # (interval, prompt tokens, reused, prefill ms)
+    for iv in intervals:
+        slot = next((s for s in slots if iv["start_ns"] - 1_000_000 <= s["time_ns"] <= iv["end_ns"] + 1_000_000),
+                    None)
+        if slot is None:
+            continue
+        prefill = sum(p["duration_ms"] for p in _phases(iv, "prefill"))
+        if slot["prompt"] - slot["used"] >= CACHE_MISS_TOKENS and slot["used"] * 2 < slot["prompt"]:
+            hits.append((iv["index"], slot["prompt"], slot["used"], prefill))
+    if not _enough(len(hits), len(intervals)):
+        return None
+    impact = statistics.median(h[3] for h in hits)
+    if not _material(impact, _median_interval(intervals)):
+        return None
+    return {
+        "cause": "prompt_cache_miss", "title": "Most of the prompt is evaluated again: little comes from the cache",
+        "summary": (f"In {len(hits)} of {len(intervals)} intervals the runner took less than half of the prompt "
+                    f"from its cache and evaluated the rest; prefill took {_ms(impact)} (median)."),
+        "evidence": [f"server log 'loading cache slot': prompt {h[1]} tokens, reused {h[2]}, evaluated {h[1] - h[2]} "
+                     f"(interval {h[0]})" for h in hits[:3]],
+        "remedy": ("If consecutive requests share a prefix (system prompt, template, earlier turns), keep it "
+                   "byte-identical and the num_ctx the same, and avoid truncation, so the runner reuses it; with "
+                   "OLLAMA_NUM_PARALLEL > 1 a request may land in a slot whose cache holds another prefix. If they "
+                   "share nothing, this prefill is the real cost of the new prompt: shorten it."),
+        "impact_ms": round(impact, 3), "intervals": [h[0] for h in hits],
+    }
+
+
+def late_close(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    hits = [(iv["index"], p["duration_ms"]) for iv in intervals for p in iv.get("phases", [])
+            if p["name"] == "client.interrupt" and p["duration_ms"] >= SLOW_CLOSE_MS]
+    if not _enough(len(hits), len(intervals)):
+        return None
+    impact = statistics.median(d for _, d in hits)
+    if not _material(impact, _median_interval(intervals)):
+        return None
+    return {
+        "cause": "late_close", "title": "The client closes the interrupted stream late",
+        "summary": (f"From deciding to interrupt to closing the first stream's connection took {_ms(impact)} "
+                    "(median); the server goes on generating until it sees the close."),
+        "evidence": [f"client.interrupt {_ms(impact)} (median) in {len(hits)} of {len(intervals)} intervals "
+                     f"(over {SLOW_CLOSE_MS:g} ms)"],
+        "remedy": ("Close the response as soon as you stop reading: `stream.close()` on the ollama client's "
+                   "iterator, `response.close()` with requests, or leave the `with` block; do not drain the rest of "
+                   "the stream or wait for the garbage collector."),
+        "impact_ms": round(impact, 3), "intervals": [i for i, _ in hits],
+    }
+
+
+RULES: tuple[Callable[[list[dict[str, Any]], dict[str, Any]], Finding | None], ...] = (
+    gguf_scans, model_reload, cold_load, slot_wait, prompt_cache_miss, late_close)
+
+
+def cache_slots(log_events: Iterable[Any]) -> list[dict[str, Any]]:
+    """The runner's 'loading cache slot' lines: how many prompt tokens it reused from its cache."""
+    out = []
+    for event in log_events:
+        if getattr(event, "msg", "") != "loading cache slot":
+            continue
+        try:
+            out.append({"time_ns": int(event.time_ns), "prompt": int(event.attrs["prompt"]),
+                        "used": int(event.attrs["used"])})
+        except (KeyError, ValueError, TypeError):
+            continue
+    return out
+
+
+def diagnose(attribution: dict[str, Any], context: dict[str, Any]) -> list[Finding]:
+    """The findings, largest impact first. ``context``: ollama_version, num_parallel, cache_slots."""
+    intervals = _measured(attribution)
+    findings = [f for rule in RULES if (f := rule(intervals, context)) is not None]
+    return sorted(findings, key=lambda f: -(f.get("impact_ms") or 0.0))
