@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -67,6 +68,14 @@ def nvml_available() -> tuple[bool, str]:
     return result.ok, result.detail
 
 
+def ratio_ci(values: list[float], baseline: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval of median(values) / median(baseline)."""
+    rng = random.Random(seed)
+    ratios = sorted(statistics.median(rng.choices(values, k=len(values)))
+                    / statistics.median(rng.choices(baseline, k=len(baseline))) for _ in range(resamples))
+    return [round(ratios[int(0.025 * resamples)], 4), round(ratios[int(0.975 * resamples) - 1], 4)]
+
+
 def run_arm(arm: str, host: str, model: str, iterations: int, base: Path, index: int) -> tuple[list[float], dict]:
     out = base / f"{arm}-{index}.json"
     bench = [sys.executable, "-m", "tracer", "bench", "interrupt", "--host", host, "--model", model,
@@ -106,9 +115,12 @@ def main() -> int:
             arms.remove("+nvml")
             skipped["+nvml"] = why
             print(f"+nvml left out: {why}", file=sys.stderr)
-    for arm in list(arms):  # every arm needs its baseline in the same run
-        if ARMS[arm][1] not in arms:
-            arms.insert(0, ARMS[arm][1])
+    pending = list(arms)
+    while pending:  # every arm needs its baseline in the same run, and that one its own
+        base = ARMS[pending.pop()][1]
+        if base not in arms:
+            arms.insert(0, base)
+            pending.append(base)
     arms = list(dict.fromkeys(arms))
     samples: dict[str, list[float]] = {arm: [] for arm in arms}
     cpu: dict[str, float] = dict.fromkeys(arms, 0.0)
@@ -126,11 +138,13 @@ def main() -> int:
             print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
                 f"{arm} {statistics.median(samples[arm]):.2f} ms" for arm in arms), file=sys.stderr)
     medians = {arm: statistics.median(values) for arm, values in samples.items()}
+    ci = {arm: ratio_ci(samples[arm], samples[ARMS[arm][1]]) for arm in arms if ARMS[arm][1] != arm}
     result = {
         "model": args.model, "rounds": args.rounds, "intervals_per_arm": len(samples[arms[0]]),
         "median_ms": medians,
         "ratio_to_plain": {arm: medians[arm] / medians["plain"] for arm in arms if "plain" in medians},
         "ratio_to_baseline": {arm: medians[arm] / medians[ARMS[arm][1]] for arm in arms},
+        "ratio_to_baseline_ci95": ci,
         "baseline": {arm: ARMS[arm][1] for arm in arms},
         "cpu_s_per_interval": {arm: cpu[arm] / max(1, len(samples[arm])) for arm in arms},
         "uprobe_hits_per_request_median": statistics.median(hits) if hits else None,
@@ -140,12 +154,15 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{args.model}: {result['intervals_per_arm']} intervals per arm, {args.rounds} rounds, interleaved")
-    print(f"{'arm':<10}{'median ms':>12}{'vs plain':>10}{'vs baseline':>22}{'CPU s/interval':>16}")
+    print(f"{'arm':<10}{'median ms':>12}{'vs plain':>10}{'vs baseline':>22}{'95 % CI':>18}{'CPU s/interval':>16}")
     for arm in arms:
         base = ARMS[arm][1]
         vs_base = f"{result['ratio_to_baseline'][arm]:.4f} ({base})" if base != arm else ""
+        low_high = f"[{ci[arm][0]:.3f}, {ci[arm][1]:.3f}]" if arm in ci else ""
         print(f"{arm:<10}{medians[arm]:>12.2f}{result['ratio_to_plain'].get(arm, 1.0):>10.4f}{vs_base:>22}"
-              f"{result['cpu_s_per_interval'][arm]:>16.3f}")
+              f"{low_high:>18}{result['cpu_s_per_interval'][arm]:>16.3f}")
+    print("95 % CI: bootstrap of median(arm) / median(baseline) over the intervals; a CI that holds 1.0 is "
+          "a cost this machine's noise cannot tell from none.")
     for arm, why in skipped.items():
         print(f"{arm}: not run ({why})")
     print(f"eBPF uprobe hits per request (median): {result['uprobe_hits_per_request_median']}")
