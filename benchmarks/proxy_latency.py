@@ -13,6 +13,7 @@ upstream → written to the client), which is what the attribution shows as prox
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -34,13 +36,21 @@ def first_chunk_ms(url: str, model: str, session: requests.Session) -> float:
     started = time.perf_counter()
     with session.post(f"{url}/api/generate", json=body, stream=True, timeout=60) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
-            if line:
-                elapsed = (time.perf_counter() - started) * 1000
-                break
-        for _ in response.iter_lines():
-            pass  # read to the end: the connection goes back to the pool
+        lines = response.iter_lines()  # one iterator: a second one would lose what the first had buffered
+        next(line for line in lines if line)
+        elapsed = (time.perf_counter() - started) * 1000
+        for _ in lines:
+            pass  # read to the end: the connection goes back to the pool, and Ollama sees no interrupt
     return elapsed
+
+
+@contextlib.contextmanager
+def _stall_is_an_error() -> Iterator[None]:
+    try:
+        yield
+    except requests.Timeout:
+        raise SystemExit("Ollama stopped answering (the v0.13 interrupt deadlock, README): run `tracer testbed up` "
+                         "to restart it, then run this again.") from None
 
 
 def p99(values: list[float]) -> float:
@@ -82,7 +92,7 @@ def main() -> int:
                     time.sleep(0.1)
             proxied_url = f"http://127.0.0.1:{port}"
             arms: dict[str, list[float]] = {"direct": [], "proxy": []}
-            with requests.Session() as direct, requests.Session() as via:
+            with requests.Session() as direct, requests.Session() as via, _stall_is_an_error():
                 for _ in range(3):  # warm both paths (model loaded, connections pooled)
                     first_chunk_ms(host, args.model, direct)
                     first_chunk_ms(proxied_url, args.model, via)

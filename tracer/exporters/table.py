@@ -33,7 +33,11 @@ def _stacks_cell(phase: dict[str, Any]) -> str:
 
 
 def _short(function: str) -> str:
-    """``github.com/ollama/ollama/fs/gguf.readString`` → ``gguf.readString``."""
+    """``github.com/ollama/ollama/fs/gguf.readString`` → ``gguf.readString``;
+    ``SyncStream.read (/usr/lib/python3/httpcore/_backends/sync.py)`` → ``SyncStream.read (sync.py)``."""
+    name, paren, where = function.partition(" (")
+    if paren:
+        return f"{name} ({where.rstrip(')').rsplit('/', 1)[-1]})"
     return function.rsplit("/", 1)[-1]
 
 
