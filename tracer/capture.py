@@ -56,6 +56,9 @@ class CaptureResult:
 
 
 def resolve_command(command: Sequence[str]) -> list[str]:
+    """The command after ``--`` (argparse's REMAINDER keeps the separator), checked to exist."""
+    if command and command[0] == "--":
+        command = command[1:]
     if not command:
         raise TracerError("no command given; usage: tracer capture [options] -- CMD [ARGS...]", ExitCode.USAGE)
     program = command[0]

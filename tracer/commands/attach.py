@@ -24,7 +24,7 @@ from collectors.base import SessionInfo
 from collectors.ebpf_profile import DEFAULT_HZ
 from collectors.registry import CollectorOptions, make_collectors
 from tracer.capture import CaptureOptions, run_capture
-from tracer.commands.capture import add_otlp_arguments, add_show_argument, export_capture
+from tracer.commands.capture import add_otlp_arguments, add_show_argument, export_if_asked
 from tracer.errors import ExitCode, TracerError
 from tracer.exporters import table as table_exporter
 from tracer.pipeline import compute, write_outputs
@@ -98,12 +98,7 @@ class AttachCommand:
         written = write_outputs(directory, data)
         table_exporter.render(sys.stdout, data, show=args.show)
         print(f"Wrote {directory}/ ({', '.join(p.name for p in written)}).")
-        if args.otlp_endpoint:
-            try:
-                exported = export_capture(directory, args.otlp_endpoint, args.otlp_protocol)
-                print(f"Exported {exported['exported_spans']} spans to {args.otlp_endpoint}.")
-            except TracerError as err:
-                print(f"tracer: warning: {err.message}", file=sys.stderr)
+        export_if_asked(directory, args)
         return int(ExitCode.OK)
 
 

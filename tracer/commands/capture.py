@@ -52,6 +52,18 @@ def export_capture(directory: Path, endpoint: str, protocol: str | None) -> dict
     return result
 
 
+def export_if_asked(directory: Path, args: argparse.Namespace) -> None:
+    """With --otlp-endpoint, export the capture; a refusal is a warning (the capture is on disk,
+    and `tracer export` sends it later), not a failure of the command."""
+    if not args.otlp_endpoint:
+        return
+    try:
+        exported = export_capture(directory, args.otlp_endpoint, args.otlp_protocol)
+        print(f"Exported {exported['exported_spans']} spans to {args.otlp_endpoint}.", flush=True)
+    except TracerError as err:
+        print(f"tracer: warning: {err.message}", file=sys.stderr)
+
+
 def _rate(text: str) -> int:
     try:
         value = int(text)
@@ -120,10 +132,7 @@ class CaptureCommand:
         parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     def run(self, args: argparse.Namespace) -> int:
-        command = list(args.cmd)
-        if command and command[0] == "--":
-            command = command[1:]
-        command = resolve_command(command)
+        command = resolve_command(args.cmd)
         directory = args.output or default_directory(command)
         host = resolve_host(args.ollama_host)
         ollama_pid = args.ollama_pid or ollama_server_pid(host)
@@ -158,12 +167,7 @@ class CaptureCommand:
         print(f"Wrote {directory}/ ({', '.join(p.name for p in written)}). "
               f"Open report.html in a browser (offline), or trace.perfetto.json in https://ui.perfetto.dev; "
               f"re-read with `tracer report {directory}`.")
-        if args.otlp_endpoint:
-            try:
-                exported = export_capture(directory, args.otlp_endpoint, args.otlp_protocol)
-                print(f"Exported {exported['exported_spans']} spans to {args.otlp_endpoint}.")
-            except TracerError as err:
-                print(f"tracer: warning: {err.message}", file=sys.stderr)
+        export_if_asked(directory, args)
         if result.interrupted and result.exit_code == 0:
             return int(ExitCode.INTERRUPTED)
         return result.exit_code

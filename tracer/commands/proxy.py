@@ -34,7 +34,7 @@ from collectors.base import SessionInfo
 from collectors.registry import CollectorOptions, make_collectors
 from tracer import capture_dir
 from tracer.capture import CaptureOptions, run_capture
-from tracer.commands.capture import add_otlp_arguments, add_show_argument, export_capture
+from tracer.commands.capture import add_otlp_arguments, add_show_argument, export_if_asked
 from tracer.errors import ExitCode, TracerError
 from tracer.exporters import table as table_exporter
 from tracer.pipeline import compute, write_outputs
@@ -154,12 +154,7 @@ class ProxyCommand:
               f"added latency per first chunk: median {latency.get('median_us')} µs, p99 {latency.get('p99_us')} µs.",
               flush=True)
         print(f"Wrote {segment}/ ({', '.join(p.name for p in written)}).", flush=True)
-        if args.otlp_endpoint:
-            try:
-                exported = export_capture(segment, args.otlp_endpoint, args.otlp_protocol)
-                print(f"Exported {exported['exported_spans']} spans to {args.otlp_endpoint}.", flush=True)
-            except TracerError as err:
-                print(f"tracer: warning: {err.message}", file=sys.stderr)
+        export_if_asked(segment, args)
 
 
 def _listen_error(host: str, port: int, err: OSError) -> TracerError:

@@ -35,10 +35,7 @@ class RunCommand:
         parser.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     def run(self, args: argparse.Namespace) -> int:
-        command = list(args.cmd)
-        if command and command[0] == "--":
-            command = command[1:]
-        command = resolve_command(command)
+        command = resolve_command(args.cmd)
         endpoint = (args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
                     or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
         if not endpoint:
