@@ -340,6 +340,8 @@ class EbpfCollector:
                 if line.startswith(READY):
                     ready.set()
                     continue
+                if line.startswith("Attaching ") and line.rstrip().endswith(("probes...", "probe...")):
+                    continue  # bpftrace's own banner, on stdout: not an event
                 out.write(line)
                 if line.startswith("\t") or line == "\n":
                     continue  # a stack frame, or the end of a stack
