@@ -268,12 +268,13 @@ class EbpfCollector:
         self._pids: set[int] = set()
 
     def available(self) -> tuple[bool, str]:
-        if system.bpftrace_path() is None:
-            return False, "bpftrace is not installed; install it with `sudo apt-get install -y bpftrace`"
-        if not system.can_bpf():
-            return False, "eBPF needs root or CAP_BPF; run tracer with sudo"
-        if system.tracefs_path() is None:
-            return False, "tracefs is not mounted; run `sudo mount -t tracefs nodev /sys/kernel/tracing`"
+        """The same checks as `tracer doctor`, in the same words: what is missing, then the fix."""
+        from tracer.doctor_checks import check_bpftrace, check_privileges, check_tracefs
+
+        for check in (check_bpftrace, check_privileges, check_tracefs):
+            result = check()
+            if not result.ok:
+                return False, f"{result.detail}; {result.fix}"
         return True, ""
 
     def start(self, session: SessionInfo) -> None:
