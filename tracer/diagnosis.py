@@ -62,11 +62,11 @@ def gguf_scans(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Find
     for iv in intervals:
         for phase in _phases(iv, "model_lookup"):
             attrs = phase.get("attributes", {})
-            scans = attrs.get("gguf_scans")
-            if isinstance(scans, int) and scans >= 2:
-                scan_ms = attrs.get("gguf_scan_ms")
-                hits.append((iv["index"], scans, float(scan_ms) if scan_ms is not None else phase["duration_ms"],
-                             phase["duration_ms"]))
+            scans, scan_ms = attrs.get("gguf_scans"), attrs.get("gguf_scan_ms")
+            # The time the scans took (open → close of the blob) is the evidence; without it (other
+            # requests' opens interleaved) the count alone says nothing about the cost.
+            if isinstance(scans, int) and scans >= 2 and isinstance(scan_ms, (int, float)):
+                hits.append((iv["index"], scans, float(scan_ms), phase["duration_ms"]))
                 break
     if not _enough(len(hits), len(intervals)):
         return None

@@ -59,7 +59,22 @@ def _wait_for(check: Callable[[], bool], proc: subprocess.Popen[str], timeout_s:
         time.sleep(0.05)
 
 
-def _iterations_done(out: Path) -> int:
+def _wait_for_iteration(proc: subprocess.Popen[str], number: int) -> None:
+    """Until the benchmark reports iteration ``number`` on stderr (the capture passes it through):
+    its spans reach the capture only in batches, so the files lag behind."""
+    assert proc.stderr is not None
+    marker = f"iteration {number} ("
+    while True:
+        line = proc.stderr.readline()
+        if not line:
+            if proc.wait() == 11:
+                raise Stalled("the benchmark stopped before that iteration")
+            raise AssertionError(f"the capture ended (exit {proc.returncode}) before iteration {number}")
+        if marker in line:
+            return
+
+
+def _spans_of_iterations(out: Path) -> int:
     spans = out / "raw" / "client_spans.jsonl"
     return spans.read_text(errors="replace").count("bench.interrupt.iteration") if spans.exists() else 0
 
@@ -87,7 +102,7 @@ def own_ollama(testbed: dict[str, Any], tmp_path: Path) -> Iterator[Any]:
 def test_ollama_killed_mid_capture(own_ollama: Any, tmp_path: Path) -> None:
     out = tmp_path / "cap"
     proc = _start(out, own_ollama.host, *_bench(own_ollama.host, 40))
-    _wait_for(lambda: _iterations_done(out) >= 3, proc)
+    _wait_for_iteration(proc, 3)
     os.killpg(own_ollama.pid, signal.SIGKILL)  # the server and its runners
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode not in (0, 130), stderr  # the benchmark's own failure, passed through
@@ -105,7 +120,7 @@ def test_bpftrace_killed_mid_capture(testbed: dict[str, Any], tmp_path: Path) ->
 
     def attempt() -> None:
         proc = _start(out, host, *_bench(host, 12))
-        _wait_for(lambda: _iterations_done(out) >= 3, proc)
+        _wait_for_iteration(proc, 3)
         bpftrace = subprocess.run(["pgrep", "-P", str(proc.pid), "bpftrace"], capture_output=True, text=True)
         assert bpftrace.stdout.strip(), "no bpftrace child"
         os.kill(int(bpftrace.stdout.split()[0]), signal.SIGKILL)
@@ -137,11 +152,10 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def _fill(directory: Path) -> None:
     """Take every free byte of the disk holding ``directory``."""
-    with (directory / "filler").open("wb") as filler:
+    with (directory / "filler").open("wb", buffering=0) as filler:  # unbuffered: closing flushes nothing
         try:
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
         except OSError:
             pass
 
@@ -155,7 +169,8 @@ def test_disk_full_while_writing(testbed: dict[str, Any], small_disk: Path, tmp_
         nonlocal stderr
         (small_disk / "filler").unlink(missing_ok=True)
         proc = _start(out, host, *_bench(host, 12))
-        _wait_for(lambda: _iterations_done(out) >= 3, proc)
+        _wait_for_iteration(proc, 3)
+        _wait_for(lambda: _spans_of_iterations(out) >= 3, proc)  # spans land within 0.2 s of ending
         _fill(small_disk)  # the disk fills mid-capture
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 13, (proc.returncode, stderr[-2000:])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from collectors.ebpf import ProbeEvent, parse_line
-from tracer.attribution.request_chain import Broken, own_events, resolve
+from tracer.attribution.request_chain import Broken, concurrent_sequences, own_events, resolve
 from tracer.clock import ClockModel
 
 SERVER, RUNNER = 100, 200
@@ -101,3 +101,16 @@ def test_goroutine_layer_lines_parse() -> None:
     for bad in ("G 1000 5 6 9\n", "U 1000 5 6 3 77\n", "T 1000 5 6 x 1\n"):
         with pytest.raises(ValueError):
             parse_line(bad, clock, probes)
+
+
+def test_sequences_in_the_same_runner_overlap_until_one_finishes() -> None:
+    events = _two_requests()
+    read_a = next(e for e in events if e.kind == "R" and e.fd == 10)
+    a = resolve(events, ROLES, read_a, 60, COMPLETION, [])
+    assert concurrent_sequences(events, a, 0, 60) == 1  # B's sequence (runner fd 8) was in the runner too
+    # B finished (its chunked terminator) before A's request reached the runner: A was alone there.
+    finished = sorted([*events, E("W", 29, RUNNER, fd=8, value=5, text="0\\x0d\\x0a\\x0d\\x0a")],
+                      key=lambda e: e.time_ns)
+    early = [e if not (e.kind == "R" and e.fd == 8 and e.pid == RUNNER) else
+             E("R", 28, RUNNER, fd=8, value=400, text="POST /completion H") for e in finished]
+    assert concurrent_sequences(sorted(early, key=lambda e: e.time_ns), a, 0, 60) == 0

@@ -38,7 +38,7 @@ from typing import Any
 
 from collectors.ebpf import ProbeEvent
 from tracer.attribution.intervals import Interval
-from tracer.attribution.request_chain import Broken, Chain, own_events, resolve
+from tracer.attribution.request_chain import Broken, Chain, concurrent_sequences, own_events, resolve
 from tracer.attribution.sources import Records
 from tracer.model import Phase
 
@@ -156,11 +156,17 @@ class EbpfSource:
                                               "connection_matched": client_fd is not None, "reason": str(why)})
                 return []
             # Alone in the server: the first event after each boundary is this request's own.
+        whole_window = window
+        sequences = 0
         if chain is not None:
-            # The batch loop samples every sequence on one goroutine: its hits are this request's
-            # only when no other request was in flight (the first after admission, as without a chain).
-            shared = set() if not others else set(_symbol_keys()["sample"]) | set(_symbol_keys()["decode"])
-            window = own_events(window, chain, shared, keep_shared=not others)
+            # Shared goroutines: the runner's batch loop samples every sequence of that runner, the
+            # server's scheduler loads runners for whichever request is pending. Their hits are this
+            # request's only when nothing else was in flight there (then the first after each
+            # boundary, as without a chain).
+            sequences = concurrent_sequences(events, chain, found["R"].time_ns, interval.end_ns)
+            per_token = set(_symbol_keys()["sample"]) | set(_symbol_keys()["decode"]) if sequences else set()
+            window = own_events(window, chain, per_token, keep_shared_server=not others,
+                                keep_shared_runner=not sequences)
             found = self._boundaries(window, roles, chain.client_fd)
             matching["matched_by_chain"] += 1
         if found:
@@ -173,12 +179,14 @@ class EbpfSource:
                       "or its health check failed)" if "NR" in found else "cold load: no runner was loaded")
             phases = [Phase(p.name, p.start_ns, p.end_ns, p.source, p.process, {**p.attributes, "reason": reason})
                       if "model_load" in p.name else p for p in phases]
-        if chain is None:
-            evidence = blob_scans(window, roles, found.get("R"), found.get("SW"),
+        if not others:  # alone in the server: every open of the model blob in the window is this request's
+            evidence = blob_scans(whole_window, roles, found.get("R"), found.get("SW"),
                                   set(ebpf["meta"].get("model_blobs", [])))
         else:  # other requests' file opens interleave; count this handler goroutine's gguf.Open calls
-            evidence = {"gguf_scans": _entries(window, _symbol_keys()["gguf_open"]), "matched_by": "chain",
-                        "concurrent_requests": others, **chain.to_json()}
+            evidence = {"gguf_scans": _entries(window, _symbol_keys()["gguf_open"])}
+        if chain is not None:
+            evidence.update({"matched_by": "chain", "concurrent_requests": others, "concurrent_sequences": sequences,
+                             **chain.to_json()})
         if "R" in found and "SW" in found:
             r, sw = found["R"].time_ns, found["SW"].time_ns
             evidence["uprobe_hits"] = sum(1 for e in window if e.kind == "U" and r <= e.time_ns <= sw)

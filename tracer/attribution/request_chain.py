@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from collectors.ebpf import ProbeEvent
+from tracer.attribution.server_requests import TERMINATOR
 
 
 @dataclass(frozen=True)
@@ -132,23 +133,48 @@ def _runner_end(events: list[ProbeEvent], roles: dict[int, str], sockets_at_star
     return (int(held[0]["pid"]), int(held[0]["fd"])) if held else (None, None)
 
 
-def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[str],
-               keep_shared: bool = False) -> list[ProbeEvent]:
-    """The events of ``window`` that belong to the chain's request. ``keep_shared``: also keep the
-    uprobes on other goroutines (the scheduler's, the runner's batch loop), when no other request
-    was in flight."""
+def concurrent_sequences(events: list[ProbeEvent], chain: Chain, after_ns: int, until_ns: int) -> int:
+    """How many other sequences the chain's runner was serving while this request was in it
+    (its POST /completion read → its first response write): other connections of that runner
+    that had read a POST /completion and not yet finished (terminator written, EOF or close)."""
+    ours = [e for e in events if e.pid == chain.runner_pid and e.fd == chain.runner_fd
+            and after_ns <= e.time_ns <= until_ns]
+    start = next((e.time_ns for e in ours if e.kind == "R" and e.value > 0 and e.text.startswith("POST")), None)
+    end = next((e.time_ns for e in ours if e.kind == "W" and e.text.startswith("HTTP")), until_ns)
+    if start is None:
+        return 0
+    active: dict[int, int] = {}  # other fd -> when its request was read
+    overlapping = set()
+    for e in events:
+        if e.time_ns > end:
+            break
+        if e.pid != chain.runner_pid or e.fd == chain.runner_fd:
+            continue
+        if e.kind == "R" and e.value > 0 and e.text.startswith("POST"):
+            active[e.fd] = e.time_ns
+        elif e.fd in active and ((e.kind == "W" and e.text.startswith(TERMINATOR))
+                                 or (e.kind == "R" and e.value <= 0 and e.value != -11) or e.kind == "X"):
+            if e.time_ns >= start:
+                overlapping.add(e.fd)
+            del active[e.fd]
+    return len(overlapping | set(active))
+
+
+def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[str], *,
+               keep_shared_server: bool = False, keep_shared_runner: bool = False) -> list[ProbeEvent]:
+    """The events of ``window`` that belong to the chain's request. ``keep_shared_*``: also keep
+    the uprobes on that process's other goroutines (the server's scheduler, the runner's batch
+    loop), when nothing else was in flight there."""
     server_goroutines = {chain.handler_goid, chain.completion_goid}
     server_fds = chain.server_runner_fds | {chain.client_fd}
 
     def ours(e: ProbeEvent) -> bool:
         if e.pid == chain.server_pid:
-            # The scheduler's own goroutine loads runners (Scheduler.load) for whichever request is
-            # pending: its hits are this request's only when it was alone.
-            return ((e.kind == "U" and (e.goid in server_goroutines or keep_shared))
+            return ((e.kind == "U" and (e.goid in server_goroutines or keep_shared_server))
                     or (e.kind in "RW" and e.fd in server_fds))
         if e.pid == chain.runner_pid:
             if e.kind == "U":
-                return (e.goid == chain.runner_goid or keep_shared) and e.text not in per_token_symbols
+                return (e.goid == chain.runner_goid or keep_shared_runner) and e.text not in per_token_symbols
             return e.kind in "RW" and e.fd == chain.runner_fd
         return False
 

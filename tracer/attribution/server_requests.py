@@ -28,7 +28,7 @@ from collectors.ebpf import ProbeEvent
 
 TRACKED_PATHS = ("POST /api/generate", "POST /api/chat")
 _EAGAIN = -11
-_TERMINATOR = ("0\\x0d\\x0a", "0\r\n")  # as bpftrace's %r prints it, or raw
+TERMINATOR = ("0\\x0d\\x0a", "0\r\n")  # as bpftrace's %r prints it, or raw
 
 
 def _is_request(e: ProbeEvent) -> bool:
@@ -91,7 +91,7 @@ def server_request_spans(events: list[ProbeEvent], roles: dict[int, str]) -> lis
             }
         elif e.kind == "W" and e.text.startswith("HTTP") and key in open_requests:
             open_requests[key]["attributes"].setdefault("tracer.first_token_ns", e.time_ns)
-        elif e.kind == "W" and e.text.startswith(_TERMINATOR) and key in open_requests:
+        elif e.kind == "W" and e.text.startswith(TERMINATOR) and key in open_requests:
             finish(key, e.time_ns, cancelled=False)
         elif e.kind == "R" and key in open_requests and (e.value == 0 or (e.value < 0 and e.value != _EAGAIN)):
             finish(key, e.time_ns, cancelled=True)

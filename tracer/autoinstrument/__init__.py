@@ -154,6 +154,9 @@ def child_env(
         # Proxies in the environment must not swallow spans bound for loopback.
         no_proxy = ",".join(filter(None, [base.get("NO_PROXY"), "127.0.0.1", "localhost"]))
         env["NO_PROXY"] = env["no_proxy"] = no_proxy
+        # Spans reach the capture within 0.2 s of ending (the SDK default is 5 s): what a killed or
+        # disk-full capture keeps is then what had happened, not what happened to be flushed.
+        env.setdefault("OTEL_BSP_SCHEDULE_DELAY", "200")
     if record_content:
         env[ENV_RECORD_CONTENT] = "1"
     if marker_file is not None:
