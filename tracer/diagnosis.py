@@ -106,42 +106,42 @@ def _loads(intervals: list[dict[str, Any]], kind: str) -> list[tuple[int, float,
     return out
 
 
-def model_reload(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
-    loads = _loads(intervals, "reload")
+def _load_finding(intervals: list[dict[str, Any]], kind: str, describe: Callable[[int, float], dict[str, Any]]
+                  ) -> Finding | None:
+    """A finding for the model loads of one ``kind`` (by the reason the source recorded)."""
+    loads = _loads(intervals, kind)
     if not loads:
         return None
     impact = statistics.median(d for _, d, _ in loads)
     if not _material(impact, _median_interval(intervals)):
         return None
-    return {
+    finding = describe(len(loads), impact)
+    finding["evidence"].append(f"reason recorded: {loads[0][2]}")
+    return {**finding, "impact_ms": round(impact, 3), "intervals": [i for i, _, _ in loads]}
+
+
+def model_reload(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    return _load_finding(intervals, "reload", lambda n, impact: {
         "cause": "model_reload", "title": "The runner is reloaded because the request's options changed",
-        "summary": (f"In {len(loads)} of {len(intervals)} intervals the loaded runner did not fit the request and "
+        "summary": (f"In {n} of {len(intervals)} intervals the loaded runner did not fit the request and "
                     f"was restarted: {_ms(impact)} (median)."),
-        "evidence": [f"server.model_load after the loaded runner's check (needsReload) in {len(loads)} of "
-                     f"{len(intervals)} intervals, median {_ms(impact)}", f"reason recorded: {loads[0][2]}"],
+        "evidence": [f"server.model_load after the loaded runner's check (needsReload) in {n} of "
+                     f"{len(intervals)} intervals, median {_ms(impact)}"],
         "remedy": ("Send the same runner options on every request (num_ctx, num_batch, num_gpu, main_gpu, use_mmap, "
                    "num_thread): any change restarts the runner. Set them once in the Modelfile (PARAMETER num_ctx) "
                    "or with OLLAMA_CONTEXT_LENGTH instead of per request."),
-        "impact_ms": round(impact, 3), "intervals": [i for i, _, _ in loads],
-    }
+    })
 
 
 def cold_load(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
-    loads = _loads(intervals, "cold")
-    if not loads:
-        return None
-    impact = statistics.median(d for _, d, _ in loads)
-    if not _material(impact, _median_interval(intervals)):
-        return None
-    return {
+    return _load_finding(intervals, "cold", lambda n, impact: {
         "cause": "cold_load", "title": "The model was not loaded: a cold start",
-        "summary": f"{len(loads)} interval(s) started a runner from scratch: {_ms(impact)} (median).",
-        "evidence": [f"server.model_load with no runner loaded in {len(loads)} of {len(intervals)} intervals, "
+        "summary": f"{n} interval(s) started a runner from scratch: {_ms(impact)} (median).",
+        "evidence": [f"server.model_load with no runner loaded in {n} of {len(intervals)} intervals, "
                      f"median {_ms(impact)}"],
         "remedy": ("Keep the model loaded: raise keep_alive on the request or OLLAMA_KEEP_ALIVE (default 5m; -1 keeps "
                    "it loaded), and pre-load it with an empty request before the latency-sensitive work."),
-        "impact_ms": round(impact, 3), "intervals": [i for i, _, _ in loads],
-    }
+    })
 
 
 def slot_wait(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
