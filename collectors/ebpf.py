@@ -178,21 +178,16 @@ def existing_sockets(comm: str) -> list[HeldSocket]:
     """Sockets the Ollama processes already hold: keep-alive connections opened before the capture
     are otherwise invisible to the fd-tracking probes, and their ports are the 4-tuples that tie a
     server's runner connection to the runner's end of it."""
-    from tracer.netstat import tcp_rows
+    from tracer.netstat import socket_fds, tcp_rows
 
     held: list[tuple[int, int, str]] = []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
         try:
-            if (proc / "comm").read_text().strip() != comm:
+            if not proc.name.isdigit() or (proc / "comm").read_text().strip() != comm:
                 continue
-            for fd in (proc / "fd").iterdir():
-                target = str(fd.readlink())
-                if target.startswith("socket:"):
-                    held.append((int(proc.name), int(fd.name), target[8:-1]))
-        except (OSError, ValueError):
-            continue
+        except OSError:
+            continue  # exited meanwhile
+        held += [(int(proc.name), fd, inode) for fd, inode in socket_fds(proc.name).items()]
     ports = {row.inode: (row.local_port, row.remote_port) for row in tcp_rows()} if held else {}
     return [HeldSocket(pid, fd, *ports.get(inode, (0, 0))) for pid, fd, inode in held]
 

@@ -43,20 +43,30 @@ def server_side_states(server_port: int, client_port: int) -> list[str]:
     return [r.state for r in tcp_rows() if r.local_port == server_port and r.remote_port == client_port]
 
 
+def socket_fds(pid: int | str = "self") -> dict[int, str]:
+    """fd -> socket inode of a process's open sockets (empty if it is gone or not ours to read)."""
+    fd_dir = Path(f"/proc/{pid}/fd")
+    found = {}
+    try:
+        fds = list(fd_dir.iterdir())
+    except OSError:
+        return {}
+    for fd in fds:
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:[") and fd.name.isdigit():
+            found[int(fd.name)] = target[8:-1]
+    return found
+
+
 def own_client_ports(host: str) -> set[int]:
     """Local ports of this process's TCP connections to ``host`` (matched by socket inode)."""
     parts = urlsplit(host)
     if parts.hostname not in LOOPBACK_HOSTS or parts.port is None:
         return set()
-    inodes = set()
-    fd_dir = Path("/proc/self/fd")
-    for fd in fd_dir.iterdir():
-        try:
-            target = (fd_dir / fd.name).readlink().as_posix()
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
+    inodes = set(socket_fds().values())
     return {r.local_port for r in tcp_rows() if r.inode in inodes and r.remote_port == parts.port}
 
 

@@ -6,27 +6,18 @@ from pathlib import Path
 
 import requests
 
-from tracer.netstat import LISTEN, tcp_rows
+from tracer.netstat import LISTEN, socket_fds, tcp_rows
 from tracer.ollama_host import host_and_port
 
 
 def pid_listening_on(port: int) -> int | None:
     """The process holding a listening socket on ``port`` (needs root for other users' processes)."""
-    targets = {f"socket:[{r.inode}]" for r in tcp_rows() if r.state == LISTEN and r.local_port == port}
+    targets = {r.inode for r in tcp_rows() if r.state == LISTEN and r.local_port == port}
     if not targets:
         return None
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                try:
-                    if str(fd.readlink()) in targets:
-                        return int(proc.name)
-                except OSError:
-                    continue
-        except OSError:
-            continue
+        if proc.name.isdigit() and targets & set(socket_fds(proc.name).values()):
+            return int(proc.name)
     return None
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, run_tracer_healing
-from tracer.netstat import LISTEN, tcp_rows
+from tracer.netstat import LISTEN, socket_fds, tcp_rows
 
 pytestmark = pytest.mark.integration
 LOOPBACK = ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
@@ -92,15 +92,8 @@ def test_listeners_bind_loopback_only(testbed: dict[str, Any], tmp_path: Path) -
         inodes: set[str] = set()
         while time.monotonic() - started < deadline and len(inodes) < 2:
             time.sleep(0.5)
-            inodes = set()
-            for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
-                try:
-                    target = str(fd.readlink())
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-            inodes = {r.inode for r in tcp_rows() if r.state == LISTEN and r.inode in inodes}
+            held = set(socket_fds(proc.pid).values())
+            inodes = {r.inode for r in tcp_rows() if r.state == LISTEN and r.inode in held}
         assert len(inodes) >= 2, "the OTLP receiver's gRPC and HTTP ports"
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             for line in Path(table).read_text().splitlines()[1:]:

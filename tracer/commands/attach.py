@@ -33,16 +33,9 @@ from tracer.process_discovery import pid_listening_on
 
 def listening_port(pid: int) -> int | None:
     """The TCP port process ``pid`` listens on (its API port), if any."""
-    from tracer.netstat import LISTEN, tcp_rows
+    from tracer.netstat import LISTEN, socket_fds, tcp_rows
 
-    inodes = set()
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            target = str(fd.readlink()) if fd.is_symlink() else ""
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    except OSError:
-        return None
+    inodes = set(socket_fds(pid).values())
     ports = sorted(r.local_port for r in tcp_rows() if r.state == LISTEN and r.inode in inodes)
     return ports[0] if ports else None
 
