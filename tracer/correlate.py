@@ -47,9 +47,9 @@ class _GpuSample(Protocol):
     def value(self) -> float: ...
 
 
-class _StackSample(Protocol):
-    @property
-    def time_ns(self) -> int: ...
+class _Stack(Protocol):
+    """Whose stack (process, thread) and its frames, root to leaf."""
+
     @property
     def pid(self) -> int: ...
     @property
@@ -58,17 +58,16 @@ class _StackSample(Protocol):
     def frames(self) -> tuple[str, ...]: ...
 
 
-class _StackSlice(Protocol):
+class _StackSample(_Stack, Protocol):  # eBPF: one instant
+    @property
+    def time_ns(self) -> int: ...
+
+
+class _StackSlice(_Stack, Protocol):  # py-spy: a stretch during which the stack did not change
     @property
     def start_ns(self) -> int: ...
     @property
     def end_ns(self) -> int: ...
-    @property
-    def pid(self) -> int: ...
-    @property
-    def tid(self) -> int: ...
-    @property
-    def frames(self) -> tuple[str, ...]: ...
 
 
 @dataclass
