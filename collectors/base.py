@@ -23,6 +23,7 @@ class SessionInfo:
     clock: ClockModel
     ollama_host: str | None = None
     ollama_pid: int | None = None
+    ollama_version: str | None = None  # asked once, when the capture starts
     ollama_log: Path | None = None
     child_env: dict[str, str] = field(default_factory=dict)  # a collector may add variables
 

@@ -280,7 +280,7 @@ class EbpfCollector:
             raise TracerError(f"no Ollama server process found for {session.ollama_host}; pass --ollama-pid.",
                               ExitCode.OLLAMA_UNREACHABLE)
         binary = find_ollama_binary(pid)
-        version = ollama_version_of(session.ollama_host)
+        version = session.ollama_version or ollama_version_of(session.ollama_host)
         self._plan = plan_probes(binary, version, self.layers)
         self._directory = session.directory
         held = existing_sockets(comm_of(binary))

@@ -128,10 +128,10 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
     prepare_directory(options.directory, options.force)
     clock = ClockModel.measure()
     session = SessionInfo(directory=options.directory, clock=clock, ollama_host=options.ollama_host,
-                          ollama_pid=options.ollama_pid)
+                          ollama_pid=options.ollama_pid, ollama_version=ollama_version_of(options.ollama_host))
     started_ns = time.time_ns()
-    server = {"host": options.ollama_host, "pid": options.ollama_pid,
-              "version": ollama_version_of(options.ollama_host), "settings": server_settings(options.ollama_pid)}
+    server = {"host": options.ollama_host, "pid": options.ollama_pid, "version": session.ollama_version,
+              "settings": server_settings(options.ollama_pid)}
     statuses: dict[str, dict[str, Any]] = {}
     running: list[Collector] = []
     errors: list[str] = []
