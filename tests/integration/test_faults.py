@@ -89,25 +89,34 @@ def _report(out: Path) -> dict[str, Any]:
     return attribution
 
 
-@pytest.fixture
-def own_ollama(testbed: dict[str, Any], tmp_path: Path) -> Iterator[Any]:
-    """An Ollama of this test's own (on the testbed's models), free to be killed."""
-    managed, host = start_ollama(Path(testbed["ollama_binary"]), Path(testbed["ollama_log"]).parent,
-                                 lambda _m: None, log=tmp_path / "own-ollama.log")
-    managed.host = host  # type: ignore[attr-defined]
-    yield managed
-    managed.stop()
-
-
-def test_ollama_killed_mid_capture(own_ollama: Any, tmp_path: Path) -> None:
+def test_ollama_killed_mid_capture(testbed: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "cap"
-    proc = _start(out, own_ollama.host, *_bench(own_ollama.host, 40))
-    _wait_for_iteration(proc, 3)
-    os.killpg(own_ollama.pid, signal.SIGKILL)  # the server and its runners
-    _, stderr = proc.communicate(timeout=180)
-    assert proc.returncode not in (0, 130), stderr  # the benchmark's own failure, passed through
+    stderr, code = "", None
+
+    def attempt() -> None:
+        """Against an Ollama of this test's own (on the testbed's models), free to be killed."""
+        nonlocal stderr, code
+        own, host = start_ollama(Path(testbed["ollama_binary"]), Path(testbed["ollama_log"]).parent,
+                                 lambda _m: None, log=tmp_path / "own-ollama.log")
+        try:
+            proc = _start(out, host, *_bench(host, 40))
+            _wait_for_iteration(proc, 3)
+            os.killpg(own.pid, signal.SIGKILL)  # the server and its runners
+            _, stderr = proc.communicate(timeout=180)
+            code = proc.returncode
+        finally:
+            own.stop()
+
+    # A stall of its own server (the v0.13 deadlock) before the third iteration: a fresh server, once.
+    try:
+        attempt()
+    except Stalled:
+        print("\nNOTE: the test's own Ollama stalled (v0.13 interrupt deadlock); retrying with a fresh one",
+              file=sys.stderr)
+        attempt()
+    assert code not in (0, 130), stderr  # the benchmark's own failure, passed through
     meta = json.loads((out / "capture.json").read_text())
-    assert meta["complete"] and meta["exit_code"] == proc.returncode
+    assert meta["complete"] and meta["exit_code"] == code
     assert any("exited during the capture" in error for error in meta["errors"]), meta["errors"]
     attribution = _report(out)
     intact = [iv for iv in attribution["intervals"] if any(p["source"] == "ebpf" for p in iv["phases"])]
