@@ -62,7 +62,7 @@ ARMS: dict[str, tuple[list[str] | None, str]] = {
 
 
 def nvml_available() -> tuple[bool, str]:
-    from tracer.doctor_checks import check_nvml
+    from ollama_tracer.doctor_checks import check_nvml
 
     result = check_nvml()
     return result.ok, result.detail
@@ -78,11 +78,11 @@ def ratio_ci(values: list[float], baseline: list[float], resamples: int = 2000, 
 
 def run_arm(arm: str, host: str, model: str, iterations: int, base: Path, index: int) -> tuple[list[float], dict]:
     out = base / f"{arm}-{index}.json"
-    bench = [sys.executable, "-m", "tracer", "bench", "interrupt", "--host", host, "--model", model,
+    bench = [sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", host, "--model", model,
              "--iterations", str(iterations), "--json", str(out)]
     extra = ARMS[arm][0]
     directory = base / f"cap-{arm.strip('+')}-{index}"
-    cmd = bench if extra is None else [sys.executable, "-m", "tracer", "capture", "-o", str(directory), "--force",
+    cmd = bench if extra is None else [sys.executable, "-m", "ollama_tracer", "capture", "-o", str(directory), "--force",
                                        "--ollama-host", host, *extra, "--", *bench]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -77,7 +77,7 @@ def main() -> int:
     host = args.host if "://" in args.host else f"http://{args.host}"
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.Popen([sys.executable, "-m", "tracer", "proxy", "--listen", f"127.0.0.1:{port}",
+        proc = subprocess.Popen([sys.executable, "-m", "ollama_tracer", "proxy", "--listen", f"127.0.0.1:{port}",
                                  "--upstream", host, "--no-ebpf", "-o", str(Path(tmp) / "cap")],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from tracer.clock import ClockModel
+from ollama_tracer.clock import ClockModel
 
 
 @dataclass

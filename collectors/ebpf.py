@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collectors import ebpf_profile
-from collectors.base import SessionInfo
-from collectors.go_offsets import GoOffsets, read_offsets
-from collectors.probe_catalogue import DESIGN_NOTES, ProbeSpec, design_for, probes_for
-from tracer import system
-from tracer.clock import ClockModel
-from tracer.errors import ExitCode, TracerError
+from ollama_tracer.collectors import ebpf_profile
+from ollama_tracer.collectors.base import SessionInfo
+from ollama_tracer.collectors.go_offsets import GoOffsets, read_offsets
+from ollama_tracer.collectors.probe_catalogue import DESIGN_NOTES, ProbeSpec, design_for, probes_for
+from ollama_tracer import system
+from ollama_tracer.clock import ClockModel
+from ollama_tracer.errors import ExitCode, TracerError
 
 READY = "TRACER_EBPF_READY"
 RAW_EVENTS = "raw/ebpf_events.txt"
@@ -128,7 +128,7 @@ def plan_probes(binary: Path, version: str | None, layers: str = "all") -> Probe
     specs = probes_for(version) if layers == "all" else ()
     if not specs:
         return plan
-    from collectors.symbols import SymbolTable
+    from ollama_tracer.collectors.symbols import SymbolTable
 
     table = SymbolTable.load(binary)
     plan.symbol_source = "gopclntab" if table.stripped else "symtab"
@@ -178,7 +178,7 @@ def existing_sockets(comm: str) -> list[HeldSocket]:
     """Sockets the Ollama processes already hold: keep-alive connections opened before the capture
     are otherwise invisible to the fd-tracking probes, and their ports are the 4-tuples that tie a
     server's runner connection to the runner's end of it."""
-    from tracer.netstat import socket_fds, tcp_rows
+    from ollama_tracer.netstat import socket_fds, tcp_rows
 
     held: list[tuple[int, int, str]] = []
     for proc in Path("/proc").iterdir():
@@ -264,7 +264,7 @@ class EbpfCollector:
 
     def available(self) -> tuple[bool, str]:
         """The same checks as `tracer doctor`, in the same words: what is missing, then the fix."""
-        from tracer.doctor_checks import check_bpftrace, check_privileges, check_tracefs
+        from ollama_tracer.doctor_checks import check_bpftrace, check_privileges, check_tracefs
 
         for check in (check_bpftrace, check_privileges, check_tracefs):
             result = check()
@@ -273,7 +273,7 @@ class EbpfCollector:
         return True, ""
 
     def start(self, session: SessionInfo) -> None:
-        from tracer.process_discovery import ollama_server_pid, ollama_version_of
+        from ollama_tracer.process_discovery import ollama_server_pid, ollama_version_of
 
         pid = self.ollama_pid or session.ollama_pid or ollama_server_pid(session.ollama_host)
         if pid is None:
@@ -286,7 +286,7 @@ class EbpfCollector:
         held = existing_sockets(comm_of(binary))
         script = build_script(self._plan, self.profile_hz, held)
         self._clock = session.clock
-        from tracer import capture_dir
+        from ollama_tracer import capture_dir
 
         capture_dir.write_text(session.raw_dir / "ebpf_script.bt", script)
         argv = [system.bpftrace_path() or "bpftrace", "-B", "line"]
@@ -320,14 +320,14 @@ class EbpfCollector:
         self._write_meta()
 
     def _write_meta(self) -> None:
-        from tracer import capture_dir
+        from ollama_tracer import capture_dir
 
         assert self._directory is not None
         capture_dir.write_json(self._directory / "raw" / "ebpf_meta.json", self._meta)
 
     def _read(self, proc: subprocess.Popen[str], out_path: Path, ready: threading.Event) -> None:
         assert proc.stdout is not None
-        from tracer import capture_dir
+        from ollama_tracer import capture_dir
 
         out = capture_dir.RawWriter(out_path)
         self._out = out
@@ -390,7 +390,7 @@ class EbpfCollector:
         if self._out is not None:
             stats.update(self._out.stats())
         if self._meta and self._directory is not None:
-            from tracer.process_discovery import role_of
+            from ollama_tracer.process_discovery import role_of
 
             # Roles now, while the runners still run: a runner's argv says "runner".
             server = int(self._meta["pid"])
@@ -484,7 +484,7 @@ def peer_port(printed: str) -> int:
 def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], dict[str, Any], int]:
     """(events in time order, the collector's meta, number of unparsable lines). A meta that is not what
     the collector wrote raises TracerError (BAD_CAPTURE): without it no event has a process or a probe."""
-    from tracer import capture_dir
+    from ollama_tracer import capture_dir
 
     meta_path = directory / "raw" / "ebpf_meta.json"
     if not meta_path.exists():

@@ -20,9 +20,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from collectors.symbols import SymbolTable
-from tracer import capture_dir
-from tracer.clock import ClockModel
+from ollama_tracer.collectors.symbols import SymbolTable
+from ollama_tracer import capture_dir
+from ollama_tracer.clock import ClockModel
 
 DEFAULT_HZ = 99  # not 100: a rate that beats against 100 Hz timers would sample them in lockstep
 STACK_DEPTH = 32
@@ -143,7 +143,7 @@ class Symbolizer:
 def symbolize_capture(directory: Path, clock: ClockModel, maps: dict[int, list[Mapping]],
                       binary: Path | None) -> dict[str, int]:
     """Resolve every sampled address once and write ``raw/ebpf_symbols.json``; returns counts."""
-    from collectors.ebpf import RAW_EVENTS
+    from ollama_tracer.collectors.ebpf import RAW_EVENTS
 
     path = directory / RAW_EVENTS
     wanted: dict[int, set[int]] = {}
@@ -166,7 +166,7 @@ def symbolize_capture(directory: Path, clock: ClockModel, maps: dict[int, list[M
 
 def load_samples(directory: Path, clock: ClockModel) -> tuple[list[StackSample], int]:
     """(stack samples in time order, number of malformed blocks) of a capture."""
-    from collectors.ebpf import RAW_EVENTS
+    from ollama_tracer.collectors.ebpf import RAW_EVENTS
 
     path = directory / RAW_EVENTS
     if not path.exists():

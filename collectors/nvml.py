@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collectors.base import SessionInfo
-from tracer import capture_dir
+from ollama_tracer.collectors.base import SessionInfo
+from ollama_tracer import capture_dir
 
 RAW_SAMPLES = "raw/gpu_samples.jsonl"
 RAW_META = "raw/gpu_meta.json"
@@ -351,7 +351,7 @@ class NvmlCollector:
 
     def _add_ollama_server(self, host: str) -> None:
         try:
-            from tracer.process_discovery import ollama_server_pid
+            from ollama_tracer.process_discovery import ollama_server_pid
 
             pid = ollama_server_pid(host)
         except Exception:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collectors.base import SessionInfo
-from tracer import capture_dir
-from tracer.instrument.genai import parse_created_at
+from ollama_tracer.collectors.base import SessionInfo
+from ollama_tracer import capture_dir
+from ollama_tracer.instrument.genai import parse_created_at
 
 RAW_LOG = "raw/ollama.log"
 # What the log source reads. Without --record-content only these lines (and warnings and errors)

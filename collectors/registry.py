@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from collectors.base import Collector
-from collectors.ebpf import EbpfCollector
-from collectors.ebpf_profile import DEFAULT_HZ
-from collectors.nvml import NvmlCollector
-from collectors.ollama_log import OllamaLogCollector
-from collectors.otlp import OtlpCollector
-from collectors.pyspy import PySpyCollector
+from ollama_tracer.collectors.base import Collector
+from ollama_tracer.collectors.ebpf import EbpfCollector
+from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
+from ollama_tracer.collectors.nvml import NvmlCollector
+from ollama_tracer.collectors.ollama_log import OllamaLogCollector
+from ollama_tracer.collectors.otlp import OtlpCollector
+from ollama_tracer.collectors.pyspy import PySpyCollector
 
 
 @dataclass

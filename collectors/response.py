@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tracer.model import Phase
+from ollama_tracer.model import Phase
 
 SOURCE = "response"
 

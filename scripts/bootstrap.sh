@@ -22,4 +22,4 @@ fi
 
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[dev]'
 command -v go >/dev/null || { echo "bootstrap: Go >= 1.24 is required to build the testbed" >&2; exit 1; }
-echo "bootstrap: ready ($(python3 -m tracer --version))"
+echo "bootstrap: ready ($(python3 -m ollama_tracer --version))"

@@ -14,11 +14,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_tracer(*args: str, timeout: float = 600, env: dict[str, str] | None = None,
                check: bool = False, cwd: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run `python -m tracer ARGS` the way a user would, with an explicit timeout."""
+    """Run `python -m ollama_tracer ARGS` the way a user would, with an explicit timeout."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1")
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "tracer", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "ollama_tracer", *args], capture_output=True, text=True, timeout=timeout,
         env=full_env, cwd=cwd or REPO, check=False,
     )
     if check and proc.returncode != 0:
@@ -57,7 +57,7 @@ def heal_testbed(description: dict[str, Any]) -> bool:
     Returns True if it had to restart. The restart keeps the same port, so ``description``
     stays valid. Each restart is printed: the rate of this upstream bug is worth seeing.
     """
-    from tracer.testbed.runtime import models_respond
+    from ollama_tracer.testbed.runtime import models_respond
 
     if models_respond(description["ollama_host"], description["models"], timeout_s=20):
         return False

@@ -1,3 +1,3 @@
-from tracer.cli import entry
+from ollama_tracer.cli import entry
 
 entry()

@@ -20,12 +20,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from collectors.base import Collector, SessionInfo
-from tracer import __version__, capture_dir
-from tracer.autoinstrument import child_env
-from tracer.clock import ClockModel, ClockTicker
-from tracer.errors import ExitCode, TracerError
-from tracer.process_discovery import ollama_version_of, process_alive, server_settings
+from ollama_tracer.collectors.base import Collector, SessionInfo
+from ollama_tracer import __version__, capture_dir
+from ollama_tracer.autoinstrument import child_env
+from ollama_tracer.clock import ClockModel, ClockTicker
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.process_discovery import ollama_version_of, process_alive, server_settings
 
 # Files a capture writes; --force removes exactly these, never anything else in the directory.
 CAPTURE_FILES = ("capture.json", "attribution.json", "spans.jsonl", "trace.perfetto.json", "report.html",

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tracer.errors import ExitCode, TracerError
+from ollama_tracer.errors import ExitCode, TracerError
 
 CAPTURE_SCHEMA = "tracer.capture/1"
 ATTRIBUTION_SCHEMA = "tracer.attribution/1"
@@ -198,7 +198,7 @@ def load_capture_meta(directory: Path) -> dict[str, Any]:
 
 def _meta_problem(meta: dict[str, Any]) -> str | None:
     """What of capture.json the pipeline reads but does not have the shape the capture wrote, if anything."""
-    from tracer.clock import ClockModel
+    from ollama_tracer.clock import ClockModel
 
     if "clock" in meta:
         try:

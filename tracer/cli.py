@@ -7,24 +7,24 @@ import inspect
 import sys
 from collections.abc import Sequence
 
-from tracer import __version__
-from tracer.commands import Command
-from tracer.errors import ExitCode, TracerError
+from ollama_tracer import __version__
+from ollama_tracer.commands import Command
+from ollama_tracer.errors import ExitCode, TracerError
 
 
 def _commands() -> list[Command]:
     # Imported here so `tracer --version` stays fast and a broken optional import
     # in one subcommand cannot take the others down.
-    from tracer.commands.attach import AttachCommand
-    from tracer.commands.bench import BenchCommand
-    from tracer.commands.capture import CaptureCommand
-    from tracer.commands.diff import DiffCommand
-    from tracer.commands.doctor import DoctorCommand
-    from tracer.commands.export import ExportCommand
-    from tracer.commands.proxy import ProxyCommand
-    from tracer.commands.report import ReportCommand
-    from tracer.commands.run import RunCommand
-    from tracer.commands.testbed import TestbedCommand
+    from ollama_tracer.commands.attach import AttachCommand
+    from ollama_tracer.commands.bench import BenchCommand
+    from ollama_tracer.commands.capture import CaptureCommand
+    from ollama_tracer.commands.diff import DiffCommand
+    from ollama_tracer.commands.doctor import DoctorCommand
+    from ollama_tracer.commands.export import ExportCommand
+    from ollama_tracer.commands.proxy import ProxyCommand
+    from ollama_tracer.commands.report import ReportCommand
+    from ollama_tracer.commands.run import RunCommand
+    from ollama_tracer.commands.testbed import TestbedCommand
 
     return [TestbedCommand(), BenchCommand(), CaptureCommand(), ReportCommand(), DiffCommand(), ExportCommand(),
             DoctorCommand(), ProxyCommand(), RunCommand(), AttachCommand()]

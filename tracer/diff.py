@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from tracer.attribution import percentile
-from tracer.errors import ExitCode, TracerError
+from ollama_tracer.attribution import percentile
+from ollama_tracer.errors import ExitCode, TracerError
 
 SCHEMA = "tracer.diff/1"
 DEFAULT_RESAMPLES = 2000

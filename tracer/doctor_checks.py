@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from tracer import system
+from ollama_tracer import system
 
 Status = Literal["ok", "unavailable", "fail", "skipped"]
 

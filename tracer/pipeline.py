@@ -7,13 +7,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from tracer import capture_dir
-from tracer.attribution import CaptureRecords, attribute
-from tracer.clock import ClockModel
-from tracer.correlate import Evidence, correlate
-from tracer.diagnosis import cache_slots, diagnose
-from tracer.errors import ExitCode, TracerError
-from tracer.exporters import ExportData
+from ollama_tracer import capture_dir
+from ollama_tracer.attribution import CaptureRecords, attribute
+from ollama_tracer.clock import ClockModel
+from ollama_tracer.correlate import Evidence, correlate
+from ollama_tracer.diagnosis import cache_slots, diagnose
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.exporters import ExportData
 
 SERVICE_BY_PROCESS = {"client": "ollama-client", "server": "ollama-server", "runner": "ollama-runner",
                       "proxy": "ollama-proxy"}
@@ -26,15 +26,15 @@ def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords,
     bad += len(rows) - len(spans)  # JSON, but not a span as the receiver writes one
     extra: dict[str, Any] = {"meta": meta}
     unreadable = {capture_dir.CLIENT_SPANS: bad}
-    from collectors.ollama_log import RAW_LOG, load_log
+    from ollama_tracer.collectors.ollama_log import RAW_LOG, load_log
 
     log_events, bad_log = load_log(directory)
     if log_events:
         extra["log_events"] = log_events
         unreadable[RAW_LOG] = bad_log
     if (directory / "raw" / "ebpf_meta.json").exists():
-        from collectors.ebpf import load_events
-        from tracer.process_discovery import role_of
+        from ollama_tracer.collectors.ebpf import load_events
+        from ollama_tracer.process_discovery import role_of
 
         if not meta.get("clock"):  # load_capture_meta has checked one that is there
             raise TracerError(f"{directory / 'capture.json'} has no clock, so the eBPF events cannot be placed in "
@@ -49,24 +49,24 @@ def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords,
         }
         unreadable["raw/ebpf_events.txt"] = bad_events
         if meta.get("mode") == "attach":
-            from tracer.attribution.server_requests import server_request_spans
+            from ollama_tracer.attribution.server_requests import server_request_spans
 
             # No client: the requests are the ones the server read, seen through eBPF alone.
             spans = server_request_spans(events, extra["ebpf"]["roles"])
         if ebpf_meta.get("profile_hz"):
-            from collectors.ebpf_profile import load_samples
+            from ollama_tracer.collectors.ebpf_profile import load_samples
 
             extra["native_stacks"], unreadable["raw/ebpf_events.txt (stacks)"] = load_samples(
                 directory, ClockModel.from_json(meta["clock"]))
     if (directory / "raw" / "gpu_samples.jsonl").exists():
-        from collectors.nvml import load_gpu_samples
+        from ollama_tracer.collectors.nvml import load_gpu_samples
 
         samples, extra["gpu_meta"], bad_gpu = load_gpu_samples(directory)
         # No NVML reading reaches 2**64 (bytes of memory at most); past it, a sum or a difference is infinite.
         extra["gpu_samples"] = [sample for sample in samples if abs(sample.value) < 2**64]
         unreadable["raw/gpu_samples.jsonl"] = bad_gpu + len(samples) - len(extra["gpu_samples"])
     if (directory / "raw" / "pyspy_meta.json").exists():
-        from collectors.pyspy import load_stacks
+        from ollama_tracer.collectors.pyspy import load_stacks
 
         extra["python_stacks"], extra["pyspy_meta"], unreadable["raw/pyspy.chrometrace.json"] = load_stacks(directory)
     return CaptureRecords(spans=spans, extra=extra), unreadable
@@ -255,7 +255,7 @@ def _evidence(attribution: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_outputs(directory: Path, data: ExportData) -> list[Path]:
-    from tracer.exporters import html, perfetto
+    from ollama_tracer.exporters import html, perfetto
 
     written = []
     attribution, spans = data.attribution, data.spans

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import requests
 
-from tracer.netstat import LISTEN, socket_fds, tcp_rows
-from tracer.ollama_host import host_and_port
+from ollama_tracer.netstat import LISTEN, socket_fds, tcp_rows
+from ollama_tracer.ollama_host import host_and_port
 
 
 def pid_listening_on(port: int) -> int | None:

@@ -42,7 +42,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from tracer.instrument.genai import StreamRecorder, operation_for_path
+from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
 
 log = logging.getLogger("tracer.proxy")
 
@@ -319,7 +319,7 @@ class ProxyServer:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        from tracer.otel_setup import MAX_EXPORT_BATCH, MAX_QUEUE_SIZE
+        from ollama_tracer.otel_setup import MAX_EXPORT_BATCH, MAX_QUEUE_SIZE
 
         self.host, self.port, self.upstream = host, port, upstream
         self.exporter = SegmentExporter()

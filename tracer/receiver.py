@@ -39,7 +39,7 @@ from google.protobuf import message as protobuf_message  # type: ignore[import-u
 from google.rpc import status_pb2  # type: ignore[import-untyped, unused-ignore]
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from tracer.errors import ExitCode, TracerError
+from ollama_tracer.errors import ExitCode, TracerError
 
 logger = logging.getLogger(__name__)
 

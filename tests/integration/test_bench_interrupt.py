@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, heal_testbed, run_tracer_healing
-from tracer.autoinstrument import child_env
-from tracer.receiver import OtlpReceiver
+from ollama_tracer.autoinstrument import child_env
+from ollama_tracer.receiver import OtlpReceiver
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO, run_tracer, run_tracer_healing
-from tracer.testbed.runtime import free_loopback_port
+from ollama_tracer.testbed.runtime import free_loopback_port
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +28,7 @@ def _capture(testbed: dict[str, Any], out: Path, *command: str, extra: tuple[str
 
 
 def _bench(model: str = "tracer-gemma3:test", iterations: int = 3) -> tuple[str, ...]:
-    return (sys.executable, "-m", "tracer", "bench", "interrupt", "--model", model, "--iterations", str(iterations),
+    return (sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--model", model, "--iterations", str(iterations),
             "--request-timeout", "30")
 
 
@@ -236,7 +236,7 @@ def test_sigint_mid_capture_leaves_a_readable_capture(testbed: dict[str, Any], t
     out = tmp_path / "cap"
     env = dict(os.environ, OLLAMA_HOST=testbed["ollama_host"], PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tracer", "capture", "-o", str(out), "--", *_bench(iterations=50)],
+        [sys.executable, "-m", "ollama_tracer", "capture", "-o", str(out), "--", *_bench(iterations=50)],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     spans_file = out / "raw" / "client_spans.jsonl"

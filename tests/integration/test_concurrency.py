@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, run_tracer
-from tracer.testbed.runtime import start_ollama
+from ollama_tracer.testbed.runtime import start_ollama
 
 pytestmark = pytest.mark.integration
 LLAMA, GEMMA = "tracer-llama:test", "tracer-gemma3:test"

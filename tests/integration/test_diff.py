@@ -21,7 +21,7 @@ def _capture(testbed: dict[str, Any], out: Path, *bench_options: str) -> None:
     host = testbed["ollama_host"]
     proc = run_tracer_healing(
         testbed, "capture", "-o", str(out), "--force", "--ollama-host", host, "--",
-        sys.executable, "-m", "tracer", "bench", "interrupt", "--host", host, "--model", MODEL,
+        sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", host, "--model", MODEL,
         "--iterations", "6", "--request-timeout", "15", *bench_options,
         timeout=240, env={"OLLAMA_HOST": host},
     )

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO, heal_testbed, run_tracer_healing
-from tracer.testbed.runtime import free_loopback_port
+from ollama_tracer.testbed.runtime import free_loopback_port
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +33,7 @@ CRITICAL_PATH = ["client.interrupt", "client.request", "server.receive", "server
 def _capture(host_for_pid: str, out: Path, bench_host: str, model: str, *extra: str,
              iterations: int = 3, healing: dict[str, Any] | None = None, heal: Any = None) -> dict[str, Any]:
     args = ("capture", "-o", str(out), "--force", "--ollama-host", host_for_pid, *extra, "--",
-            sys.executable, "-m", "tracer", "bench", "interrupt", "--host", bench_host, "--model", model,
+            sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", bench_host, "--model", model,
             "--iterations", str(iterations), "--request-timeout", "30")
     proc = run_tracer_healing(healing or {}, *args, heal=heal, timeout=400)
     assert proc.returncode == 0, proc.stderr
@@ -226,8 +226,8 @@ def test_without_privileges_the_capture_goes_on(testbed: dict[str, Any], tmp_pat
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
     env = dict(os.environ, OLLAMA_HOST=testbed["ollama_host"], PYTHONPATH=REPO)
-    argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m", "tracer", "capture", "-o",
-            str(out), "--force", "--", sys.executable, "-m", "tracer", "bench", "interrupt", "--model",
+    argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m", "ollama_tracer", "capture", "-o",
+            str(out), "--force", "--", sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--model",
             "tracer-llama:test", "--iterations", "1", "--warmup", "0", "--request-timeout", "30"]
     proc = _run_healing(testbed, argv, env)
     assert proc.returncode == 0, proc.stderr
@@ -242,7 +242,7 @@ def test_without_privileges_the_capture_goes_on(testbed: dict[str, Any], tmp_pat
 def test_without_tracefs_the_capture_goes_on(testbed: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "cap"
     script = (f"umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug 2>/dev/null; "
-              f"exec {sys.executable} -m tracer capture -o {out} --force -- {sys.executable} -m tracer bench "
+              f"exec {sys.executable} -m ollama_tracer capture -o {out} --force -- {sys.executable} -m ollama_tracer bench "
               f"interrupt --model tracer-llama:test --iterations 1 --warmup 0 --request-timeout 30")
     env = dict(os.environ, OLLAMA_HOST=testbed["ollama_host"], PYTHONPATH=REPO)
     proc = _run_healing(testbed, ["unshare", "--mount", "sh", "-c", script], env)

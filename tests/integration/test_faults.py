@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, heal_testbed, run_tracer
-from tracer.testbed.runtime import start_ollama
+from ollama_tracer.testbed.runtime import start_ollama
 
 pytestmark = pytest.mark.integration
 LLAMA = "tracer-llama:test"
@@ -25,13 +25,13 @@ LLAMA = "tracer-llama:test"
 
 def _start(out: Path, host: str, *command: str, extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tracer", "capture", "-o", str(out), "--force", "--ollama-host", host, *extra,
+        [sys.executable, "-m", "ollama_tracer", "capture", "-o", str(out), "--force", "--ollama-host", host, *extra,
          "--", *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1", OLLAMA_HOST=host))
 
 
 def _bench(host: str, iterations: int) -> tuple[str, ...]:
-    return (sys.executable, "-m", "tracer", "bench", "interrupt", "--host", host, "--model", LLAMA,
+    return (sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", host, "--model", LLAMA,
             "--iterations", str(iterations), "--request-timeout", "20")
 
 

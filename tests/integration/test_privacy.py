@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import REPO, run_tracer_healing
-from tracer.netstat import LISTEN, socket_fds, tcp_rows
+from ollama_tracer.netstat import LISTEN, socket_fds, tcp_rows
 
 pytestmark = pytest.mark.integration
 LOOPBACK = ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
@@ -83,7 +83,7 @@ def test_no_prompt_or_completion_anywhere_without_record_content(testbed: dict[s
 def test_listeners_bind_loopback_only(testbed: dict[str, Any], tmp_path: Path) -> None:
     """While a capture runs, every socket the tracer listens on is a loopback one."""
     out = tmp_path / "cap"
-    proc = subprocess.Popen([sys.executable, "-m", "tracer", "capture", "-o", str(out), "--ollama-host",
+    proc = subprocess.Popen([sys.executable, "-m", "ollama_tracer", "capture", "-o", str(out), "--ollama-host",
                              testbed["ollama_host"], "--", sys.executable, "-c", "import time; time.sleep(6)"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

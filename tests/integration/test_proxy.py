@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO, heal_testbed, run_tracer
-from tracer.testbed.runtime import free_loopback_port
+from ollama_tracer.testbed.runtime import free_loopback_port
 
 pytestmark = pytest.mark.integration
 LLAMA = "tracer-llama:test"
@@ -47,7 +47,7 @@ class Proxy:
 def proxy(upstream: str, out: Path, *extra: str) -> Iterator[Proxy]:
     port = free_loopback_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tracer", "proxy", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
+        [sys.executable, "-m", "ollama_tracer", "proxy", "--listen", f"127.0.0.1:{port}", "--upstream", upstream,
          "-o", str(out), "--force", *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"))
     deadline = time.monotonic() + 60
@@ -240,7 +240,7 @@ def test_proxy_soak_memory_stays_flat(testbed: dict[str, Any], tmp_path: Path) -
 def _attach_while_script_runs(testbed: dict[str, Any], out: Path) -> tuple[int, str]:
     """`tracer attach` around an unmodified script; (the script's exit code, attach's stderr)."""
     port = testbed["ollama_host"].rsplit(":", 1)[1]
-    attach = subprocess.Popen([sys.executable, "-m", "tracer", "attach", "--ollama-port", port, "-o", str(out),
+    attach = subprocess.Popen([sys.executable, "-m", "ollama_tracer", "attach", "--ollama-port", port, "-o", str(out),
                                "--force"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

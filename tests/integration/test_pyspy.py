@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from collectors.base import SessionInfo
-from collectors.pyspy import RAW_META, RAW_STDERR, RAW_TRACE, PySpyCollector, StackSlice, load_stacks
+from ollama_tracer.collectors.base import SessionInfo
+from ollama_tracer.collectors.pyspy import RAW_META, RAW_STDERR, RAW_TRACE, PySpyCollector, StackSlice, load_stacks
 from tests.conftest import REPO, run_tracer
-from tracer.autoinstrument import child_env
-from tracer.clock import ClockModel
+from ollama_tracer.autoinstrument import child_env
+from ollama_tracer.clock import ClockModel
 
 pytestmark = pytest.mark.integration
 

@@ -45,7 +45,7 @@ def capture(testbed: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("report_html") / "cap"
     proc = run_tracer_healing(
         testbed, "capture", "-o", str(out), "--force", "--ollama-host", testbed["ollama_host"], "--",
-        sys.executable, "-m", "tracer", "bench", "interrupt", "--host", testbed["ollama_host"],
+        sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", testbed["ollama_host"],
         "--model", "tracer-llama:test", "--iterations", "2", "--request-timeout", "30",
         timeout=300, env={"OLLAMA_HOST": testbed["ollama_host"]})
     assert proc.returncode == 0, proc.stderr

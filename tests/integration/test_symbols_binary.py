@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from collectors.symbols import SymbolTable
+from ollama_tracer.collectors.symbols import SymbolTable
 
 pytestmark = pytest.mark.integration
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import itertools
 import random
 
-from tracer.attribution import AttributedInterval, CaptureRecords, attribute, percentile, reconcile, summarize
-from tracer.attribution.intervals import Interval, find_intervals
-from tracer.model import Phase
+from ollama_tracer.attribution import AttributedInterval, CaptureRecords, attribute, percentile, reconcile, summarize
+from ollama_tracer.attribution.intervals import Interval, find_intervals
+from ollama_tracer.model import Phase
 
 MS = 1_000_000
 

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 
-from collectors.response import ResponseTimings, response_phases
-from tracer import netstat
-from tracer.bench.interrupt import summarize
-from tracer.instrument.genai import StreamRecorder, parse_created_at
+from ollama_tracer.collectors.response import ResponseTimings, response_phases
+from ollama_tracer import netstat
+from ollama_tracer.bench.interrupt import summarize
+from ollama_tracer.instrument.genai import StreamRecorder, parse_created_at
 
 
 def test_summary_reproduces_the_seed_figures() -> None:
@@ -110,8 +110,8 @@ def test_instrumentors_are_idempotent_and_reversible() -> None:
     import requests
     from ollama._client import AsyncClient, Client
 
-    from tracer.instrument.ollama_client import OllamaInstrumentor
-    from tracer.instrument.requests_client import RequestsInstrumentor
+    from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
+    from ollama_tracer.instrument.requests_client import RequestsInstrumentor
 
     originals = (Client._request, AsyncClient._request, requests.Session.send)
     for instrumentor in (OllamaInstrumentor(), RequestsInstrumentor()):
@@ -129,7 +129,7 @@ def test_instrumentors_are_idempotent_and_reversible() -> None:
 def test_host_exceptions_pass_through_unchanged() -> None:
     import ollama
 
-    from tracer.instrument.ollama_client import OllamaInstrumentor
+    from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
 
     def failure() -> BaseException:
         client = ollama.Client(host="http://127.0.0.1:9")

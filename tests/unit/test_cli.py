@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from tracer import __version__
-from tracer.cli import build_parser, main
-from tracer.errors import ExitCode
+from ollama_tracer import __version__
+from ollama_tracer.cli import build_parser, main
+from ollama_tracer.errors import ExitCode
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from tracer.cli import main
-from tracer.commands.diff import render
-from tracer.diff import SCHEMA, CaptureSide, compare, describe
-from tracer.errors import ExitCode, TracerError
+from ollama_tracer.cli import main
+from ollama_tracer.commands.diff import render
+from ollama_tracer.diff import SCHEMA, CaptureSide, compare, describe
+from ollama_tracer.errors import ExitCode, TracerError
 
 # Per-interval milliseconds of each phase, in critical-path order, as a capture's intervals hold them.
 BASE = {
@@ -51,7 +51,7 @@ def _attribution(columns: dict[str, list[float]], warmups: int = 1) -> dict[str,
 
 
 def _meta(**ollama: Any) -> dict[str, Any]:
-    return {"schema": "tracer.capture/1", "command": ["/usr/bin/python3", "-m", "tracer", "bench", "interrupt"],
+    return {"schema": "tracer.capture/1", "command": ["/usr/bin/python3", "-m", "ollama_tracer", "bench", "interrupt"],
             "collectors": {"client_spans": {"ran": True}, "ebpf": {"ran": True}, "nvml": {"ran": False}},
             "ollama": {"host": "http://127.0.0.1:11434", "version": "0.13.5", **ollama}}
 
@@ -199,7 +199,7 @@ def test_table_shows_each_row_and_the_captures() -> None:
     out = io.StringIO()
     render(out, compare(_side("/caps/A", BASE), _side("/caps/B", loads)))
     text = out.getvalue()
-    assert text.startswith("diff A = /caps/A: python3 -m tracer bench interrupt (tracer-llama:test, Ollama 0.13.5")
+    assert text.startswith("diff A = /caps/A: python3 -m ollama_tracer bench interrupt (tracer-llama:test, Ollama 0.13.5")
     for name in [*loads, "unattributed", "interval"]:
         assert name in text
     assert "new in B" in text and "slower" in text and "no significant change" in text

@@ -7,12 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collectors.ebpf import ParseError, ProbeEvent, parse_line, plan_probes
-from collectors.ollama_log import parse_line as parse_log_line
-from collectors.probe_catalogue import design_for, probes_for
-from tracer.attribution.ebpf_source import EbpfSource, blob_scans, merged_name
-from tracer.attribution.intervals import Interval
-from tracer.clock import ClockModel, ClockOffset
+from ollama_tracer.collectors.ebpf import ParseError, ProbeEvent, parse_line, plan_probes
+from ollama_tracer.collectors.ollama_log import parse_line as parse_log_line
+from ollama_tracer.collectors.probe_catalogue import design_for, probes_for
+from ollama_tracer.attribution.ebpf_source import EbpfSource, blob_scans, merged_name
+from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.clock import ClockModel, ClockOffset
 
 CLOCK = ClockModel(start={"boottime": ClockOffset("boottime", 1_000, 100, 0),
                           "monotonic": ClockOffset("monotonic", 2_000, 100, 0)})
@@ -153,8 +153,8 @@ def test_catalogue_by_version_and_missing_symbols(tmp_path: Path) -> None:
 
 
 def test_log_collector_keeps_no_prompt_text_without_record_content(tmp_path: Path) -> None:
-    from collectors.base import SessionInfo
-    from collectors.ollama_log import OllamaLogCollector
+    from ollama_tracer.collectors.base import SessionInfo
+    from ollama_tracer.collectors.ollama_log import OllamaLogCollector
 
     log = tmp_path / "ollama.log"
     log.write_text("old line before the capture\n")
@@ -178,7 +178,7 @@ def test_log_collector_keeps_no_prompt_text_without_record_content(tmp_path: Pat
 
 
 def test_a_slewed_realtime_is_followed_between_checkpoints() -> None:
-    from tracer.clock import ClockOffset
+    from ollama_tracer.clock import ClockOffset
 
     def at(t: int, offset: int) -> dict[str, ClockOffset]:
         return {"boottime": ClockOffset("boottime", offset, 100, t)}

@@ -49,12 +49,12 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from collectors import ebpf, ebpf_profile, ollama_log, pyspy
-from collectors.ebpf import ParseError, ProbeEvent
-from tracer import capture_dir, pipeline
-from tracer.clock import ClockModel, ClockOffset
-from tracer.errors import ExitCode, TracerError
-from tracer.receiver import MAX_REQUEST_BYTES, OtlpReceiver
+from ollama_tracer.collectors import ebpf, ebpf_profile, ollama_log, pyspy
+from ollama_tracer.collectors.ebpf import ParseError, ProbeEvent
+from ollama_tracer import capture_dir, pipeline
+from ollama_tracer.clock import ClockModel, ClockOffset
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.receiver import MAX_REQUEST_BYTES, OtlpReceiver
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "capture_small"
 CASES: Counter[str] = Counter()

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from tracer.testbed.models import (
+from ollama_tracer.testbed.models import (
     GEMMA3_SPEC,
     LLAMA_SPEC,
     TOKEN_BYTE,

@@ -14,9 +14,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collectors.nvml import GpuSample
-from tracer.correlate import Evidence
-from tracer.exporters import ExportData, html
+from ollama_tracer.collectors.nvml import GpuSample
+from ollama_tracer.correlate import Evidence
+from ollama_tracer.exporters import ExportData, html
 
 T0 = 1_760_000_000_000_000_000  # an epoch-ns origin, as real captures have
 MS = 1_000_000

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tracer.testbed.jaeger import _wrapper_go_mod, write_jaeger_config
+from ollama_tracer.testbed.jaeger import _wrapper_go_mod, write_jaeger_config
 
 
 def _endpoints(cfg: dict[str, Any]) -> dict[str, str]:

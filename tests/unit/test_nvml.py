@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from collectors.base import SessionInfo
-from collectors.nvml import (
+from ollama_tracer.collectors.base import SessionInfo
+from ollama_tracer.collectors.nvml import (
     RAW_META,
     RAW_SAMPLES,
     GpuSample,
@@ -26,8 +26,8 @@ from collectors.nvml import (
     load_gpu_samples,
 )
 from tests.nvml_standin import NvmlStandIn
-from tracer import capture_dir
-from tracer.clock import ClockModel
+from ollama_tracer import capture_dir
+from ollama_tracer.clock import ClockModel
 
 REPO = Path(__file__).resolve().parents[2]
 S = 1_000_000_000

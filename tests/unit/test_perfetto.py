@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tracer.exporters import ExportData, perfetto
+from ollama_tracer.exporters import ExportData, perfetto
 
 T0 = 1_760_000_000_000_000_000  # an epoch-ns origin, as real captures have
 MS = 1_000_000

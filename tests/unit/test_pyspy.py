@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from collectors import pyspy
-from collectors.pyspy import (
+from ollama_tracer.collectors import pyspy
+from ollama_tracer.collectors.pyspy import (
     LAUNCH_ERROR_NS,
     MARKER_FUNCTION,
     MARKER_LOOP_FUNCTION,
@@ -43,7 +43,7 @@ from collectors.pyspy import (
     parse_markers,
 )
 from tests.conftest import REPO
-from tracer import autoinstrument, system
+from ollama_tracer import autoinstrument, system
 
 FILE = "/app/main.py"
 
@@ -430,7 +430,7 @@ def test_diagnose_gives_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_available_says_why_and_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tracer.doctor_checks import CheckResult
+    from ollama_tracer.doctor_checks import CheckResult
 
     collector = PySpyCollector()
     monkeypatch.setattr(pyspy, "pyspy_binary", lambda: None)
@@ -450,8 +450,8 @@ def test_available_says_why_and_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_stop_without_a_command_reports_instead_of_failing(tmp_path: Path) -> None:
-    from collectors.base import SessionInfo
-    from tracer.clock import ClockModel
+    from ollama_tracer.collectors.base import SessionInfo
+    from ollama_tracer.clock import ClockModel
 
     collector = PySpyCollector()
     session = SessionInfo(directory=tmp_path, clock=ClockModel.measure())

@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from tracer.receiver import MAX_REQUEST_BYTES, OtlpReceiver, SpanDict, spans_from_request
+from ollama_tracer.receiver import MAX_REQUEST_BYTES, OtlpReceiver, SpanDict, spans_from_request
 
 TEST_TIMEOUT_S = 60
 PROTOCOLS = ["http", "grpc"]

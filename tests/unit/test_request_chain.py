@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from collectors.ebpf import ProbeEvent, parse_line
-from tracer.attribution.request_chain import Broken, concurrent_sequences, own_events, resolve
-from tracer.clock import ClockModel
+from ollama_tracer.collectors.ebpf import ProbeEvent, parse_line
+from ollama_tracer.attribution.request_chain import Broken, concurrent_sequences, own_events, resolve
+from ollama_tracer.clock import ClockModel
 
 SERVER, RUNNER = 100, 200
 ROLES = {SERVER: "server", RUNNER: "runner"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from collectors.symbols import (
+from ollama_tracer.collectors.symbols import (
     GO120_PCLNTAB_MAGIC,
     PclnFunc,
     Symbol,

@@ -15,11 +15,11 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracer.attribution.ebpf_source import EbpfSource
-from tracer.attribution.intervals import Interval, find_intervals
-from tracer.attribution.log_source import LogSource
-from tracer.attribution.sources import ClientSource, PhaseSource, ResponseSource
-from tracer.model import Phase
+from ollama_tracer.attribution.ebpf_source import EbpfSource
+from ollama_tracer.attribution.intervals import Interval, find_intervals
+from ollama_tracer.attribution.log_source import LogSource
+from ollama_tracer.attribution.sources import ClientSource, PhaseSource, ResponseSource
+from ollama_tracer.model import Phase
 
 SCHEMA = "tracer.attribution/1"
 

@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from collectors.ebpf import ProbeEvent
-from tracer.attribution.intervals import Interval
-from tracer.attribution.request_chain import Broken, Chain, concurrent_sequences, own_events, resolve
-from tracer.attribution.sources import Records
-from tracer.model import Phase
+from ollama_tracer.collectors.ebpf import ProbeEvent
+from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.attribution.request_chain import Broken, Chain, concurrent_sequences, own_events, resolve
+from ollama_tracer.attribution.sources import Records
+from ollama_tracer.model import Phase
 
 SOURCE = "ebpf"
 BLOB_MARKER = "/blobs/sha256-"
@@ -386,7 +386,7 @@ def _peer_gone(event: ProbeEvent) -> bool:
 
 @functools.cache
 def _symbol_keys() -> dict[str, tuple[str, ...]]:
-    from collectors.probe_catalogue import V0_13
+    from ollama_tracer.collectors.probe_catalogue import V0_13
 
     keys: dict[str, tuple[str, ...]] = {}
     for spec in V0_13:

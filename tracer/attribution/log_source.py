@@ -8,9 +8,9 @@ The log then marks: ``evaluating already loaded`` (after the GGUF scans, in the 
 
 from __future__ import annotations
 
-from tracer.attribution.intervals import Interval
-from tracer.attribution.sources import Records
-from tracer.model import Phase
+from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.attribution.sources import Records
+from ollama_tracer.model import Phase
 
 SOURCE = "log"
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from collectors.ebpf import ProbeEvent
+from ollama_tracer.collectors.ebpf import ProbeEvent
 
 TRACKED_PATHS = ("POST /api/generate", "POST /api/chat")
 _EAGAIN = -11

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from collectors.response import ResponseTimings, response_phases
-from tracer.attribution.intervals import Interval
-from tracer.model import Phase
+from ollama_tracer.collectors.response import ResponseTimings, response_phases
+from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.model import Phase
 
 PROXY_SERVICE = "ollama-proxy"  # tracer.proxy's service name (not imported: the proxy pulls in aiohttp)
 

@@ -53,9 +53,9 @@ def initialize() -> None:
     if os.environ.get(ENV_PYSPY_MARKER) == "1":
         _start_clock_marker()  # first: the OTel imports below take a while, py-spy is already sampling
     try:
-        from tracer.instrument.ollama_client import OllamaInstrumentor
-        from tracer.instrument.requests_client import RequestsInstrumentor
-        from tracer.otel_setup import configure_from_env
+        from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
+        from ollama_tracer.instrument.requests_client import RequestsInstrumentor
+        from ollama_tracer.otel_setup import configure_from_env
 
         record_content = os.environ.get(ENV_RECORD_CONTENT) == "1"
         provider = configure_from_env(os.environ.get("OTEL_SERVICE_NAME", "ollama-client"))

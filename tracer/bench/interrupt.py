@@ -20,10 +20,10 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from collectors.response import ResponseTimings, response_phases
-from tracer import netstat
-from tracer.instrument import genai
-from tracer.model import Phase
+from ollama_tracer.collectors.response import ResponseTimings, response_phases
+from ollama_tracer import netstat
+from ollama_tracer.instrument import genai
+from ollama_tracer.model import Phase
 
 SCHEMA = "tracer.bench.interrupt/1"
 
@@ -114,14 +114,14 @@ class BenchClient:
         if options.client == "sdk":
             import ollama
 
-            from tracer.instrument.ollama_client import OllamaInstrumentor
+            from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
 
             OllamaInstrumentor().instrument(record_content=options.record_content)
             self._sdk = ollama.Client(host=options.host, timeout=options.request_timeout_s)
         else:
             import requests
 
-            from tracer.instrument.requests_client import RequestsInstrumentor
+            from ollama_tracer.instrument.requests_client import RequestsInstrumentor
 
             RequestsInstrumentor().instrument(record_content=options.record_content)
             self._session = requests.Session()

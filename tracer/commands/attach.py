@@ -20,20 +20,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collectors.base import SessionInfo
-from collectors.ebpf_profile import DEFAULT_HZ
-from collectors.registry import CollectorOptions, make_collectors
-from tracer.capture import CaptureOptions, run_capture
-from tracer.commands.capture import add_otlp_arguments, add_show_argument, export_if_asked
-from tracer.errors import ExitCode, TracerError
-from tracer.exporters import table as table_exporter
-from tracer.pipeline import compute, write_outputs
-from tracer.process_discovery import pid_listening_on
+from ollama_tracer.collectors.base import SessionInfo
+from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
+from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
+from ollama_tracer.capture import CaptureOptions, run_capture
+from ollama_tracer.commands.capture import add_otlp_arguments, add_show_argument, export_if_asked
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.exporters import table as table_exporter
+from ollama_tracer.pipeline import compute, write_outputs
+from ollama_tracer.process_discovery import pid_listening_on
 
 
 def listening_port(pid: int) -> int | None:
     """The TCP port process ``pid`` listens on (its API port), if any."""
-    from tracer.netstat import LISTEN, socket_fds, tcp_rows
+    from ollama_tracer.netstat import LISTEN, socket_fds, tcp_rows
 
     inodes = set(socket_fds(pid).values())
     ports = sorted(r.local_port for r in tcp_rows() if r.state == LISTEN and r.inode in inodes)

@@ -23,11 +23,11 @@ import requests
 from rich.console import Console
 from rich.table import Table
 
-from tracer import __version__
-from tracer.bench.interrupt import SCHEMA, BenchClient, BenchOptions, Iteration, run_iteration, summary
-from tracer.errors import ExitCode, TracerError
-from tracer.ollama_host import resolve_host
-from tracer.otel_setup import configure_from_env
+from ollama_tracer import __version__
+from ollama_tracer.bench.interrupt import SCHEMA, BenchClient, BenchOptions, Iteration, run_iteration, summary
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.ollama_host import resolve_host
+from ollama_tracer.otel_setup import configure_from_env
 
 
 def _positive(kind: type[float] | type[int]) -> Any:

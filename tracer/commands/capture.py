@@ -19,17 +19,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from collectors.ebpf_profile import DEFAULT_HZ
-from collectors.registry import CollectorOptions, make_collectors
-from tracer import capture_dir
-from tracer.capture import CaptureOptions, default_directory, resolve_command, run_capture
-from tracer.errors import ExitCode, TracerError
-from tracer.exporters import table as table_exporter
-from tracer.exporters.otlp import PROTOCOLS, export_rows
-from tracer.exporters.table import SHOW_CHOICES
-from tracer.ollama_host import resolve_host
-from tracer.pipeline import compute, write_outputs
-from tracer.process_discovery import ollama_server_pid
+from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
+from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
+from ollama_tracer import capture_dir
+from ollama_tracer.capture import CaptureOptions, default_directory, resolve_command, run_capture
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.exporters import table as table_exporter
+from ollama_tracer.exporters.otlp import PROTOCOLS, export_rows
+from ollama_tracer.exporters.table import SHOW_CHOICES
+from ollama_tracer.ollama_host import resolve_host
+from ollama_tracer.pipeline import compute, write_outputs
+from ollama_tracer.process_discovery import ollama_server_pid
 
 
 def add_otlp_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -89,7 +89,7 @@ def _show(text: str) -> tuple[str, ...]:
 
 def _testbed_log(host: str) -> Path | None:
     """The testbed's server log, when the capture targets the running testbed."""
-    from tracer.testbed.runtime import TestbedState, testbed_dir
+    from ollama_tracer.testbed.runtime import TestbedState, testbed_dir
 
     state = TestbedState.load(testbed_dir() / "state.json")
     if state.ollama is not None and state.ollama_host == host and state.ollama.alive():

@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tracer.commands.bench import _positive
-from tracer.diff import DEFAULT_RESAMPLES, DEFAULT_SEED, INTERVAL_ROW, UNATTRIBUTED_ROW, compare, describe
-from tracer.errors import ExitCode
-from tracer.pipeline import compute
+from ollama_tracer.commands.bench import _positive
+from ollama_tracer.diff import DEFAULT_RESAMPLES, DEFAULT_SEED, INTERVAL_ROW, UNATTRIBUTED_ROW, compare, describe
+from ollama_tracer.errors import ExitCode
+from ollama_tracer.pipeline import compute
 
 
 class DiffCommand:

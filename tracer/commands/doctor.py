@@ -11,9 +11,9 @@ import argparse
 import json
 import sys
 
-from tracer.doctor_checks import CheckResult, run_checks
-from tracer.errors import ExitCode
-from tracer.ollama_host import resolve_host
+from ollama_tracer.doctor_checks import CheckResult, run_checks
+from ollama_tracer.errors import ExitCode
+from ollama_tracer.ollama_host import resolve_host
 
 _MARK = {"ok": "OK  ", "unavailable": "N/A ", "fail": "FAIL", "skipped": "--  "}
 

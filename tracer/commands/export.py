@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tracer import capture_dir
-from tracer.commands.capture import add_otlp_arguments, export_capture
-from tracer.errors import ExitCode
-from tracer.pipeline import compute, write_outputs
+from ollama_tracer import capture_dir
+from ollama_tracer.commands.capture import add_otlp_arguments, export_capture
+from ollama_tracer.errors import ExitCode
+from ollama_tracer.pipeline import compute, write_outputs
 
 
 class ExportCommand:

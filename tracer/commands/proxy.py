@@ -30,15 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collectors.base import SessionInfo
-from collectors.registry import CollectorOptions, make_collectors
-from tracer import capture_dir
-from tracer.capture import CaptureOptions, run_capture
-from tracer.commands.capture import add_otlp_arguments, add_show_argument, export_if_asked
-from tracer.errors import ExitCode, TracerError
-from tracer.exporters import table as table_exporter
-from tracer.pipeline import compute, write_outputs
-from tracer.process_discovery import ollama_server_pid
+from ollama_tracer.collectors.base import SessionInfo
+from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
+from ollama_tracer import capture_dir
+from ollama_tracer.capture import CaptureOptions, run_capture
+from ollama_tracer.commands.capture import add_otlp_arguments, add_show_argument, export_if_asked
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.exporters import table as table_exporter
+from ollama_tracer.pipeline import compute, write_outputs
+from ollama_tracer.process_discovery import ollama_server_pid
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -98,7 +98,7 @@ class ProxyCommand:
                                   "expose Ollama through the proxy to the network.", ExitCode.USAGE)
             print(f"tracer proxy: WARNING: listening on {host}:{port}: anyone who can reach it can use Ollama "
                   "and is traced.", file=sys.stderr)
-        from tracer.proxy import ProxyServer, check_listen
+        from ollama_tracer.proxy import ProxyServer, check_listen
 
         try:
             check_listen(host, port)
@@ -183,7 +183,7 @@ class ProxyWindow:
         self.final = True
 
     def run(self, session: SessionInfo, signals: Any) -> int:
-        from tracer.otel_setup import make_otlp_exporter
+        from ollama_tracer.otel_setup import make_otlp_exporter
 
         if self.server.bound_port is None:
             try:

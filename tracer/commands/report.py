@@ -10,11 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-from tracer.commands.capture import add_show_argument
-from tracer.errors import ExitCode, TracerError
-from tracer.exporters import html as html_exporter
-from tracer.exporters import table as table_exporter
-from tracer.pipeline import compute
+from ollama_tracer.commands.capture import add_show_argument
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.exporters import html as html_exporter
+from ollama_tracer.exporters import table as table_exporter
+from ollama_tracer.pipeline import compute
 
 
 class ReportCommand:

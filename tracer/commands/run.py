@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from tracer.autoinstrument import child_env
-from tracer.capture import resolve_command
-from tracer.commands.capture import add_otlp_arguments
-from tracer.errors import ExitCode, TracerError
-from tracer.exporters.otlp import protocol_for
+from ollama_tracer.autoinstrument import child_env
+from ollama_tracer.capture import resolve_command
+from ollama_tracer.commands.capture import add_otlp_arguments
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.exporters.otlp import protocol_for
 
 
 class RunCommand:

@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tracer.errors import ExitCode, TracerError
-from tracer.testbed import runtime
-from tracer.testbed.ollama_build import build_ollama
-from tracer.testbed.steps import Progress, cache_dir, stderr_progress
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.testbed import runtime
+from ollama_tracer.testbed.ollama_build import build_ollama
+from ollama_tracer.testbed.steps import Progress, cache_dir, stderr_progress
 
 JAEGER_PORTS = {"otlp_grpc": 4317, "otlp_http": 4318, "query": 16686}
 
@@ -113,7 +113,7 @@ def _up(directory: Path, *, with_jaeger: bool, progress: Progress) -> runtime.Te
 
 
 def _jaeger_up(state: runtime.TestbedState, cache: Path, directory: Path, progress: Progress) -> None:
-    from tracer.testbed import jaeger
+    from ollama_tracer.testbed import jaeger
 
     endpoints = {
         "otlp_grpc": f"http://127.0.0.1:{JAEGER_PORTS['otlp_grpc']}",

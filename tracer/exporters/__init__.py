@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 if TYPE_CHECKING:
-    from tracer.correlate import Evidence
+    from ollama_tracer.correlate import Evidence
 
 
 @dataclass

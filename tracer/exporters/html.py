@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from tracer import __version__, capture_dir
-from tracer.exporters import ExportData
+from ollama_tracer import __version__, capture_dir
+from ollama_tracer.exporters import ExportData
 
 DATA_SCHEMA = "tracer.report-data/1"
 NO_FINDING = "No known cause found"

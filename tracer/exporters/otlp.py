@@ -18,8 +18,8 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from tracer.errors import ExitCode, TracerError
-from tracer.otel_setup import make_otlp_exporter
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.otel_setup import make_otlp_exporter
 
 PROTOCOLS = ("grpc", "http/protobuf")
 BATCH = 512

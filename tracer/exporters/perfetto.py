@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from tracer import __version__, capture_dir
-from tracer.correlate import Evidence
-from tracer.exporters import ExportData
+from ollama_tracer import __version__, capture_dir
+from ollama_tracer.correlate import Evidence
+from ollama_tracer.exporters import ExportData
 
 SCHEMA = "tracer.perfetto/1"
 

@@ -7,7 +7,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from tracer.exporters import ExportData
+from ollama_tracer.exporters import ExportData
 
 
 def _ms(value: float | None) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from tracer.instrument.genai import StreamRecorder, operation_for_path
+from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
 
 log = logging.getLogger("tracer.instrument")
 

@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tracer.errors import ExitCode, TracerError
-from tracer.testbed.steps import require_tool, run_step
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.testbed.steps import require_tool, run_step
 
 JAEGER_MODULE = "github.com/jaegertracing/jaeger"
 JAEGER_MODULE_VERSION = "v1.76.0"

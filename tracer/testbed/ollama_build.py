@@ -22,8 +22,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from tracer.errors import ExitCode, TracerError
-from tracer.testbed.steps import Progress, require_tool, run_step
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.testbed.steps import Progress, require_tool, run_step
 
 OLLAMA_VERSION = "0.13.5"
 OLLAMA_MODULE = "github.com/ollama/ollama"

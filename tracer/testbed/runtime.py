@@ -18,9 +18,9 @@ from typing import Any
 
 import requests
 
-from tracer.errors import ExitCode, TracerError
-from tracer.testbed.models import MODELFILE, SPECS, ModelSpec, write_model
-from tracer.testbed.steps import Progress, cache_dir, run_step
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.testbed.models import MODELFILE, SPECS, ModelSpec, write_model
+from ollama_tracer.testbed.steps import Progress, cache_dir, run_step
 
 STATE_SCHEMA = "tracer.testbed/1"
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from tracer.errors import ExitCode, TracerError
+from ollama_tracer.errors import ExitCode, TracerError
 
 Progress = Callable[[str], None]
 

@@ -6,7 +6,7 @@ import os
 import sys
 
 try:
-    from tracer.autoinstrument import initialize
+    from ollama_tracer.autoinstrument import initialize
 
     initialize()
 except Exception:  # the traced program must run even if tracer cannot
