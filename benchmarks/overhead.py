@@ -82,7 +82,8 @@ def run_arm(arm: str, host: str, model: str, iterations: int, base: Path, index:
              "--iterations", str(iterations), "--json", str(out)]
     extra = ARMS[arm][0]
     directory = base / f"cap-{arm.strip('+')}-{index}"
-    cmd = bench if extra is None else [sys.executable, "-m", "ollama_tracer", "capture", "-o", str(directory), "--force",
+    cmd = bench if extra is None else [sys.executable, "-m", "ollama_tracer", "capture", "-o", str(directory),
+                                       "--force",
                                        "--ollama-host", host, *extra, "--", *bench]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, check=True, capture_output=True, text=True)

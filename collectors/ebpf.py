@@ -35,12 +35,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ollama_tracer import system
+from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors import ebpf_profile
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.collectors.go_offsets import GoOffsets, read_offsets
 from ollama_tracer.collectors.probe_catalogue import DESIGN_NOTES, ProbeSpec, design_for, probes_for
-from ollama_tracer import system
-from ollama_tracer.clock import ClockModel
 from ollama_tracer.errors import ExitCode, TracerError
 
 READY = "TRACER_EBPF_READY"
@@ -258,7 +258,7 @@ class EbpfCollector:
         self._plan: ProbePlan | None = None
         self._lines = 0
         self._directory: Path | None = None
-        self._out: Any = None  # the raw events file (a capture_dir.RawWriter)
+        self._out: Any = None  # the raw events file (a capture_files.RawWriter)
         self._meta: dict[str, Any] = {}
         self._pids: set[int] = set()
 
@@ -286,9 +286,9 @@ class EbpfCollector:
         held = existing_sockets(comm_of(binary))
         script = build_script(self._plan, self.profile_hz, held)
         self._clock = session.clock
-        from ollama_tracer import capture_dir
+        from ollama_tracer import capture_files
 
-        capture_dir.write_text(session.raw_dir / "ebpf_script.bt", script)
+        capture_files.write_text(session.raw_dir / "ebpf_script.bt", script)
         argv = [system.bpftrace_path() or "bpftrace", "-B", "line"]
         if self._plan.symbol_source == "gopclntab" and self._plan.attached:
             # bpftrace cannot check instruction boundaries without ELF symbols; the addresses are
@@ -296,7 +296,7 @@ class EbpfCollector:
             argv.append("--unsafe")
         self._proc = subprocess.Popen(
             [*argv, "-"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=capture_dir.open_private(session.directory / RAW_STDERR),
+            stdout=subprocess.PIPE, stderr=capture_files.open_private(session.directory / RAW_STDERR),
             text=True, start_new_session=True,
             # Stacks are symbolized after the capture, off the observed machine's hot path.
             env={**os.environ, "BPFTRACE_NO_USER_SYMBOLS": "1"},
@@ -320,16 +320,16 @@ class EbpfCollector:
         self._write_meta()
 
     def _write_meta(self) -> None:
-        from ollama_tracer import capture_dir
+        from ollama_tracer import capture_files
 
         assert self._directory is not None
-        capture_dir.write_json(self._directory / "raw" / "ebpf_meta.json", self._meta)
+        capture_files.write_json(self._directory / "raw" / "ebpf_meta.json", self._meta)
 
     def _read(self, proc: subprocess.Popen[str], out_path: Path, ready: threading.Event) -> None:
         assert proc.stdout is not None
-        from ollama_tracer import capture_dir
+        from ollama_tracer import capture_files
 
-        out = capture_dir.RawWriter(out_path)
+        out = capture_files.RawWriter(out_path)
         self._out = out
         try:
             for line in proc.stdout:  # read to the end even if the disk fills: bpftrace must not block
@@ -484,12 +484,12 @@ def peer_port(printed: str) -> int:
 def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], dict[str, Any], int]:
     """(events in time order, the collector's meta, number of unparsable lines). A meta that is not what
     the collector wrote raises TracerError (BAD_CAPTURE): without it no event has a process or a probe."""
-    from ollama_tracer import capture_dir
+    from ollama_tracer import capture_files
 
     meta_path = directory / "raw" / "ebpf_meta.json"
     if not meta_path.exists():
         return [], {}, 0
-    meta = capture_dir.read_json(meta_path, "the eBPF collector's meta")
+    meta = capture_files.read_json(meta_path, "the eBPF collector's meta")
     problem = _meta_problem(meta)
     if problem is not None:
         raise TracerError(f"{meta_path} is corrupt (its {problem} is not what the eBPF collector writes); "

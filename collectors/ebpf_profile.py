@@ -20,9 +20,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ollama_tracer.collectors.symbols import SymbolTable
-from ollama_tracer import capture_dir
+from ollama_tracer import capture_files
 from ollama_tracer.clock import ClockModel
+from ollama_tracer.collectors.symbols import SymbolTable
 
 DEFAULT_HZ = 99  # not 100: a rate that beats against 100 Hz timers would sample them in lockstep
 STACK_DEPTH = 32
@@ -158,8 +158,8 @@ def symbolize_capture(directory: Path, clock: ClockModel, maps: dict[int, list[M
     symbolizer = Symbolizer(maps, binary)
     names = {str(pid): {f"{a:#x}": symbolizer.name(pid, a) for a in sorted(addrs)} for pid, addrs in wanted.items()}
     unresolved = sum(1 for table in names.values() for n in table.values() if n.startswith("0x"))
-    capture_dir.write_json(directory / RAW_SYMBOLS, {"symbols": names, "unresolved": unresolved})
-    capture_dir.write_json(directory / RAW_MAPS, {str(pid): [m.__dict__ for m in ms] for pid, ms in maps.items()})
+    capture_files.write_json(directory / RAW_SYMBOLS, {"symbols": names, "unresolved": unresolved})
+    capture_files.write_json(directory / RAW_MAPS, {str(pid): [m.__dict__ for m in ms] for pid, ms in maps.items()})
     return {"profile_samples": samples, "profile_addresses": sum(len(v) for v in names.values()),
             "profile_unresolved": unresolved}
 

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ollama_tracer import capture_files
 from ollama_tracer.collectors.base import SessionInfo
-from ollama_tracer import capture_dir
 
 RAW_SAMPLES = "raw/gpu_samples.jsonl"
 RAW_META = "raw/gpu_meta.json"
@@ -197,7 +197,7 @@ class NvmlCollector:
         self._driver_version = ""
         self._gpus: list[_Gpu] = []
         self._session: SessionInfo | None = None
-        self._out: capture_dir.JsonlAppender | None = None
+        self._out: capture_files.JsonlAppender | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._roots_lock = threading.Lock()
@@ -244,7 +244,7 @@ class NvmlCollector:
             self._add_ollama_server(session.ollama_host)
         path = session.raw_dir / "gpu_samples.jsonl"
         path.unlink(missing_ok=True)  # the appender appends; a --force re-capture starts empty
-        self._out = capture_dir.JsonlAppender(path)
+        self._out = capture_files.JsonlAppender(path)
         self._write_meta()
         self._thread = threading.Thread(target=self._run, name="tracer-nvml", daemon=True)
         self._thread.start()
@@ -669,7 +669,7 @@ class NvmlCollector:
             "started_ns": self._started_ns,
             "stopped_ns": self._stopped_ns or None,
         }
-        capture_dir.write_json(self._session.raw_dir / "gpu_meta.json", meta)
+        capture_files.write_json(self._session.raw_dir / "gpu_meta.json", meta)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -708,7 +708,7 @@ def load_gpu_samples(directory: Path) -> tuple[list[GpuSample], dict[str, Any], 
             meta = {}
     except (OSError, ValueError, UnicodeDecodeError):
         meta = {}
-    rows, bad = capture_dir.read_jsonl(directory / RAW_SAMPLES)
+    rows, bad = capture_files.read_jsonl(directory / RAW_SAMPLES)
     samples = []
     for row in rows:
         sample = _parse_row(row)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ollama_tracer import capture_files
 from ollama_tracer.collectors.base import SessionInfo
-from ollama_tracer import capture_dir
 from ollama_tracer.instrument.genai import parse_created_at
 
 RAW_LOG = "raw/ollama.log"
@@ -110,7 +110,7 @@ class OllamaLogCollector:
         assert self.path is not None and self._session is not None
         target = self._session.directory / RAW_LOG
         dropped = 0
-        with self.path.open("rb") as source, capture_dir.open_private(target, "wb") as out:
+        with self.path.open("rb") as source, capture_files.open_private(target, "wb") as out:
             source.seek(self._offset)
             if self.record_content:
                 shutil.copyfileobj(source, out)

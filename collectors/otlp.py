@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ollama_tracer.capture_files import CLIENT_SPANS, JsonlAppender
 from ollama_tracer.collectors.base import SessionInfo
-from ollama_tracer.capture_dir import CLIENT_SPANS, JsonlAppender
-from ollama_tracer.receiver import OtlpReceiver
+from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
 
 
 class OtlpCollector:

@@ -42,10 +42,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer import system
 from ollama_tracer.autoinstrument import ENV_PYSPY_MARKER, _tracer_clock_marker, _tracer_clock_marker_loop
-from ollama_tracer.capture_dir import open_private, write_json
+from ollama_tracer.capture_files import open_private, write_json
+from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.doctor_checks import check_pyspy
 from ollama_tracer.errors import ExitCode, TracerError
 

@@ -11,7 +11,6 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import requests
-
 from ollama_tracer import system
 
 Status = Literal["ok", "unavailable", "fail", "skipped"]

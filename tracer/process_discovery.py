@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import requests
-
 from ollama_tracer.netstat import LISTEN, socket_fds, tcp_rows
 from ollama_tracer.ollama_host import host_and_port
 

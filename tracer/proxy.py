@@ -38,11 +38,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-
-from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
 
 log = logging.getLogger("tracer.proxy")
 
@@ -315,11 +314,10 @@ class ProxyServer:
     capture segments come and go around it."""
 
     def __init__(self, host: str, port: int, upstream: str, *, record_content: bool = False) -> None:
+        from ollama_tracer.otel_setup import MAX_EXPORT_BATCH, MAX_QUEUE_SIZE
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
-        from ollama_tracer.otel_setup import MAX_EXPORT_BATCH, MAX_QUEUE_SIZE
 
         self.host, self.port, self.upstream = host, port, upstream
         self.exporter = SegmentExporter()

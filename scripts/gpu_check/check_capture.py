@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ollama_tracer.capture_files import CLIENT_SPANS, read_jsonl
 from ollama_tracer.collectors.nvml import GpuSample, load_gpu_samples
-from ollama_tracer.capture_dir import CLIENT_SPANS, read_jsonl
 
 SPAN_NAME = "gpu.phase"
 BUSY_PERCENT = 50.0

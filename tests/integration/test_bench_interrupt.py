@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ollama_tracer.autoinstrument import child_env
+from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
 
 from tests.conftest import REPO, heal_testbed, run_tracer_healing
-from ollama_tracer.autoinstrument import child_env
-from ollama_tracer.receiver import OtlpReceiver
 
 pytestmark = pytest.mark.integration
 

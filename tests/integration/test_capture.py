@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import requests
+from ollama_tracer.testbed.runtime import free_loopback_port
 
 from tests.conftest import REPO, run_tracer, run_tracer_healing
-from ollama_tracer.testbed.runtime import free_loopback_port
 
 pytestmark = pytest.mark.integration
 
@@ -28,8 +28,8 @@ def _capture(testbed: dict[str, Any], out: Path, *command: str, extra: tuple[str
 
 
 def _bench(model: str = "tracer-gemma3:test", iterations: int = 3) -> tuple[str, ...]:
-    return (sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--model", model, "--iterations", str(iterations),
-            "--request-timeout", "30")
+    return (sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--model", model,
+            "--iterations", str(iterations), "--request-timeout", "30")
 
 
 def _check_sums(attribution: dict[str, Any]) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ollama_tracer.testbed.runtime import start_ollama
 
 from tests.conftest import REPO, run_tracer
-from ollama_tracer.testbed.runtime import start_ollama
 
 pytestmark = pytest.mark.integration
 LLAMA, GEMMA = "tracer-llama:test", "tracer-gemma3:test"

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import requests
+from ollama_tracer.testbed.runtime import free_loopback_port
 
 from tests.conftest import REPO, heal_testbed, run_tracer_healing
-from ollama_tracer.testbed.runtime import free_loopback_port
 
 pytestmark = pytest.mark.integration
 
@@ -242,7 +242,8 @@ def test_without_privileges_the_capture_goes_on(testbed: dict[str, Any], tmp_pat
 def test_without_tracefs_the_capture_goes_on(testbed: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "cap"
     script = (f"umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug 2>/dev/null; "
-              f"exec {sys.executable} -m ollama_tracer capture -o {out} --force -- {sys.executable} -m ollama_tracer bench "
+              f"exec {sys.executable} -m ollama_tracer capture -o {out} --force -- "
+              f"{sys.executable} -m ollama_tracer bench "
               f"interrupt --model tracer-llama:test --iterations 1 --warmup 0 --request-timeout 30")
     env = dict(os.environ, OLLAMA_HOST=testbed["ollama_host"], PYTHONPATH=REPO)
     proc = _run_healing(testbed, ["unshare", "--mount", "sh", "-c", script], env)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ollama_tracer.testbed.runtime import start_ollama
 
 from tests.conftest import REPO, heal_testbed, run_tracer
-from ollama_tracer.testbed.runtime import start_ollama
 
 pytestmark = pytest.mark.integration
 LLAMA = "tracer-llama:test"

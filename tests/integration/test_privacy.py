@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ollama_tracer.netstat import LISTEN, socket_fds, tcp_rows
 
 from tests.conftest import REPO, run_tracer_healing
-from ollama_tracer.netstat import LISTEN, socket_fds, tcp_rows
 
 pytestmark = pytest.mark.integration
 LOOPBACK = ("0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F")

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import requests
+from ollama_tracer.testbed.runtime import free_loopback_port
 
 from tests.conftest import REPO, heal_testbed, run_tracer
-from ollama_tracer.testbed.runtime import free_loopback_port
 
 pytestmark = pytest.mark.integration
 LLAMA = "tracer-llama:test"

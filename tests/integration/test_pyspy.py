@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from ollama_tracer.collectors.base import SessionInfo
-from ollama_tracer.collectors.pyspy import RAW_META, RAW_STDERR, RAW_TRACE, PySpyCollector, StackSlice, load_stacks
-from tests.conftest import REPO, run_tracer
 from ollama_tracer.autoinstrument import child_env
 from ollama_tracer.clock import ClockModel
+from ollama_tracer.collectors.base import SessionInfo
+from ollama_tracer.collectors.pyspy import RAW_META, RAW_STDERR, RAW_TRACE, PySpyCollector, StackSlice, load_stacks
+
+from tests.conftest import REPO, run_tracer
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ollama_tracer.collectors.symbols import SymbolTable
 
 pytestmark = pytest.mark.integration

@@ -6,12 +6,11 @@ import time
 from typing import Any
 
 import pytest
-from opentelemetry import trace
-
-from ollama_tracer.collectors.response import ResponseTimings, response_phases
 from ollama_tracer import netstat
+from ollama_tracer.attribution.response import ResponseTimings, response_phases
 from ollama_tracer.bench.interrupt import summarize
 from ollama_tracer.instrument.genai import StreamRecorder, parse_created_at
+from opentelemetry import trace
 
 
 def test_summary_reproduces_the_seed_figures() -> None:
@@ -109,7 +108,6 @@ def test_instrumentors_are_idempotent_and_reversible() -> None:
     import ollama._client as _  # noqa: F401
     import requests
     from ollama._client import AsyncClient, Client
-
     from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
     from ollama_tracer.instrument.requests_client import RequestsInstrumentor
 
@@ -128,7 +126,6 @@ def test_instrumentors_are_idempotent_and_reversible() -> None:
 
 def test_host_exceptions_pass_through_unchanged() -> None:
     import ollama
-
     from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
 
     def failure() -> BaseException:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ollama_tracer import __version__
 from ollama_tracer.cli import build_parser, main
 from ollama_tracer.errors import ExitCode

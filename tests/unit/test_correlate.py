@@ -10,12 +10,12 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from ollama_tracer.collectors.ebpf_profile import Symbolizer, parse_samples, probe, read_maps
-from tests.unit.test_perfetto import T0, _data, _render, _thread_names, assert_properly_nested
+from ollama_tracer.attribution.correlate import Evidence, app_frame, correlate
 from ollama_tracer.clock import ClockModel
-from ollama_tracer.correlate import Evidence, app_frame, correlate
+from ollama_tracer.collectors.ebpf_profile import Symbolizer, parse_samples, probe, read_maps
 from ollama_tracer.exporters import table
+
+from tests.unit.test_perfetto import T0, _data, _render, _thread_names, assert_properly_nested
 
 MS = 1_000_000
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ollama_tracer.attribution.diagnosis import cache_slots, diagnose
 from ollama_tracer.collectors.ollama_log import parse_line
-from ollama_tracer.diagnosis import cache_slots, diagnose
 
 MS = 1_000_000
 

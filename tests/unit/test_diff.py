@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
+from ollama_tracer.attribution.diff import SCHEMA, CaptureSide, compare, describe
 from ollama_tracer.cli import main
 from ollama_tracer.commands.diff import render
-from ollama_tracer.diff import SCHEMA, CaptureSide, compare, describe
 from ollama_tracer.errors import ExitCode, TracerError
 
 # Per-interval milliseconds of each phase, in critical-path order, as a capture's intervals hold them.
@@ -199,7 +198,8 @@ def test_table_shows_each_row_and_the_captures() -> None:
     out = io.StringIO()
     render(out, compare(_side("/caps/A", BASE), _side("/caps/B", loads)))
     text = out.getvalue()
-    assert text.startswith("diff A = /caps/A: python3 -m ollama_tracer bench interrupt (tracer-llama:test, Ollama 0.13.5")
+    assert text.startswith("diff A = /caps/A: python3 -m ollama_tracer bench interrupt "
+                           "(tracer-llama:test, Ollama 0.13.5")
     for name in [*loads, "unattributed", "interval"]:
         assert name in text
     assert "new in B" in text and "slower" in text and "no significant change" in text

@@ -45,16 +45,17 @@ import pytest
 from google.protobuf import json_format
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from ollama_tracer import capture_files
+from ollama_tracer.attribution import analysis as pipeline
+from ollama_tracer.capture import directory as capture_directory
+from ollama_tracer.clock import ClockModel, ClockOffset
+from ollama_tracer.collectors import ebpf, ebpf_profile, ollama_log, pyspy
+from ollama_tracer.collectors.ebpf import ParseError, ProbeEvent
+from ollama_tracer.collectors.otlp_receiver import MAX_REQUEST_BYTES, OtlpReceiver
+from ollama_tracer.errors import ExitCode, TracerError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
-
-from ollama_tracer.collectors import ebpf, ebpf_profile, ollama_log, pyspy
-from ollama_tracer.collectors.ebpf import ParseError, ProbeEvent
-from ollama_tracer import capture_dir, pipeline
-from ollama_tracer.clock import ClockModel, ClockOffset
-from ollama_tracer.errors import ExitCode, TracerError
-from ollama_tracer.receiver import MAX_REQUEST_BYTES, OtlpReceiver
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "capture_small"
 CASES: Counter[str] = Counter()
@@ -597,11 +598,11 @@ jsonl_bytes = st.one_of(
 @given(jsonl_bytes)
 @example(b"[" * 5_000 + b"\n{}\n")  # RecursionError in json.loads
 def test_fuzz_read_jsonl_counts_every_bad_line(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
-    case("capture_dir.read_jsonl")
+    case("capture_files.read_jsonl")
     path = tmp_path_factory.mktemp("jsonl") / "rows.jsonl"
     path.write_bytes(data)
     with within():
-        rows, bad = capture_dir.read_jsonl(path)
+        rows, bad = capture_files.read_jsonl(path)
     lines = [line for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
     assert len(rows) + bad == len(lines) and all(isinstance(row, dict) for row in rows)
 
@@ -612,16 +613,16 @@ def test_fuzz_read_jsonl_counts_every_bad_line(tmp_path_factory: pytest.TempPath
 @example(b"[" * 5_000)  # RecursionError in json.loads
 @example(b'{"schema": "tracer.capture/1", "clock": 5}')
 def test_fuzz_load_capture_meta(tmp_path_factory: pytest.TempPathFactory, data: bytes) -> None:
-    case("capture_dir.load_capture_meta")
+    case("capture_directory.load_capture_meta")
     directory = tmp_path_factory.mktemp("meta")
     (directory / "capture.json").write_bytes(data)
     with within():
         try:
-            meta = capture_dir.load_capture_meta(directory)
+            meta = capture_directory.load_capture_meta(directory)
         except TracerError as err:
             assert err.exit_code == ExitCode.BAD_CAPTURE and str(directory) in err.message
             return
-    assert meta["schema"] == capture_dir.CAPTURE_SCHEMA
+    assert meta["schema"] == capture_directory.CAPTURE_SCHEMA
 
 
 

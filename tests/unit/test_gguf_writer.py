@@ -8,7 +8,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-
 from ollama_tracer.testbed.models import (
     GEMMA3_SPEC,
     LLAMA_SPEC,

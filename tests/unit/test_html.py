@@ -13,10 +13,10 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
+from ollama_tracer.attribution.analysis import ExportData
+from ollama_tracer.attribution.correlate import Evidence
 from ollama_tracer.collectors.nvml import GpuSample
-from ollama_tracer.correlate import Evidence
-from ollama_tracer.exporters import ExportData, html
+from ollama_tracer.exporters import html, write_rendered
 
 T0 = 1_760_000_000_000_000_000  # an epoch-ns origin, as real captures have
 MS = 1_000_000
@@ -296,7 +296,7 @@ def test_no_intervals() -> None:
 
 def test_write_is_user_only(tmp_path: Path) -> None:
     path = tmp_path / "report.html"
-    html.write(path, _data())
+    write_rendered(path, html.render, _data())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 

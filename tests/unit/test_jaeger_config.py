@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from ollama_tracer.testbed.jaeger import _wrapper_go_mod, write_jaeger_config
 
 

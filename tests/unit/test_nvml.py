@@ -14,7 +14,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-
+from ollama_tracer import capture_files
+from ollama_tracer.capture import directory as capture_directory
+from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.collectors.nvml import (
     RAW_META,
@@ -25,9 +27,8 @@ from ollama_tracer.collectors.nvml import (
     detect_clock_domain,
     load_gpu_samples,
 )
+
 from tests.nvml_standin import NvmlStandIn
-from ollama_tracer import capture_dir
-from ollama_tracer.clock import ClockModel
 
 REPO = Path(__file__).resolve().parents[2]
 S = 1_000_000_000
@@ -35,7 +36,7 @@ MS = 1_000_000
 
 
 def _session(tmp_path: Path, **kwargs: Any) -> SessionInfo:
-    directory = capture_dir.create(tmp_path / "capture", force=False)
+    directory = capture_directory.create(tmp_path / "capture", force=False)
     return SessionInfo(directory=directory, clock=ClockModel.measure(), **kwargs)
 
 
@@ -363,7 +364,7 @@ def _fake_capture(directory: Path, shift_ns: int = 0, busy: float = 100.0, idle_
     (directory / RAW_META).write_text(json.dumps(meta))
     span = {"name": "gpu.phase", "startTimeUnixNano": str(span_start), "endTimeUnixNano": str(span_end)}
     other = {"name": "setup", "startTimeUnixNano": str(t0), "endTimeUnixNano": str(t0 + MS)}
-    (directory / capture_dir.CLIENT_SPANS).write_text(json.dumps(other) + "\n" + json.dumps(span) + "\n")
+    (directory / capture_files.CLIENT_SPANS).write_text(json.dumps(other) + "\n" + json.dumps(span) + "\n")
     return directory
 
 

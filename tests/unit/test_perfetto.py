@@ -9,7 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ollama_tracer.exporters import ExportData, perfetto
+from ollama_tracer.attribution.analysis import ExportData
+from ollama_tracer.exporters import perfetto, write_rendered
 
 T0 = 1_760_000_000_000_000_000  # an epoch-ns origin, as real captures have
 MS = 1_000_000
@@ -210,6 +211,6 @@ def test_counter_events_shape() -> None:
 
 def test_write_is_private_and_matches_render(tmp_path: Path) -> None:
     path = tmp_path / "trace.perfetto.json"
-    perfetto.write(path, _data())
+    write_rendered(path, perfetto.render, _data())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert json.loads(path.read_text(encoding="utf-8")) == _render(_data())

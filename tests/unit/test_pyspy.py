@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
+from ollama_tracer import autoinstrument, system
 from ollama_tracer.collectors import pyspy
 from ollama_tracer.collectors.pyspy import (
     LAUNCH_ERROR_NS,
@@ -42,8 +42,8 @@ from ollama_tracer.collectors.pyspy import (
     parse_chrometrace,
     parse_markers,
 )
+
 from tests.conftest import REPO
-from ollama_tracer import autoinstrument, system
 
 FILE = "/app/main.py"
 
@@ -450,8 +450,8 @@ def test_available_says_why_and_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_stop_without_a_command_reports_instead_of_failing(tmp_path: Path) -> None:
-    from ollama_tracer.collectors.base import SessionInfo
     from ollama_tracer.clock import ClockModel
+    from ollama_tracer.collectors.base import SessionInfo
 
     collector = PySpyCollector()
     session = SessionInfo(directory=tmp_path, clock=ClockModel.measure())

@@ -24,6 +24,7 @@ import grpc
 import pytest
 import requests
 from google.rpc import status_pb2
+from ollama_tracer.collectors.otlp_receiver import MAX_REQUEST_BYTES, OtlpReceiver, SpanDict, spans_from_request
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -33,8 +34,6 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import SpanKind, Status, StatusCode
-
-from ollama_tracer.receiver import MAX_REQUEST_BYTES, OtlpReceiver, SpanDict, spans_from_request
 
 TEST_TIMEOUT_S = 60
 PROTOCOLS = ["http", "grpc"]

@@ -4,10 +4,9 @@ of two requests that interleave inside the server."""
 from __future__ import annotations
 
 import pytest
-
-from ollama_tracer.collectors.ebpf import ProbeEvent, parse_line
 from ollama_tracer.attribution.request_chain import Broken, concurrent_sequences, own_events, resolve
 from ollama_tracer.clock import ClockModel
+from ollama_tracer.collectors.ebpf import ProbeEvent, parse_line
 
 SERVER, RUNNER = 100, 200
 ROLES = {SERVER: "server", RUNNER: "runner"}

@@ -7,7 +7,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from ollama_tracer.collectors.symbols import (
     GO120_PCLNTAB_MAGIC,
     PclnFunc,

@@ -36,10 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ollama_tracer.collectors.ebpf import ProbeEvent
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.attribution.request_chain import Broken, Chain, concurrent_sequences, own_events, resolve
 from ollama_tracer.attribution.sources import Records
+from ollama_tracer.collectors.ebpf import ProbeEvent
 from ollama_tracer.model import Phase
 
 SOURCE = "ebpf"

@@ -28,8 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ollama_tracer.collectors.ebpf import ProbeEvent
 from ollama_tracer.attribution.server_requests import TERMINATOR
+from ollama_tracer.collectors.ebpf import ProbeEvent
 
 
 @dataclass(frozen=True)

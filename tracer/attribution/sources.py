@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ollama_tracer.collectors.response import ResponseTimings, response_phases
 from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.attribution.response import ResponseTimings, response_phases
 from ollama_tracer.model import Phase
 
 PROXY_SERVICE = "ollama-proxy"  # tracer.proxy's service name (not imported: the proxy pulls in aiohttp)

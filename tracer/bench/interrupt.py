@@ -17,13 +17,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry import trace
-from opentelemetry.trace import Span
-
-from ollama_tracer.collectors.response import ResponseTimings, response_phases
 from ollama_tracer import netstat
+from ollama_tracer.attribution.response import ResponseTimings, response_phases
 from ollama_tracer.instrument import genai
 from ollama_tracer.model import Phase
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 SCHEMA = "tracer.bench.interrupt/1"
 
@@ -113,14 +112,12 @@ class BenchClient:
         self.options = options
         if options.client == "sdk":
             import ollama
-
             from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
 
             OllamaInstrumentor().instrument(record_content=options.record_content)
             self._sdk = ollama.Client(host=options.host, timeout=options.request_timeout_s)
         else:
             import requests
-
             from ollama_tracer.instrument.requests_client import RequestsInstrumentor
 
             RequestsInstrumentor().instrument(record_content=options.record_content)

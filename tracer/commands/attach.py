@@ -20,14 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ollama_tracer.attribution.analysis import compute
+from ollama_tracer.capture.session import CaptureOptions, run_capture
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
 from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
-from ollama_tracer.capture import CaptureOptions, run_capture
 from ollama_tracer.commands.capture import add_otlp_arguments, add_show_argument, export_if_asked
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import table as table_exporter
-from ollama_tracer.pipeline import compute, write_outputs
+from ollama_tracer.exporters import write_outputs
 from ollama_tracer.process_discovery import pid_listening_on
 
 

@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from rich.console import Console
-from rich.table import Table
-
 from ollama_tracer import __version__
 from ollama_tracer.bench.interrupt import SCHEMA, BenchClient, BenchOptions, Iteration, run_iteration, summary
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.ollama_host import resolve_host
 from ollama_tracer.otel_setup import configure_from_env
+from rich.console import Console
+from rich.table import Table
 
 
 def _positive(kind: type[float] | type[int]) -> Any:

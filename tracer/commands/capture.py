@@ -19,16 +19,17 @@ import argparse
 import sys
 from pathlib import Path
 
+from ollama_tracer import capture_files
+from ollama_tracer.attribution.analysis import compute
+from ollama_tracer.capture.session import CaptureOptions, default_directory, resolve_command, run_capture
 from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
 from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
-from ollama_tracer import capture_dir
-from ollama_tracer.capture import CaptureOptions, default_directory, resolve_command, run_capture
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import table as table_exporter
+from ollama_tracer.exporters import write_outputs
 from ollama_tracer.exporters.otlp import PROTOCOLS, export_rows
 from ollama_tracer.exporters.table import SHOW_CHOICES
 from ollama_tracer.ollama_host import resolve_host
-from ollama_tracer.pipeline import compute, write_outputs
 from ollama_tracer.process_discovery import ollama_server_pid
 
 
@@ -41,14 +42,14 @@ def add_otlp_arguments(parser: argparse.ArgumentParser, required: bool = False) 
 
 def export_capture(directory: Path, endpoint: str, protocol: str | None) -> dict[str, object]:
     """Export a capture's spans.jsonl and note the result in export.json (failures too)."""
-    rows, _ = capture_dir.read_jsonl(directory / "spans.jsonl")
+    rows, _ = capture_files.read_jsonl(directory / "spans.jsonl")
     try:
         result = export_rows(rows, endpoint, protocol)
     except TracerError as err:
-        capture_dir.write_json(directory / "export.json", {"endpoint": endpoint, "status": "failed",
+        capture_files.write_json(directory / "export.json", {"endpoint": endpoint, "status": "failed",
                                                            "error": err.message})
         raise
-    capture_dir.write_json(directory / "export.json", {**result, "status": "exported"})
+    capture_files.write_json(directory / "export.json", {**result, "status": "exported"})
     return result
 
 

@@ -9,14 +9,20 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from ollama_tracer.attribution.analysis import compute
+from ollama_tracer.attribution.diff import (
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    INTERVAL_ROW,
+    UNATTRIBUTED_ROW,
+    compare,
+    describe,
+)
+from ollama_tracer.commands.bench import _positive
+from ollama_tracer.errors import ExitCode
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-from ollama_tracer.commands.bench import _positive
-from ollama_tracer.diff import DEFAULT_RESAMPLES, DEFAULT_SEED, INTERVAL_ROW, UNATTRIBUTED_ROW, compare, describe
-from ollama_tracer.errors import ExitCode
-from ollama_tracer.pipeline import compute
 
 
 class DiffCommand:

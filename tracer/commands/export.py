@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ollama_tracer import capture_dir
+from ollama_tracer.attribution.analysis import compute
+from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.commands.capture import add_otlp_arguments, export_capture
 from ollama_tracer.errors import ExitCode
-from ollama_tracer.pipeline import compute, write_outputs
+from ollama_tracer.exporters import write_outputs
 
 
 class ExportCommand:
@@ -24,7 +25,7 @@ class ExportCommand:
         add_otlp_arguments(parser, required=True)
 
     def run(self, args: argparse.Namespace) -> int:
-        capture_dir.load_capture_meta(args.directory)
+        capture_directory.load_capture_meta(args.directory)
         if not (args.directory / "spans.jsonl").exists():  # an interrupted capture: rebuild it
             write_outputs(args.directory, compute(args.directory))
         result = export_capture(args.directory, args.otlp_endpoint, args.otlp_protocol)

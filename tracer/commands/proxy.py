@@ -30,14 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ollama_tracer import capture_files
+from ollama_tracer.attribution.analysis import compute
+from ollama_tracer.capture.session import CaptureOptions, run_capture
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
-from ollama_tracer import capture_dir
-from ollama_tracer.capture import CaptureOptions, run_capture
 from ollama_tracer.commands.capture import add_otlp_arguments, add_show_argument, export_if_asked
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import table as table_exporter
-from ollama_tracer.pipeline import compute, write_outputs
+from ollama_tracer.exporters import write_outputs
 from ollama_tracer.process_discovery import ollama_server_pid
 
 
@@ -211,7 +212,7 @@ class ProxyWindow:
             self.server.exporter.retarget(None)
             stats = self.server.proxy.stats.to_json()
             stats["spans_dropped"] = self.server.exporter.dropped
-            capture_dir.write_json(session.raw_dir / "proxy_stats.json", stats)
+            capture_files.write_json(session.raw_dir / "proxy_stats.json", stats)
         self.final = bool(signals.received) or self.server.error is not None or (
             self.deadline is not None and time.monotonic() >= self.deadline)
         return 0 if self.server.error is None else int(ExitCode.FAILURE)

@@ -6,15 +6,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from ollama_tracer.attribution.analysis import compute
 from ollama_tracer.commands.capture import add_show_argument
 from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.exporters import attribution_json, write_rendered
 from ollama_tracer.exporters import html as html_exporter
 from ollama_tracer.exporters import table as table_exporter
-from ollama_tracer.pipeline import compute
 
 
 class ReportCommand:
@@ -36,11 +36,10 @@ class ReportCommand:
         data = compute(args.directory)
         if args.format == "html":
             output = args.output or args.directory / "report.html"
-            html_exporter.write(output, data)
+            write_rendered(output, html_exporter.render, data)
             print(f"Wrote {output}. Open it in a browser (it needs no network).")
         elif args.format == "json":
-            json.dump(data.attribution, sys.stdout, indent=2)
-            print()
+            attribution_json.render(sys.stdout, data)
         else:
             table_exporter.render(sys.stdout, data, show=args.show)
         return int(ExitCode.OK)

@@ -15,7 +15,7 @@ import argparse
 import os
 
 from ollama_tracer.autoinstrument import child_env
-from ollama_tracer.capture import resolve_command
+from ollama_tracer.capture.session import resolve_command
 from ollama_tracer.commands.capture import add_otlp_arguments
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters.otlp import protocol_for

@@ -21,7 +21,6 @@ import base64
 import bisect
 import hashlib
 import html
-import io
 import json
 import math
 import shlex
@@ -30,8 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from ollama_tracer import __version__, capture_dir
-from ollama_tracer.exporters import ExportData
+from ollama_tracer import __version__
+from ollama_tracer.attribution.analysis import ExportData
 
 DATA_SCHEMA = "tracer.report-data/1"
 NO_FINDING = "No known cause found"
@@ -71,12 +70,6 @@ def render(outfile: TextIO, data: ExportData) -> None:
     outfile.write(f"<script type='application/json' id='report-data'>{island}</script>\n")
     outfile.write(f"<script>{script}</script>\n</body>\n</html>\n")
 
-
-def write(path: Path, data: ExportData) -> None:
-    """Render into ``path`` atomically, user-only (0600), like every file of a capture."""
-    buffer = io.StringIO()
-    render(buffer, data)
-    capture_dir.write_text(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------

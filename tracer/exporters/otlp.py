@@ -13,13 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.otel_setup import make_otlp_exporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-
-from ollama_tracer.errors import ExitCode, TracerError
-from ollama_tracer.otel_setup import make_otlp_exporter
 
 PROTOCOLS = ("grpc", "http/protobuf")
 BATCH = 512

@@ -18,15 +18,13 @@ small and exact to the nanosecond; ``metadata.epoch_origin_ns`` gives the absolu
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
-from ollama_tracer import __version__, capture_dir
-from ollama_tracer.correlate import Evidence
-from ollama_tracer.exporters import ExportData
+from ollama_tracer import __version__
+from ollama_tracer.attribution.analysis import ExportData
+from ollama_tracer.attribution.correlate import Evidence
 
 SCHEMA = "tracer.perfetto/1"
 
@@ -146,12 +144,6 @@ def render(outfile: TextIO, data: ExportData) -> None:
               separators=(",", ":"))
     outfile.write("\n")
 
-
-def write(path: Path, data: ExportData) -> None:
-    """Render into ``path`` atomically, user-only (0600), like every file of a capture."""
-    buffer = io.StringIO()
-    render(buffer, data)
-    capture_dir.write_text(path, buffer.getvalue())
 
 
 def counter_events(name: str, pid: int, samples: list[tuple[int, float]], *, origin_ns: int) -> list[Event]:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any, TextIO
 
+from ollama_tracer.attribution.analysis import ExportData
 from rich.console import Console
 from rich.table import Table
-
-from ollama_tracer.exporters import ExportData
 
 
 def _ms(value: float | None) -> str:

@@ -18,9 +18,8 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
-from opentelemetry import trace
-
 from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
+from opentelemetry import trace
 
 log = logging.getLogger("tracer.instrument")
 

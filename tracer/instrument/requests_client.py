@@ -17,9 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from opentelemetry import trace
-
 from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
+from opentelemetry import trace
 
 log = logging.getLogger("tracer.instrument")
 

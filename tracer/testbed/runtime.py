@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import requests
-
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.testbed.models import MODELFILE, SPECS, ModelSpec, write_model
 from ollama_tracer.testbed.steps import Progress, cache_dir, run_step

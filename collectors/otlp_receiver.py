@@ -37,9 +37,8 @@ import grpc
 from google.protobuf import json_format  # type: ignore[import-untyped, unused-ignore]
 from google.protobuf import message as protobuf_message  # type: ignore[import-untyped, unused-ignore]
 from google.rpc import status_pb2  # type: ignore[import-untyped, unused-ignore]
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
 from ollama_tracer.errors import ExitCode, TracerError
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 logger = logging.getLogger(__name__)
 

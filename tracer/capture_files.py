@@ -1,4 +1,8 @@
-"""The capture directory: the single source of truth. Files are user-only (0600 in a 0700 dir)."""
+"""The files of a capture directory: their names, and the writers and readers every part uses.
+
+Files are user-only (0600 in a 0700 directory) from the moment they exist. Writers keep what
+they could write when the disk fills; readers turn a missing or corrupt file into one sentence.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +15,31 @@ from typing import Any
 
 from ollama_tracer.errors import ExitCode, TracerError
 
-CAPTURE_SCHEMA = "tracer.capture/1"
-ATTRIBUTION_SCHEMA = "tracer.attribution/1"
-CLIENT_SPANS = "raw/client_spans.jsonl"
-
-
-def create(path: Path, *, force: bool) -> Path:
-    occupied = any(path.iterdir()) if path.is_dir() else path.exists()
-    if occupied and not force:
-        raise TracerError(
-            f"{path} already exists and is not empty; choose another -o or pass --force to overwrite.",
-            ExitCode.OUTPUT_EXISTS,
-        )
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    (path / "raw").mkdir(mode=0o700, exist_ok=True)
-    return path
+# What a capture directory holds, relative to it. Every file name of the project is here.
+CAPTURE_JSON = "capture.json"  # versions, command, clocks, collectors (ollama_tracer.capture.directory)
+ATTRIBUTION_JSON = "attribution.json"
+SPANS_JSONL = "spans.jsonl"
+PERFETTO_JSON = "trace.perfetto.json"
+REPORT_HTML = "report.html"
+EXPORT_JSON = "export.json"  # the last `tracer export`'s outcome
+BENCH_JSON = "bench.json"  # `tracer bench --json` inside a capture directory
+RAW_DIR = "raw"  # the collectors' own records: everything else is recomputed from them
+CLIENT_SPANS = "raw/client_spans.jsonl"  # OTLP receiver (collectors.otlp)
+EBPF_EVENTS = "raw/ebpf_events.txt"  # bpftrace's stdout: probe events and stack samples (collectors.ebpf)
+EBPF_STDERR = "raw/ebpf_stderr.txt"
+EBPF_SCRIPT = "raw/ebpf_script.bt"  # the program as run, with the capture's pids and addresses
+EBPF_META = "raw/ebpf_meta.json"
+EBPF_SYMBOLS = "raw/ebpf_symbols.json"  # sampled addresses resolved (collectors.ebpf_profile)
+EBPF_MAPS = "raw/ebpf_maps.json"
+OLLAMA_LOG = "raw/ollama.log"  # collectors.ollama_log
+GPU_SAMPLES = "raw/gpu_samples.jsonl"  # collectors.nvml
+GPU_META = "raw/gpu_meta.json"
+PYSPY_TRACE = "raw/pyspy.chrometrace.json"  # collectors.pyspy
+PYSPY_STDERR = "raw/pyspy_stderr.txt"
+PYSPY_META = "raw/pyspy_meta.json"
+MARKERS = "raw/markers.txt"  # clock markers written by the instrumented children
+PROXY_STATS = "raw/proxy_stats.json"  # tracer proxy's own latency counters
+OUTPUTS = (CAPTURE_JSON, ATTRIBUTION_JSON, SPANS_JSONL, PERFETTO_JSON, REPORT_HTML, EXPORT_JSON, BENCH_JSON, RAW_DIR)
 
 
 def _open_private(path: Path) -> int:
@@ -177,43 +190,3 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
         else:
             bad += 1
     return rows, bad
-
-
-def load_capture_meta(directory: Path) -> dict[str, Any]:
-    if not directory.exists():
-        raise TracerError(f"{directory} does not exist; pass the directory a capture wrote.", ExitCode.BAD_CAPTURE)
-    if not directory.is_dir():
-        raise TracerError(f"{directory} is not a directory; pass the directory a capture wrote.",
-                          ExitCode.BAD_CAPTURE)
-    meta = read_json(directory / "capture.json", "no capture.json")
-    if meta.get("schema") != CAPTURE_SCHEMA:
-        raise TracerError(f"{directory / 'capture.json'} has schema {meta.get('schema')!r}, expected "
-                          f"{CAPTURE_SCHEMA!r}; it was not written by this tracer.", ExitCode.BAD_CAPTURE)
-    problem = _meta_problem(meta)
-    if problem is not None:
-        raise TracerError(f"{directory / 'capture.json'} is corrupt ({problem}); re-run the capture.",
-                          ExitCode.BAD_CAPTURE)
-    return meta
-
-
-def _meta_problem(meta: dict[str, Any]) -> str | None:
-    """What of capture.json the pipeline reads but does not have the shape the capture wrote, if anything."""
-    from ollama_tracer.clock import ClockModel
-
-    if "clock" in meta:
-        try:
-            clock = ClockModel.from_json(meta["clock"])
-        except (KeyError, TypeError, AttributeError, ValueError):
-            return "its clock is not a clock model"
-        points = [clock.start, *clock.checkpoints, *([clock.end] if clock.end else [])]
-        if not all(isinstance(o.clock, str) and all(type(v) is int and abs(v) < 2**64  # a float, a bool, 10**400
-                                                     for v in (o.offset_ns, o.uncertainty_ns, o.taken_at_ns))
-                   for point in points for o in point.values()):
-            return "its clock holds a measurement that is not integer nanoseconds"
-        if "boottime" not in clock.start or (clock.end is not None and not clock.start.keys() <= clock.end.keys()):
-            return "its clock lacks a measurement at the start or the end"
-    ollama = meta.get("ollama")
-    if ollama is not None and not (isinstance(ollama, dict) and isinstance(ollama.get("settings") or {}, dict)
-                                   and isinstance(ollama.get("version") or "", str)):
-        return "its ollama block is not what the capture writes"
-    return None

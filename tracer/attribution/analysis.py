@@ -4,16 +4,28 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ollama_tracer import capture_dir
+from ollama_tracer import capture_files
 from ollama_tracer.attribution import CaptureRecords, attribute
+from ollama_tracer.attribution.correlate import Evidence, correlate
+from ollama_tracer.attribution.diagnosis import cache_slots, diagnose
+from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.clock import ClockModel
-from ollama_tracer.correlate import Evidence, correlate
-from ollama_tracer.diagnosis import cache_slots, diagnose
 from ollama_tracer.errors import ExitCode, TracerError
-from ollama_tracer.exporters import ExportData
+
+
+@dataclass
+class ExportData:
+    """Everything an exporter may show, as recomputed from a capture directory."""
+
+    meta: dict[str, Any]  # capture.json: "command", "tracer_version", "clock", "collectors", "exit_code", "drops"
+    attribution: dict[str, Any]  # attribution.json ("tracer.attribution/1")
+    spans: list[dict[str, Any]]  # spans.jsonl rows (OTLP-JSON-shaped)
+    evidence: Evidence | None = None  # GPU samples and stacks, for exporters that draw them
+
 
 SERVICE_BY_PROCESS = {"client": "ollama-client", "server": "ollama-server", "runner": "ollama-runner",
                       "proxy": "ollama-proxy"}
@@ -21,11 +33,11 @@ SERVICE_BY_PROCESS = {"client": "ollama-client", "server": "ollama-server", "run
 
 def load_records(directory: Path, meta: dict[str, Any]) -> tuple[CaptureRecords, dict[str, int]]:
     """The raw records of a capture, and how many unreadable rows each file had."""
-    rows, bad = capture_dir.read_jsonl(directory / capture_dir.CLIENT_SPANS)
+    rows, bad = capture_files.read_jsonl(directory / capture_files.CLIENT_SPANS)
     spans = [row for row in rows if _usable_span(row)]
     bad += len(rows) - len(spans)  # JSON, but not a span as the receiver writes one
     extra: dict[str, Any] = {"meta": meta}
-    unreadable = {capture_dir.CLIENT_SPANS: bad}
+    unreadable = {capture_files.CLIENT_SPANS: bad}
     from ollama_tracer.collectors.ollama_log import RAW_LOG, load_log
 
     log_events, bad_log = load_log(directory)
@@ -186,10 +198,10 @@ def _row(trace_id: str, span_id: str, parent: str, name: str, start: int, end: i
 
 def compute(directory: Path) -> ExportData:
     """The capture meta, attribution, spans.jsonl rows and evidence, recomputed from the raw records."""
-    meta = capture_dir.load_capture_meta(directory)
+    meta = capture_directory.load_capture_meta(directory)
     records, bad_rows = load_records(directory, meta)
-    if not records.spans and not (directory / capture_dir.CLIENT_SPANS).exists():
-        raise TracerError(f"{directory} holds no recorded spans ({capture_dir.CLIENT_SPANS} is missing); "
+    if not records.spans and not (directory / capture_files.CLIENT_SPANS).exists():
+        raise TracerError(f"{directory} holds no recorded spans ({capture_files.CLIENT_SPANS} is missing); "
                           "the capture is incomplete.", ExitCode.BAD_CAPTURE)
     attribution = attribute(records)
     if "ebpf_matching" in records.extra:
@@ -252,21 +264,3 @@ def _evidence(attribution: dict[str, Any]) -> dict[str, Any]:
                               "uprobe_hits": attrs.get("uprobe_hits"), "syscall_events": attrs.get("syscall_events")})
                 break
     return {"gguf_scans_per_request": scans}
-
-
-def write_outputs(directory: Path, data: ExportData) -> list[Path]:
-    from ollama_tracer.exporters import html, perfetto
-
-    written = []
-    attribution, spans = data.attribution, data.spans
-    meta = dict(data.meta, evidence=attribution.get("evidence", {}))
-    capture_dir.write_json(directory / "capture.json", meta)
-    capture_dir.write_json(directory / "attribution.json", attribution)
-    written.append(directory / "attribution.json")
-    capture_dir.write_jsonl(directory / "spans.jsonl", spans)
-    written.append(directory / "spans.jsonl")
-    perfetto.write(directory / "trace.perfetto.json", ExportData(meta, attribution, spans, data.evidence))
-    written.append(directory / "trace.perfetto.json")
-    html.write(directory / "report.html", ExportData(meta, attribution, spans, data.evidence))
-    written.append(directory / "report.html")
-    return written

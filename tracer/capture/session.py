@@ -20,10 +20,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ollama_tracer.collectors.base import Collector, SessionInfo
-from ollama_tracer import __version__, capture_dir
+from ollama_tracer import __version__, capture_files
 from ollama_tracer.autoinstrument import child_env
+from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.clock import ClockModel, ClockTicker
+from ollama_tracer.collectors.base import Collector, SessionInfo
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.process_discovery import ollama_version_of, process_alive, server_settings
 
@@ -85,7 +86,7 @@ def prepare_directory(directory: Path, force: bool) -> None:
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
-    capture_dir.create(directory, force=force)
+    capture_directory.create(directory, force=force)
 
 
 class _Signals:
@@ -139,8 +140,9 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
     interrupted = command_started = False
     # A provisional capture.json first: if the final one cannot be written (a full disk, a kill),
     # the raw files are still a capture that `tracer report` can read.
-    capture_dir.write_json(options.directory / "capture.json", {
-        "schema": capture_dir.CAPTURE_SCHEMA, "tracer_version": __version__, "command": command, "complete": False,
+    capture_files.write_json(options.directory / "capture.json", {
+        "schema": capture_directory.CAPTURE_SCHEMA, "tracer_version": __version__, "command": command,
+        "complete": False,
         "started_ns": started_ns, "clock": clock.to_json(), "ollama": server, "collectors": {},
         "record_content": options.record_content, "mode": options.mode, "python": sys.version.split()[0]})
     with _Signals() as signals, ClockTicker() as ticker:
@@ -180,7 +182,7 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
             full = [name for name, status in statuses.items() if (status.get("stats") or {}).get("disk_full")]
             errors += [f"{name}: {statuses[name]['stats']['write_error']}" for name in full]
             meta = {
-                "schema": capture_dir.CAPTURE_SCHEMA,
+                "schema": capture_directory.CAPTURE_SCHEMA,
                 "tracer_version": __version__,
                 "command": command,
                 "complete": not full,
@@ -199,7 +201,7 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                 "python": sys.version.split()[0],
             }
             try:
-                capture_dir.write_json(options.directory / "capture.json", meta)
+                capture_files.write_json(options.directory / "capture.json", meta)
             except TracerError as err:
                 if err.exit_code != ExitCode.DISK_FULL:
                     raise

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from ollama_tracer.attribution import percentile
 from ollama_tracer.errors import ExitCode, TracerError
 
