@@ -4,13 +4,18 @@ A collector is asked ``available()`` first; a missing one says why in one senten
 fix), and the capture goes on without it. ``start`` gets the session (directory, clock, pids),
 ``stop`` flushes and writes the collector's raw output under ``raw/`` so that attribution can be
 recomputed from the capture directory alone, and returns its stats (counts, drops).
+
+Each collector module also owns ``load(directory, clock)``: its raw files read back as typed
+records (a dataclass of its own, with ``unreadable`` counts per file), or None when the capture
+has none of its files. ``collectors.registry.LOADERS`` lists them; the capture directory layer
+calls each once, and attribution asks for the records by type.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from ollama_tracer.clock import ClockModel
 
@@ -44,3 +49,12 @@ class Collector(Protocol):
     def child_started(self, pid: int) -> None: ...
 
     def stop(self) -> dict[str, Any]: ...
+
+
+Records = TypeVar("Records", covariant=True)
+
+
+class Loader(Protocol[Records]):
+    """A collector's ``load``: its raw files as typed records, or None when it wrote none."""
+
+    def __call__(self, directory: Path, clock: ClockModel | None, /) -> Records | None: ...

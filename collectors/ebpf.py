@@ -31,11 +31,12 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ollama_tracer import system
+from ollama_tracer import capture_files, system
 from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors import ebpf_profile
 from ollama_tracer.collectors.base import SessionInfo
@@ -44,8 +45,8 @@ from ollama_tracer.collectors.probe_catalogue import DESIGN_NOTES, ProbeSpec, de
 from ollama_tracer.errors import ExitCode, TracerError
 
 READY = "TRACER_EBPF_READY"
-RAW_EVENTS = "raw/ebpf_events.txt"
-RAW_STDERR = "raw/ebpf_stderr.txt"
+RAW_EVENTS = capture_files.EBPF_EVENTS
+RAW_STDERR = capture_files.EBPF_STDERR
 HARMLESS_STDERR = re.compile(r"couldn't set RLIMIT_MEMLOCK|Attaching \d+ probes?|WARNING: Addrspace mismatch|"
                              r"Could not determine instruction boundary|^\s*tracepoint:|^\s*~+\s*$")
 
@@ -286,9 +287,7 @@ class EbpfCollector:
         held = existing_sockets(comm_of(binary))
         script = build_script(self._plan, self.profile_hz, held)
         self._clock = session.clock
-        from ollama_tracer import capture_files
-
-        capture_files.write_text(session.raw_dir / "ebpf_script.bt", script)
+        capture_files.write_text(session.directory / capture_files.EBPF_SCRIPT, script)
         argv = [system.bpftrace_path() or "bpftrace", "-B", "line"]
         if self._plan.symbol_source == "gopclntab" and self._plan.attached:
             # bpftrace cannot check instruction boundaries without ELF symbols; the addresses are
@@ -320,15 +319,11 @@ class EbpfCollector:
         self._write_meta()
 
     def _write_meta(self) -> None:
-        from ollama_tracer import capture_files
-
         assert self._directory is not None
-        capture_files.write_json(self._directory / "raw" / "ebpf_meta.json", self._meta)
+        capture_files.write_json(self._directory / capture_files.EBPF_META, self._meta)
 
     def _read(self, proc: subprocess.Popen[str], out_path: Path, ready: threading.Event) -> None:
         assert proc.stdout is not None
-        from ollama_tracer import capture_files
-
         out = capture_files.RawWriter(out_path)
         self._out = out
         try:
@@ -484,9 +479,7 @@ def peer_port(printed: str) -> int:
 def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], dict[str, Any], int]:
     """(events in time order, the collector's meta, number of unparsable lines). A meta that is not what
     the collector wrote raises TracerError (BAD_CAPTURE): without it no event has a process or a probe."""
-    from ollama_tracer import capture_files
-
-    meta_path = directory / "raw" / "ebpf_meta.json"
+    meta_path = directory / capture_files.EBPF_META
     if not meta_path.exists():
         return [], {}, 0
     meta = capture_files.read_json(meta_path, "the eBPF collector's meta")
@@ -509,6 +502,45 @@ def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], d
                     bad += 1
     events.sort(key=lambda e: e.time_ns)
     return events, meta, bad
+
+
+Roles = Mapping[int, "str | None"]  # pid -> "server" / "runner" (None: neither, or not known)
+
+
+@dataclass
+class EbpfRecords:
+    """The probe events of the server and its runners (time order), who each process was, the
+    collector's meta, and the native stack samples when the profile probe ran."""
+
+    events: list[ProbeEvent]
+    meta: dict[str, Any]
+    roles: dict[int, str | None]
+    native_stacks: list[ebpf_profile.StackSample] = field(default_factory=list)
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def profile_hz(self) -> int:
+        return int(self.meta.get("profile_hz") or 0)
+
+
+def load(directory: Path, clock: ClockModel | None) -> EbpfRecords | None:
+    """bpftrace's records placed on the epoch clock; None for a capture without the collector."""
+    if not (directory / capture_files.EBPF_META).exists():
+        return None
+    if clock is None:
+        raise TracerError(f"{directory / capture_files.CAPTURE_JSON} has no clock, so the eBPF events cannot be "
+                          "placed in time; re-run the capture.", ExitCode.BAD_CAPTURE)
+    events, meta, bad = load_events(directory, clock)
+    server_pid = int(meta["pid"])
+    recorded = meta.get("roles") or {}
+    from ollama_tracer.process_discovery import role_of
+
+    roles = {pid: recorded.get(str(pid)) or role_of(pid, server_pid) for pid in {e.pid for e in events}}
+    records = EbpfRecords(events, meta, roles, unreadable={capture_files.EBPF_EVENTS: bad})
+    if meta.get("profile_hz"):
+        records.native_stacks, bad_stacks = ebpf_profile.load_samples(directory, clock)
+        records.unreadable[f"{capture_files.EBPF_EVENTS} (stacks)"] = bad_stacks
+    return records
 
 
 def _meta_problem(meta: dict[str, Any]) -> str | None:

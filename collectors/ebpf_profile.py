@@ -26,8 +26,8 @@ from ollama_tracer.collectors.symbols import SymbolTable
 
 DEFAULT_HZ = 99  # not 100: a rate that beats against 100 Hz timers would sample them in lockstep
 STACK_DEPTH = 32
-RAW_SYMBOLS = "raw/ebpf_symbols.json"
-RAW_MAPS = "raw/ebpf_maps.json"
+RAW_SYMBOLS = capture_files.EBPF_SYMBOLS
+RAW_MAPS = capture_files.EBPF_MAPS
 
 
 def probe(hz: int, process_filter: str) -> str:
@@ -143,9 +143,7 @@ class Symbolizer:
 def symbolize_capture(directory: Path, clock: ClockModel, maps: dict[int, list[Mapping]],
                       binary: Path | None) -> dict[str, int]:
     """Resolve every sampled address once and write ``raw/ebpf_symbols.json``; returns counts."""
-    from ollama_tracer.collectors.ebpf import RAW_EVENTS
-
-    path = directory / RAW_EVENTS
+    path = directory / capture_files.EBPF_EVENTS
     wanted: dict[int, set[int]] = {}
     samples = 0
     if path.exists():
@@ -166,9 +164,7 @@ def symbolize_capture(directory: Path, clock: ClockModel, maps: dict[int, list[M
 
 def load_samples(directory: Path, clock: ClockModel) -> tuple[list[StackSample], int]:
     """(stack samples in time order, number of malformed blocks) of a capture."""
-    from ollama_tracer.collectors.ebpf import RAW_EVENTS
-
-    path = directory / RAW_EVENTS
+    path = directory / capture_files.EBPF_EVENTS
     if not path.exists():
         return [], 0
     try:

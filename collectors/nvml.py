@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from ollama_tracer import capture_files
+from ollama_tracer.capture_files import GPU_META as RAW_META
+from ollama_tracer.capture_files import GPU_SAMPLES as RAW_SAMPLES
+from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors.base import SessionInfo
 
-RAW_SAMPLES = "raw/gpu_samples.jsonl"
-RAW_META = "raw/gpu_meta.json"
 META_SCHEMA = "tracer.gpu/1"
 
 SOURCES = ("samples", "query", "process")
@@ -242,7 +243,7 @@ class NvmlCollector:
                 self._roots.add(session.ollama_pid)
         if self._pids_source is None and session.ollama_pid is None and session.ollama_host:
             self._add_ollama_server(session.ollama_host)
-        path = session.raw_dir / "gpu_samples.jsonl"
+        path = session.directory / RAW_SAMPLES
         path.unlink(missing_ok=True)  # the appender appends; a --force re-capture starts empty
         self._out = capture_files.JsonlAppender(path)
         self._write_meta()
@@ -669,7 +670,7 @@ class NvmlCollector:
             "started_ns": self._started_ns,
             "stopped_ns": self._stopped_ns or None,
         }
-        capture_files.write_json(self._session.raw_dir / "gpu_meta.json", meta)
+        capture_files.write_json(self._session.directory / RAW_META, meta)
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -720,5 +721,24 @@ def load_gpu_samples(directory: Path) -> tuple[list[GpuSample], dict[str, Any], 
     return samples, meta, bad
 
 
-__all__ = ["RAW_META", "RAW_SAMPLES", "GpuSample", "NvmlCollector", "descendant_pids", "detect_clock_domain",
-           "load_gpu_samples", "sample_value"]
+@dataclass
+class GpuRecords:
+    """NVML samples of the capture (values below 2**64: no reading reaches it) and the collector's meta."""
+
+    samples: list[GpuSample]
+    meta: dict[str, Any]
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+
+def load(directory: Path, clock: ClockModel | None) -> GpuRecords | None:
+    """NVML's timestamps were converted to epoch ns when sampled: ``clock`` is not needed."""
+    if not (directory / RAW_SAMPLES).exists():
+        return None
+    samples, meta, bad = load_gpu_samples(directory)
+    # No NVML reading reaches 2**64 (bytes of memory at most); past it, a sum or a difference is infinite.
+    usable = [sample for sample in samples if abs(sample.value) < 2**64]
+    return GpuRecords(usable, meta, {RAW_SAMPLES: bad + len(samples) - len(usable)})
+
+
+__all__ = ["RAW_META", "RAW_SAMPLES", "GpuRecords", "GpuSample", "NvmlCollector", "descendant_pids",
+           "detect_clock_domain", "load", "load_gpu_samples", "sample_value"]

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ollama_tracer import capture_files
+from ollama_tracer.capture_files import OLLAMA_LOG as RAW_LOG
+from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.instrument.genai import parse_created_at
 
-RAW_LOG = "raw/ollama.log"
 # What the log source reads. Without --record-content only these lines (and warnings and errors)
 # are kept: at TRACE Ollama logs whole prompts, and "hit stop token" carries completion text.
 BOUNDARY_MESSAGES = ("evaluating already loaded", "completion request", "loading cache slot", "starting runner",
@@ -128,3 +129,17 @@ def load_log(directory: Path) -> tuple[list[LogEvent], int]:
     if not path.exists():
         return [], 0
     return parse_log(path.read_text(encoding="utf-8", errors="replace"))
+
+
+@dataclass
+class LogRecords:
+    """The server's log lines of the capture window, parsed."""
+
+    events: list[LogEvent]
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+
+def load(directory: Path, clock: ClockModel | None) -> LogRecords | None:
+    """Its timestamps are the server's wall clock, already epoch ns: ``clock`` is not needed."""
+    events, bad = load_log(directory)
+    return LogRecords(events, {RAW_LOG: bad}) if events else None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ollama_tracer.capture_files import CLIENT_SPANS, JsonlAppender
+from ollama_tracer.capture_files import CLIENT_SPANS, JsonlAppender, read_jsonl
+from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
 
@@ -41,3 +44,52 @@ class OtlpCollector:
             stats["written_spans"] = self._out.rows - self._out.lost
             stats.update(self._out.stats())
         return stats
+
+
+@dataclass
+class ClientSpans:
+    """The spans the capture's children exported, as the receiver wrote them."""
+
+    spans: list[dict[str, Any]]
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+
+def load(directory: Path, clock: ClockModel | None) -> ClientSpans | None:
+    """The spans of ``raw/client_spans.jsonl``; a row that is JSON but not a span as the receiver
+    writes one counts as unreadable."""
+    if not (directory / CLIENT_SPANS).exists():
+        return None
+    rows, bad = read_jsonl(directory / CLIENT_SPANS)
+    spans = [row for row in rows if usable_span(row)]
+    return ClientSpans(spans, {CLIENT_SPANS: bad + len(rows) - len(spans)})
+
+
+# Attributes that attribution reads as integers: epoch ns, durations, a port, an fd.
+_INTEGER_ATTRIBUTES = ("tracer.first_token_ns", "tracer.request_written_ns", "tracer.response_start_ns",
+                       "ollama.created_at_first_ns", "ollama.created_at_last_ns", "ollama.total_duration",
+                       "ollama.load_duration", "ollama.prompt_eval_duration", "tracer.local_port", "server.fd")
+# What tells one client from another (attribution.intervals): dictionary keys, so never a list or an object.
+_CLIENT_KEYS = (("resource", "service.name"), ("resource", "process.pid"), ("resource", "service.instance.id"),
+                ("attributes", "tracer.client_key"), ("attributes", "thread.id"))
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def usable_span(row: dict[str, Any]) -> bool:
+    """Whether a row of client_spans.jsonl has, in what attribution reads, the shape the receiver writes."""
+    attributes, resource = row.get("attributes", {}), row.get("resource", {})
+    if not (isinstance(attributes, dict) and isinstance(resource, dict)):
+        return False
+    maps = {"attributes": attributes, "resource": resource}
+    return (all(isinstance(row.get(key), str) for key in ("traceId", "spanId", "name"))
+            and isinstance(row.get("parentSpanId") or "", str) and isinstance(row.get("events", []), list)
+            and all(_is_int(row.get(key)) and row[key] >= 0 for key in ("startTimeUnixNano", "endTimeUnixNano"))
+            and all(attributes.get(key) is None or _is_int(attributes[key]) for key in _INTEGER_ATTRIBUTES)
+            # A stream that reached `done` (total_duration) had chunks: their times come with it.
+            and (attributes.get("ollama.total_duration") is None
+                 or None not in (attributes.get(f"ollama.created_at_{end}_ns") for end in ("first", "last")))
+            and all(isinstance(maps[where].get(key), _SCALARS) for where, key in _CLIENT_KEYS))
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (not a bool) that fits in 64 bits."""
+    return type(value) is int and abs(value) < 2**64

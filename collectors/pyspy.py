@@ -42,18 +42,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ollama_tracer import system
+from ollama_tracer import capture_files, system
 from ollama_tracer.autoinstrument import ENV_PYSPY_MARKER, _tracer_clock_marker, _tracer_clock_marker_loop
 from ollama_tracer.capture_files import open_private, write_json
+from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.doctor_checks import check_pyspy
 from ollama_tracer.errors import ExitCode, TracerError
 
 META_SCHEMA = "tracer.pyspy/1"
-RAW_TRACE = "raw/pyspy.chrometrace.json"
-RAW_STDERR = "raw/pyspy_stderr.txt"  # py-spy's stdout and stderr: its summary line is on stdout
-RAW_META = "raw/pyspy_meta.json"
-RAW_MARKERS = "raw/markers.txt"  # written by the command's auto-instrumentation (tracer.capture creates it)
+RAW_TRACE = capture_files.PYSPY_TRACE
+RAW_STDERR = capture_files.PYSPY_STDERR  # py-spy's stdout and stderr: its summary line is on stdout
+RAW_META = capture_files.PYSPY_META
+RAW_MARKERS = capture_files.MARKERS  # written by the command's auto-instrumentation (the capture creates it)
 
 MARKER_FUNCTION = _tracer_clock_marker.__name__
 MARKER_LOOP_FUNCTION = _tracer_clock_marker_loop.__name__
@@ -448,6 +449,27 @@ def _read_meta(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, RecursionError):
         return {"meta_error": f"{path.name} is not valid JSON"}
     return payload if isinstance(payload, dict) else {"meta_error": f"{path.name} is not a JSON object"}
+
+
+@dataclass
+class PythonStacks:
+    """py-spy's stack slices of the client processes, in epoch ns, and the collector's meta (alignment)."""
+
+    slices: list[StackSlice]
+    meta: dict[str, Any]
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate_hz(self) -> float:
+        return float(self.meta.get("rate_hz", 100))
+
+
+def load(directory: Path, clock: ClockModel | None) -> PythonStacks | None:
+    """py-spy's clock is aligned by its own markers (``meta["alignment"]``): ``clock`` is not needed."""
+    if not (directory / RAW_META).exists():
+        return None
+    slices, meta, bad = load_stacks(directory)
+    return PythonStacks(slices, meta, {RAW_TRACE: bad})
 
 
 def load_stacks(directory: Path) -> tuple[list[StackSlice], dict[str, Any], int]:

@@ -1,17 +1,22 @@
-"""The collectors a capture runs, in start order. Adding a source: one line here."""
+"""The collectors a capture runs, in start order, and the loaders that read their raw files back.
+Adding a source: one line in ``make_collectors`` and one in ``LOADERS``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from ollama_tracer.collectors.base import Collector
+from ollama_tracer.collectors import ebpf, nvml, ollama_log, otlp, pyspy
+from ollama_tracer.collectors.base import Collector, Loader
 from ollama_tracer.collectors.ebpf import EbpfCollector
 from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
 from ollama_tracer.collectors.nvml import NvmlCollector
 from ollama_tracer.collectors.ollama_log import OllamaLogCollector
 from ollama_tracer.collectors.otlp import OtlpCollector
 from ollama_tracer.collectors.pyspy import PySpyCollector
+
+# Each collector's ``load(directory, clock)``: its raw files as typed records, or None.
+LOADERS: list[Loader[object]] = [otlp.load, ollama_log.load, ebpf.load, nvml.load, pyspy.load]
 
 
 @dataclass

@@ -39,13 +39,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
+from ollama_tracer.vocabulary import CLIENT_ADDRESS, PROCESS_PID, SERVICE_NAME, SERVICE_PROXY, TRACER_CLIENT_KEY
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 log = logging.getLogger("tracer.proxy")
 
-PROXY_SERVICE = "ollama-proxy"
+PROXY_SERVICE = SERVICE_PROXY
 CLIENT_KEY_HEADER = "X-Tracer-Client"  # optional: tells concurrent clients on one address apart
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy recomputes.
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -199,8 +200,8 @@ class OllamaProxy:
             peer = request.remote or "?"
             key = request.headers.get(CLIENT_KEY_HEADER) or \
                 f"{peer}|{request.headers.get('User-Agent', '')}|{parsed.get('model', '')}"
-            recorder.span.set_attribute("tracer.client_key", key)
-            recorder.span.set_attribute("client.address", peer)
+            recorder.span.set_attribute(TRACER_CLIENT_KEY, key)
+            recorder.span.set_attribute(CLIENT_ADDRESS, peer)
         return recorder
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse,
@@ -321,8 +322,8 @@ class ProxyServer:
 
         self.host, self.port, self.upstream = host, port, upstream
         self.exporter = SegmentExporter()
-        self.provider = TracerProvider(resource=Resource.create({"service.name": PROXY_SERVICE,
-                                                                 "process.pid": os.getpid()}))
+        self.provider = TracerProvider(resource=Resource.create({SERVICE_NAME: PROXY_SERVICE,
+                                                                 PROCESS_PID: os.getpid()}))
         self.provider.add_span_processor(BatchSpanProcessor(self.exporter, max_queue_size=MAX_QUEUE_SIZE,
                                                             max_export_batch_size=MAX_EXPORT_BATCH))
         self.proxy = OllamaProxy(upstream, tracer=self.provider.get_tracer("tracer.proxy"),

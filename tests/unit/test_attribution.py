@@ -3,8 +3,9 @@ from __future__ import annotations
 import itertools
 import random
 
-from ollama_tracer.attribution import AttributedInterval, CaptureRecords, attribute, percentile, reconcile, summarize
+from ollama_tracer.attribution import AttributedInterval, attribute, percentile, reconcile, summarize
 from ollama_tracer.attribution.intervals import Interval, find_intervals
+from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.model import Phase
 
 MS = 1_000_000

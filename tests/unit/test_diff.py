@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from ollama_tracer.attribution.diff import SCHEMA, CaptureSide, compare, describe
 from ollama_tracer.cli import main
-from ollama_tracer.commands.diff import render
 from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.exporters.diff_table import render
 
 # Per-interval milliseconds of each phase, in critical-path order, as a capture's intervals hold them.
 BASE = {

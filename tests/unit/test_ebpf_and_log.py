@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ollama_tracer.attribution.ebpf_source import EbpfSource, blob_scans, merged_name
 from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.clock import ClockModel, ClockOffset
-from ollama_tracer.collectors.ebpf import ParseError, ProbeEvent, parse_line, plan_probes
+from ollama_tracer.collectors.ebpf import EbpfRecords, ParseError, ProbeEvent, parse_line, plan_probes
 from ollama_tracer.collectors.ollama_log import parse_line as parse_log_line
 from ollama_tracer.collectors.probe_catalogue import design_for, probes_for
 
@@ -63,10 +64,9 @@ def test_merged_names() -> None:
     assert merged_name(["server.handoff", "runner.admit"]) == "server.handoff+runner.admit"
 
 
-class _Records:
-    def __init__(self, events: list[ProbeEvent]) -> None:
-        self.spans: list[dict[str, object]] = []
-        self.extra = {"ebpf": {"events": events, "roles": {1: "server", 2: "runner"}, "meta": {}}}
+def _Records(events: list[ProbeEvent]) -> CaptureRecords:
+    ebpf = EbpfRecords(events=events, meta={}, roles={1: "server", 2: "runner"})
+    return CaptureRecords(spans=[], loaded={EbpfRecords: ebpf})
 
 
 def _interval(end_ms: int) -> Interval:

@@ -19,7 +19,9 @@ from ollama_tracer.attribution.ebpf_source import EbpfSource
 from ollama_tracer.attribution.intervals import Interval, find_intervals
 from ollama_tracer.attribution.log_source import LogSource
 from ollama_tracer.attribution.sources import ClientSource, PhaseSource, ResponseSource
+from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.model import Phase
+from ollama_tracer.vocabulary import GEN_AI_REQUEST_MODEL, PROCESS_PID, THREAD_ID
 
 SCHEMA = "tracer.attribution/1"
 
@@ -28,16 +30,11 @@ SOURCES: list[PhaseSource] = [EbpfSource(), LogSource(), ResponseSource(), Clien
 
 
 @dataclass
-class CaptureRecords:
-    spans: list[dict[str, Any]]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class AttributedInterval:
     interval: Interval
     phases: list[Phase]
     off_path: list[Phase]
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)  # source name -> Found.outcome
 
     @property
     def attributed_ns(self) -> int:
@@ -56,7 +53,7 @@ class AttributedInterval:
             "trace_id": iv.trace_id,
             "iteration": iv.iteration,
             "warmup": iv.warmup,
-            "model": iv.request.get("attributes", {}).get("gen_ai.request.model"),
+            "model": iv.request.get("attributes", {}).get(GEN_AI_REQUEST_MODEL),
             "client": _client_of(iv.request),
             "start_ns": iv.start_ns,
             "end_ns": iv.end_ns,
@@ -71,8 +68,8 @@ class AttributedInterval:
 def _client_of(request: dict[str, Any]) -> dict[str, int]:
     """The process and thread that made the request, where the instrumentation recorded them."""
     out = {}
-    pid = (request.get("resource") or {}).get("process.pid")
-    thread = (request.get("attributes") or {}).get("thread.id")
+    pid = (request.get("resource") or {}).get(PROCESS_PID)
+    thread = (request.get("attributes") or {}).get(THREAD_ID)
     if isinstance(pid, int):
         out["pid"] = pid
     if isinstance(thread, int):
@@ -122,9 +119,10 @@ def reconcile(interval: Interval, by_source: list[tuple[int, list[Phase]]]) -> t
 
 def attribute_interval(interval: Interval, records: CaptureRecords,
                        sources: list[PhaseSource] | None = None) -> AttributedInterval:
-    by_source = [(source.rank, source.phases(interval, records)) for source in (sources or SOURCES)]
-    phases, off_path = reconcile(interval, by_source)
-    return AttributedInterval(interval=interval, phases=phases, off_path=off_path)
+    found = [(source, source.find(interval, records)) for source in (sources or SOURCES)]
+    phases, off_path = reconcile(interval, [(source.rank, result.phases) for source, result in found])
+    return AttributedInterval(interval=interval, phases=phases, off_path=off_path,
+                              outcomes={source.name: result.outcome for source, result in found if result.outcome})
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -197,9 +195,25 @@ def attribute(records: CaptureRecords, sources: list[PhaseSource] | None = None)
     """The whole attribution as the ``attribution.json`` payload."""
     intervals = find_intervals(records.spans)
     attributed = [attribute_interval(iv, records, sources) for iv in intervals]
-    return {
+    payload = {
         "schema": SCHEMA,
         "precedence": [{"source": s.name, "rank": s.rank} for s in sorted(sources or SOURCES, key=lambda s: s.rank)],
         "intervals": [a.to_json() for a in attributed],
         "summary": summarize(attributed),
     }
+    payload.update(merge_outcomes(attributed))
+    return payload
+
+
+def merge_outcomes(attributed: list[AttributedInterval]) -> dict[str, dict[str, Any]]:
+    """Each source's per-interval outcomes as ``<source>_matching``: counts summed, lists joined."""
+    merged: dict[str, dict[str, Any]] = {}
+    for a in attributed:
+        for source, outcome in a.outcomes.items():
+            into = merged.setdefault(f"{source}_matching", {})
+            for key, value in outcome.items():
+                if isinstance(value, list):
+                    into.setdefault(key, []).extend(value)
+                else:
+                    into[key] = into.get(key, 0) + value
+    return merged

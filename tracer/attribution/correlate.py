@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ollama_tracer.vocabulary import PROCESS_CLIENT, PROCESS_SERVER
+
 _Counts = defaultdict[tuple[str, ...], float]  # stack (leaf-most frames) -> samples
 TOP_STACKS = 3
 STACK_FRAMES = 8  # leaf-most frames that identify a stack in a summary
@@ -190,8 +192,8 @@ class _Stacks:
 
     def resolution_ms(self, counters: dict[str, _Counts]) -> dict[str, float]:
         """Per role, the sampling period: how finely its stacks can place code in time."""
-        return {role: round(1000 / (self.rate if role == "client" else self.native_hz), 1) for role in counters
-                if (self.rate if role == "client" else self.native_hz) > 0}
+        return {role: round(1000 / (self.rate if role == PROCESS_CLIENT else self.native_hz), 1) for role in counters
+                if (self.rate if role == PROCESS_CLIENT else self.native_hz) > 0}
 
     def counters(self, start: int, end: int, client: dict[str, int] | None = None) -> dict[str, _Counts]:
         """Samples per role and stack in [start, end). ``client``: the pid and thread that made
@@ -201,7 +203,7 @@ class _Stacks:
         lo = bisect.bisect_left(self.native_times, start)
         hi = bisect.bisect_left(self.native_times, end)
         for sample in self.native[lo:hi]:
-            role = self.native_roles.get(sample.pid, "server")
+            role = self.native_roles.get(sample.pid, PROCESS_SERVER)
             out.setdefault(role, defaultdict(float))[sample.frames[-STACK_FRAMES:]] += 1
         # Slices are sorted by start; any slice overlapping [start, end) starts after
         # start - longest, so the scan is bounded.
@@ -214,7 +216,8 @@ class _Stacks:
                 continue
             overlap = min(piece.end_ns - lag, end) - max(piece.start_ns - lag, start)
             if overlap > 0:
-                out.setdefault("client", defaultdict(float))[piece.frames[-STACK_FRAMES:]] += overlap * self.rate / 1e9
+                frames = piece.frames[-STACK_FRAMES:]
+                out.setdefault(PROCESS_CLIENT, defaultdict(float))[frames] += overlap * self.rate / 1e9
         return out
 
 

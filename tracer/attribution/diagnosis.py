@@ -12,9 +12,21 @@ A finding (``attribution["diagnosis"]``, the terminal and the HTML report):
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from ollama_tracer.units import format_ms
+from ollama_tracer.vocabulary import (
+    CLIENT_INTERRUPT,
+    RUNNER_ADMIT,
+    SERVER_CANCEL,
+    SERVER_MODEL_LOAD,
+    SERVER_MODEL_LOOKUP,
+)
+
+_ms = functools.partial(format_ms, digits=None, unit=True)
 
 MATERIAL_MS = 1.0
 MATERIAL_SHARE = 0.05
@@ -53,10 +65,6 @@ def _version(text: str | None) -> tuple[int, ...] | None:
         return None
 
 
-def _ms(value: float) -> str:
-    return f"{value:.1f} ms" if value >= 1 else f"{value:.2f} ms"
-
-
 def gguf_scans(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
     hits: list[tuple[int, int, float, float]] = []  # (interval, scans, scan ms, lookup ms)
     for iv in intervals:
@@ -80,7 +88,7 @@ def gguf_scans(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Find
     evidence = [f"{scans:g} opens of the model's GGUF blob per request (eBPF openat on the server), "
                 f"in {len(hits)} of {len(intervals)} intervals",
                 f"reading them took {_ms(impact)} (median), {100 * impact / interval_ms:.0f} % of the "
-                f"{_ms(interval_ms)} interval; server.model_lookup {_ms(statistics.median(h[3] for h in hits))}"]
+                f"{_ms(interval_ms)} interval; {SERVER_MODEL_LOOKUP} {_ms(statistics.median(h[3] for h in hits))}"]
     if version:
         evidence.append(f"Ollama {version}")
     return {
@@ -125,7 +133,7 @@ def model_reload(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Fi
         "cause": "model_reload", "title": "The runner is reloaded because the request's options changed",
         "summary": (f"In {n} of {len(intervals)} intervals the loaded runner did not fit the request and "
                     f"was restarted: {_ms(impact)} (median)."),
-        "evidence": [f"server.model_load after the loaded runner's check (needsReload) in {n} of "
+        "evidence": [f"{SERVER_MODEL_LOAD} after the loaded runner's check (needsReload) in {n} of "
                      f"{len(intervals)} intervals, median {_ms(impact)}"],
         "remedy": ("Send the same runner options on every request (num_ctx, num_batch, num_gpu, main_gpu, use_mmap, "
                    "num_thread): any change restarts the runner. Set them once in the Modelfile (PARAMETER num_ctx) "
@@ -137,7 +145,7 @@ def cold_load(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Findi
     return _load_finding(intervals, "cold", lambda n, impact: {
         "cause": "cold_load", "title": "The model was not loaded: a cold start",
         "summary": f"{n} interval(s) started a runner from scratch: {_ms(impact)} (median).",
-        "evidence": [f"server.model_load with no runner loaded in {n} of {len(intervals)} intervals, "
+        "evidence": [f"{SERVER_MODEL_LOAD} with no runner loaded in {n} of {len(intervals)} intervals, "
                      f"median {_ms(impact)}"],
         "remedy": ("Keep the model loaded: raise keep_alive on the request or OLLAMA_KEEP_ALIVE (default 5m; -1 keeps "
                    "it loaded), and pre-load it with an empty request before the latency-sensitive work."),
@@ -147,8 +155,8 @@ def cold_load(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Findi
 def slot_wait(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
     hits: list[tuple[int, float, float | None]] = []  # (interval, admit ms, ms it ended after the teardown)
     for iv in intervals:
-        admits = [p for p in iv.get("phases", []) if p["name"] == "runner.admit"]
-        cancels = [p for p in iv.get("off_critical_path", []) if p["name"] == "server.cancel"]
+        admits = [p for p in iv.get("phases", []) if p["name"] == RUNNER_ADMIT]
+        cancels = [p for p in iv.get("off_critical_path", []) if p["name"] == SERVER_CANCEL]
         if not admits:
             continue
         admit = admits[0]
@@ -165,12 +173,12 @@ def slot_wait(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Findi
     parallel = context.get("num_parallel")
     return {
         "cause": "slot_wait", "title": "The new request waits for the interrupted one's slot",
-        "summary": (f"runner.admit waited {_ms(impact)} (median) until the runner removed the interrupted sequence "
+        "summary": (f"{RUNNER_ADMIT} waited {_ms(impact)} (median) until the runner removed the interrupted sequence "
                     "and freed its slot."),
-        "evidence": [f"in {len(waits)} of {len(intervals)} intervals runner.admit overlapped server.cancel (the "
+        "evidence": [f"in {len(waits)} of {len(intervals)} intervals {RUNNER_ADMIT} overlapped {SERVER_CANCEL} (the "
                      "interrupted request's teardown) and ended "
                      f"{_ms(max(0.0, statistics.median(h[2] or 0.0 for h in waits)))} after it (median)",
-                     f"runner.admit median {_ms(impact)}"
+                     f"{RUNNER_ADMIT} median {_ms(impact)}"
                      + (f"; OLLAMA_NUM_PARALLEL={parallel}" if parallel else "")],
         "remedy": ("Give the runner a second slot (OLLAMA_NUM_PARALLEL=2, at the cost of KV-cache memory) so the next "
                    "request does not wait for the cancelled one to be torn down, or close the first stream earlier "
@@ -211,7 +219,7 @@ def prompt_cache_miss(intervals: list[dict[str, Any]], context: dict[str, Any]) 
 
 def late_close(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
     hits = [(iv["index"], p["duration_ms"]) for iv in intervals for p in iv.get("phases", [])
-            if p["name"] == "client.interrupt" and p["duration_ms"] >= SLOW_CLOSE_MS]
+            if p["name"] == CLIENT_INTERRUPT and p["duration_ms"] >= SLOW_CLOSE_MS]
     if not _enough(len(hits), len(intervals)):
         return None
     impact = statistics.median(d for _, d in hits)
@@ -221,7 +229,7 @@ def late_close(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Find
         "cause": "late_close", "title": "The client closes the interrupted stream late",
         "summary": (f"From deciding to interrupt to closing the first stream's connection took {_ms(impact)} "
                     "(median); the server goes on generating until it sees the close."),
-        "evidence": [f"client.interrupt {_ms(impact)} (median) in {len(hits)} of {len(intervals)} intervals "
+        "evidence": [f"{CLIENT_INTERRUPT} {_ms(impact)} (median) in {len(hits)} of {len(intervals)} intervals "
                      f"(over {SLOW_CLOSE_MS:g} ms)"],
         "remedy": ("Close the response as soon as you stop reading: `stream.close()` on the ollama client's "
                    "iterator, `response.close()` with requests, or leave the `with` block; do not drain the rest of "

@@ -38,11 +38,33 @@ from typing import Any
 
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.attribution.request_chain import Broken, Chain, concurrent_sequences, own_events, resolve
-from ollama_tracer.attribution.sources import Records
-from ollama_tracer.collectors.ebpf import ProbeEvent
+from ollama_tracer.attribution.sources import Found
+from ollama_tracer.capture.directory import CaptureRecords
+from ollama_tracer.collectors.ebpf import EbpfRecords, ProbeEvent, Roles
 from ollama_tracer.model import Phase
+from ollama_tracer.vocabulary import (
+    PROCESS_RUNNER,
+    PROCESS_SERVER,
+    RUNNER_ADMIT,
+    RUNNER_PREFILL,
+    RUNNER_SAMPLE,
+    SERVER_CANCEL,
+    SERVER_DECODE,
+    SERVER_FD,
+    SERVER_HANDOFF,
+    SERVER_MODEL_LOAD,
+    SERVER_MODEL_LOOKUP,
+    SERVER_RECEIVE,
+    SERVER_SCHEDULE,
+    SERVER_STREAM,
+    SOURCE_EBPF,
+    TRACER_FIRST_TOKEN_NS,
+    TRACER_LOCAL_PORT,
+    merged_name,
+    process_prefix,
+)
 
-SOURCE = "ebpf"
+SOURCE = SOURCE_EBPF
 BLOB_MARKER = "/blobs/sha256-"
 
 Match = Callable[[ProbeEvent], bool]
@@ -56,49 +78,39 @@ class Boundary:
 
 
 BOUNDARIES = (
-    Boundary("R", "server.receive"),
-    Boundary("GH", "server.decode"),
-    Boundary("GE", "server.model_lookup"),
-    Boundary("NR", "server.schedule"),
-    Boundary("LD", "server.model_load", optional=True),
-    Boundary("UL", "server.handoff"),
-    Boundary("RC", "runner.admit"),
-    Boundary("LC", "runner.prefill"),
-    Boundary("SA", "runner.sample"),
-    Boundary("RW", "server.stream"),
+    Boundary("R", SERVER_RECEIVE),
+    Boundary("GH", SERVER_DECODE),
+    Boundary("GE", SERVER_MODEL_LOOKUP),
+    Boundary("NR", SERVER_SCHEDULE),
+    Boundary("LD", SERVER_MODEL_LOAD, optional=True),
+    Boundary("UL", SERVER_HANDOFF),
+    Boundary("RC", RUNNER_ADMIT),
+    Boundary("LC", RUNNER_PREFILL),
+    Boundary("SA", RUNNER_SAMPLE),
+    Boundary("RW", SERVER_STREAM),
     Boundary("SW", None),
 )
 
 
-def merged_name(names: list[str]) -> str:
-    """``server.receive`` + ``server.decode`` → ``server.receive+decode``."""
-    out = names[0]
-    prefix = names[0].split(".", 1)[0]
-    for name in names[1:]:
-        head, _, tail = name.partition(".")
-        out += "+" + (tail if head == prefix else name)
-    return out
-
-
-def connection_of(request: dict[str, Any], events: list[ProbeEvent], roles: dict[int, str]) -> int | None:
+def connection_of(request: dict[str, Any], events: list[ProbeEvent], roles: Roles) -> int | None:
     """The server's fd of the request's client connection, by the TCP 4-tuple: the client's
     local port (recorded by the instrumentation or the proxy) is the peer port the server's
     accept saw. None when it is not known (a connection accepted before the capture)."""
     attributes = request.get("attributes", {})
-    if attributes.get("server.fd") is not None:  # a request the server side itself recorded (attach)
-        return int(attributes["server.fd"])
-    port = attributes.get("tracer.local_port")
+    if attributes.get(SERVER_FD) is not None:  # a request the server side itself recorded (attach)
+        return int(attributes[SERVER_FD])
+    port = attributes.get(TRACER_LOCAL_PORT)
     if not port:
         return None
     # A new connection is accepted after the request was built (the client connects then); a
     # pooled one long before. Either way, before the response began: the latest such accept.
-    answered = int(attributes.get("tracer.first_token_ns") or request["endTimeUnixNano"])
+    answered = int(attributes.get(TRACER_FIRST_TOKEN_NS) or request["endTimeUnixNano"])
     accepts = [e for e in events if e.kind == "A" and e.value == int(port) and e.time_ns <= answered
-               and roles.get(e.pid) == "server"]
+               and roles.get(e.pid) == PROCESS_SERVER]
     return accepts[-1].fd if accepts else None
 
 
-def concurrent_requests(events: list[ProbeEvent], roles: dict[int, str], found: dict[str, ProbeEvent]) -> int:
+def concurrent_requests(events: list[ProbeEvent], roles: Roles, found: dict[str, ProbeEvent]) -> int:
     """How many other client requests were between their read and their first response write
     while this one was (R..SW): then the boundaries in between belong to either. The server reads
     ``POST`` only from clients and writes ``HTTP`` only to them (it writes requests to runners),
@@ -112,7 +124,7 @@ def concurrent_requests(events: list[ProbeEvent], roles: dict[int, str], found: 
         if e.time_ns > end:
             break
         key = (e.pid, e.fd)
-        if roles.get(e.pid) != "server" or e.fd == ours:
+        if roles.get(e.pid) != PROCESS_SERVER or e.fd == ours:
             continue
         if e.kind == "R" and e.value > 0 and e.text.startswith("POST"):
             pending[key] = e.time_ns
@@ -129,17 +141,19 @@ class EbpfSource:
     name = SOURCE
     rank = 10
 
-    def phases(self, interval: Interval, records: Records) -> list[Phase]:
-        ebpf = records.extra.get("ebpf")
-        if not ebpf or not ebpf["events"]:
-            return []
-        events: list[ProbeEvent] = ebpf["events"]
-        roles: dict[int, str] = ebpf["roles"]
+    def phases(self, interval: Interval, records: CaptureRecords) -> list[Phase]:
+        return self.find(interval, records).phases
+
+    def find(self, interval: Interval, records: CaptureRecords) -> Found:
+        ebpf = records.get(EbpfRecords)
+        if ebpf is None or not ebpf.events:
+            return Found([])
+        events, roles = ebpf.events, ebpf.roles
         built = int(interval.request["startTimeUnixNano"])
         window = [e for e in events if built <= e.time_ns <= interval.end_ns]
         client_fd = connection_of(interval.request, events, roles)
         found = self._boundaries(window, roles, client_fd)
-        matching = records.extra.setdefault("ebpf_matching", {"matched": 0, "matched_by_chain": 0, "unmatched": []})
+        matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
         others = concurrent_requests(events, roles, found)
         chain: Chain | None = None
         try:
@@ -149,12 +163,12 @@ class EbpfSource:
             # time order is never used to pick.
             if client_fd is None and others:
                 raise Broken("its client connection is unknown (the client recorded no local port)")
-            chain = self._chain(events, roles, found, interval, ebpf["meta"])
+            chain = self._chain(events, roles, found, interval, ebpf.meta)
         except Broken as why:
             if others:
                 matching["unmatched"].append({"interval": interval.index, "concurrent_requests": others,
                                               "connection_matched": client_fd is not None, "reason": str(why)})
-                return []
+                return Found([], matching)
             # Alone in the server: the first event after each boundary is this request's own.
         whole_window = window
         sequences = 0
@@ -181,7 +195,7 @@ class EbpfSource:
                       if "model_load" in p.name else p for p in phases]
         if not others:  # alone in the server: every open of the model blob in the window is this request's
             evidence = blob_scans(whole_window, roles, found.get("R"), found.get("SW"),
-                                  set(ebpf["meta"].get("model_blobs", [])))
+                                  set(ebpf.meta.get("model_blobs", [])))
         else:  # other requests' file opens interleave; count this handler goroutine's gguf.Open calls
             evidence = {"gguf_scans": _entries(window, _symbol_keys()["gguf_open"])}
         if chain is not None:
@@ -196,13 +210,13 @@ class EbpfSource:
                 if "model_lookup" in phase.name:
                     phases[i] = Phase(phase.name, phase.start_ns, phase.end_ns, phase.source, phase.process,
                                       {**phase.attributes, **evidence})
-        cancel = self._cancel(events, roles, interval, concurrent=bool(others), meta=ebpf["meta"])
+        cancel = self._cancel(events, roles, interval, concurrent=bool(others), meta=ebpf.meta)
         if cancel is not None:
             phases.append(cancel)
-        return phases
+        return Found(phases, matching)
 
     @staticmethod
-    def _chain(events: list[ProbeEvent], roles: dict[int, str], found: dict[str, ProbeEvent], interval: Interval,
+    def _chain(events: list[ProbeEvent], roles: Roles, found: dict[str, ProbeEvent], interval: Interval,
                meta: dict[str, Any]) -> Chain:
         if not (meta.get("plan") or {}).get("goroutines", {}).get("on"):
             note = (meta.get("plan") or {}).get("goroutines", {}).get("note", "off")
@@ -213,13 +227,13 @@ class EbpfSource:
                        meta.get("sockets_at_start") or [])
 
     @staticmethod
-    def _boundaries(window: list[ProbeEvent], roles: dict[int, str],
+    def _boundaries(window: list[ProbeEvent], roles: Roles,
                     known_fd: int | None = None) -> dict[str, ProbeEvent]:
         def server(e: ProbeEvent) -> bool:
-            return roles.get(e.pid) == "server"
+            return roles.get(e.pid) == PROCESS_SERVER
 
         def runner(e: ProbeEvent) -> bool:
-            return roles.get(e.pid) == "runner"
+            return roles.get(e.pid) == PROCESS_RUNNER
 
         def probe(*keys: str, proc: Callable[[ProbeEvent], bool] = server) -> Match:
             return lambda e: e.kind == "U" and e.text in keys and proc(e)
@@ -282,13 +296,13 @@ class EbpfSource:
             if not names:
                 continue
             name = merged_name(names)
-            process = "runner" if name.startswith("runner.") else "server"
+            process = PROCESS_RUNNER if name.startswith(process_prefix(PROCESS_RUNNER)) else PROCESS_SERVER
             phases.append(Phase(name, start, end, SOURCE, process,
                                 {"from": here.key, "to": nxt.key} if len(names) > 1 else {}))
         return phases
 
     @staticmethod
-    def _cancel(events: list[ProbeEvent], roles: dict[int, str], interval: Interval, *, concurrent: bool = False,
+    def _cancel(events: list[ProbeEvent], roles: Roles, interval: Interval, *, concurrent: bool = False,
                 meta: dict[str, Any] | None = None) -> Phase | None:
         if interval.kind != "interrupt":
             return None
@@ -299,7 +313,7 @@ class EbpfSource:
         cancelled_fd = connection_of(interval.cancelled, events, roles) if interval.cancelled else None
         if concurrent and cancelled_fd is None:
             return None  # whose EOF is whose cannot be told apart
-        eof = next((e for e in events if start_window <= e.time_ns <= until and roles.get(e.pid) == "server"
+        eof = next((e for e in events if start_window <= e.time_ns <= until and roles.get(e.pid) == PROCESS_SERVER
                     and e.kind == "R" and _peer_gone(e) and (cancelled_fd is None or e.fd == cancelled_fd)), None)
         if eof is None:
             return None
@@ -320,15 +334,15 @@ class EbpfSource:
             end_note = "runner saw the connection close"
         else:
             removed = next((e for e in events if e.time_ns >= eof.time_ns and e.kind == "U"
-                            and e.text in keys["remove_sequence"] and roles.get(e.pid) == "runner"), None)
+                            and e.text in keys["remove_sequence"] and roles.get(e.pid) == PROCESS_RUNNER), None)
             end_note = "runner removed the sequence"
             if removed is None:
-                removed = next((e for e in events if e.time_ns >= eof.time_ns and roles.get(e.pid) == "runner"
+                removed = next((e for e in events if e.time_ns >= eof.time_ns and roles.get(e.pid) == PROCESS_RUNNER
                                 and e.kind == "R" and _peer_gone(e)), None)
                 end_note = "runner saw the connection close"
         if removed is None or removed.time_ns - eof.time_ns > 5_000_000_000:
             return None
-        return Phase("server.cancel", eof.time_ns, removed.time_ns, SOURCE, "server",
+        return Phase(SERVER_CANCEL, eof.time_ns, removed.time_ns, SOURCE, PROCESS_SERVER,
                      {"off_critical_path": True, "end": end_note})
 
 
@@ -344,7 +358,7 @@ def _entries(window: list[ProbeEvent], symbols: tuple[str, ...]) -> int:
     return calls
 
 
-def blob_scans(window: list[ProbeEvent], roles: dict[int, str], start: ProbeEvent | None,
+def blob_scans(window: list[ProbeEvent], roles: Roles, start: ProbeEvent | None,
                end: ProbeEvent | None, model_blobs: set[str] | None = None) -> dict[str, Any]:
     """Opens of blobs by the server during the request. Each open of the model's own blob (the one
     a runner was started with, or failing that the blob opened most often) is one GGUF metadata
@@ -356,7 +370,7 @@ def blob_scans(window: list[ProbeEvent], roles: dict[int, str], start: ProbeEven
     reads: list[tuple[str, int, int]] = []  # (path, open ns, close ns)
     blob_opens = 0
     for e in window:
-        if not (start.time_ns <= e.time_ns <= stop) or roles.get(e.pid) != "server":
+        if not (start.time_ns <= e.time_ns <= stop) or roles.get(e.pid) != PROCESS_SERVER:
             continue
         if e.kind == "O" and BLOB_MARKER in e.text and e.fd >= 0:
             blob_opens += 1

@@ -12,6 +12,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ollama_tracer.vocabulary import (
+    CLIENT_INTERRUPT,
+    GEN_AI_PROVIDER_NAME,
+    PROCESS_CLIENT,
+    PROCESS_PID,
+    PROVIDER_OLLAMA,
+    SERVICE_INSTANCE_ID,
+    SERVICE_NAME,
+    THREAD_ID,
+    TRACER_CANCELLED,
+    TRACER_CLIENT_KEY,
+    TRACER_FIRST_TOKEN_NS,
+    TRACER_ITERATION_INDEX,
+    TRACER_WARMUP,
+    process_prefix,
+)
+
 Span = dict[str, Any]
 
 INTERRUPT_WINDOW_NS = 5_000_000_000
@@ -37,11 +54,11 @@ class Interval:
 
 
 def _is_genai(span: Span) -> bool:
-    return bool(span.get("attributes", {}).get("gen_ai.provider.name") == "ollama")
+    return bool(span.get("attributes", {}).get(GEN_AI_PROVIDER_NAME) == PROVIDER_OLLAMA)
 
 
 def _first_token_ns(span: Span) -> int | None:
-    value = span.get("attributes", {}).get("tracer.first_token_ns")
+    value = span.get("attributes", {}).get(TRACER_FIRST_TOKEN_NS)
     return int(value) if value is not None else None
 
 
@@ -51,8 +68,8 @@ def _process_key(span: Span) -> tuple[Any, ...]:
     instrumented process each thread is a client of its own (threads interrupt independently)."""
     resource = span.get("resource", {})
     attributes = span.get("attributes", {})
-    return (resource.get("service.name"), resource.get("process.pid"), resource.get("service.instance.id"),
-            attributes.get("tracer.client_key"), attributes.get("thread.id"))
+    return (resource.get(SERVICE_NAME), resource.get(PROCESS_PID), resource.get(SERVICE_INSTANCE_ID),
+            attributes.get(TRACER_CLIENT_KEY), attributes.get(THREAD_ID))
 
 
 def find_intervals(spans: list[Span]) -> list[Interval]:
@@ -67,7 +84,7 @@ def find_intervals(spans: list[Span]) -> list[Interval]:
     for span in genai:
         attributes = span.get("attributes", {})
         key = _process_key(span)
-        if attributes.get("tracer.cancelled"):
+        if attributes.get(TRACER_CANCELLED):
             previous_cancelled[key] = span
             continue
         first_token = _first_token_ns(span)
@@ -80,7 +97,7 @@ def find_intervals(spans: list[Span]) -> list[Interval]:
         if cancelled is not None and 0 <= start - int(cancelled["endTimeUnixNano"]) <= INTERRUPT_WINDOW_NS:
             kind = "interrupt"
             siblings = by_parent.get(span.get("parentSpanId") or "", [])
-            interrupts = [s for s in siblings if s["name"] == "client.interrupt" and s["traceId"] == span["traceId"]]
+            interrupts = [s for s in siblings if s["name"] == CLIENT_INTERRUPT and s["traceId"] == span["traceId"]]
             if interrupts:
                 interrupt_span = interrupts[-1]
                 start = int(interrupt_span["startTimeUnixNano"])
@@ -98,9 +115,10 @@ def find_intervals(spans: list[Span]) -> list[Interval]:
                 request=span,
                 cancelled=cancelled if kind == "interrupt" else None,
                 interrupt=interrupt_span,
-                children=[c for c in by_parent.get(span["spanId"], []) if c["name"].startswith("client.")],
-                warmup=bool(root_attributes.get("tracer.warmup", False)),
-                iteration=root_attributes.get("tracer.iteration.index"),
+                children=[c for c in by_parent.get(span["spanId"], [])
+                          if c["name"].startswith(process_prefix(PROCESS_CLIENT))],
+                warmup=bool(root_attributes.get(TRACER_WARMUP, False)),
+                iteration=root_attributes.get(TRACER_ITERATION_INDEX),
             )
         )
     return intervals

@@ -9,24 +9,44 @@ The log then marks: ``evaluating already loaded`` (after the GGUF scans, in the 
 from __future__ import annotations
 
 from ollama_tracer.attribution.intervals import Interval
-from ollama_tracer.attribution.sources import Records
+from ollama_tracer.attribution.sources import Source
+from ollama_tracer.capture.directory import CaptureRecords
+from ollama_tracer.collectors.ollama_log import LogRecords
 from ollama_tracer.model import Phase
+from ollama_tracer.vocabulary import (
+    OLLAMA_CREATED_AT_FIRST_NS,
+    OLLAMA_CREATED_AT_LAST_NS,
+    OLLAMA_TOTAL_DURATION,
+    PROCESS_RUNNER,
+    PROCESS_SERVER,
+    RUNNER_ADMIT,
+    RUNNER_PREFILL,
+    RUNNER_SAMPLE,
+    SERVER_DECODE,
+    SERVER_HANDOFF,
+    SERVER_MODEL_LOAD,
+    SERVER_MODEL_LOOKUP,
+    SERVER_SCHEDULE,
+    SOURCE_LOG,
+    merged_name,
+)
 
-SOURCE = "log"
+SOURCE = SOURCE_LOG
 
 
-class LogSource:
+class LogSource(Source):
     name = SOURCE
     rank = 20
 
-    def phases(self, interval: Interval, records: Records) -> list[Phase]:
-        events = records.extra.get("log_events")
+    def phases(self, interval: Interval, records: CaptureRecords) -> list[Phase]:
+        log = records.get(LogRecords)
+        events = log.events if log else []
         a = interval.request.get("attributes", {})
-        if not events or a.get("ollama.total_duration") is None:
+        if not events or a.get(OLLAMA_TOTAL_DURATION) is None:
             return []
-        offset = int(records.extra.get("server_clock_offset_ns", 0))
-        handler = int(a["ollama.created_at_last_ns"]) - int(a["ollama.total_duration"]) - offset
-        first_chunk = int(a["ollama.created_at_first_ns"]) - offset
+        offset = records.server_clock_offset_ns
+        handler = int(a[OLLAMA_CREATED_AT_LAST_NS]) - int(a[OLLAMA_TOTAL_DURATION]) - offset
+        first_chunk = int(a[OLLAMA_CREATED_AT_FIRST_NS]) - offset
         window = [e for e in events if handler - 1_000_000 <= e.time_ns <= first_chunk + 1_000_000]
 
         def first(msg: str, after: int) -> int | None:
@@ -39,14 +59,17 @@ class LogSource:
             load_end = first("llama runner started", load_start) or first("loading cache slot", load_start)
             if load_end is not None:
                 reason = "reload" if first("evaluating already loaded", handler) is not None else "cold load"
-                phases.append(Phase("server.model_load", load_start, load_end, SOURCE, "server",
+                phases.append(Phase(SERVER_MODEL_LOAD, load_start, load_end, SOURCE, PROCESS_SERVER,
                                     {**attrs, "reason": reason}))
         evaluated = first("evaluating already loaded", handler)
         admitted = first("loading cache slot", evaluated or handler)
         if evaluated is not None:
-            phases.append(Phase("server.decode+model_lookup", handler, evaluated, SOURCE, "server", attrs))
+            phases.append(Phase(merged_name([SERVER_DECODE, SERVER_MODEL_LOOKUP]), handler, evaluated, SOURCE,
+                                PROCESS_SERVER, attrs))
         if evaluated is not None and admitted is not None:
-            phases.append(Phase("server.schedule+handoff+runner.admit", evaluated, admitted, SOURCE, "server", attrs))
+            phases.append(Phase(merged_name([SERVER_SCHEDULE, SERVER_HANDOFF, RUNNER_ADMIT]), evaluated, admitted,
+                                SOURCE, PROCESS_SERVER, attrs))
         if admitted is not None and admitted <= first_chunk:
-            phases.append(Phase("runner.prefill+sample", admitted, first_chunk, SOURCE, "runner", attrs))
+            phases.append(Phase(merged_name([RUNNER_PREFILL, RUNNER_SAMPLE]), admitted, first_chunk, SOURCE,
+                                PROCESS_RUNNER, attrs))
         return phases

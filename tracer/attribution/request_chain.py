@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ollama_tracer.attribution.server_requests import TERMINATOR
-from ollama_tracer.collectors.ebpf import ProbeEvent
+from ollama_tracer.collectors.ebpf import ProbeEvent, Roles
+from ollama_tracer.vocabulary import PROCESS_RUNNER
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _first(events: list[ProbeEvent], after_ns: int, match: Any) -> ProbeEvent | 
     return next((e for e in events if e.time_ns >= after_ns and match(e)), None)
 
 
-def resolve(events: list[ProbeEvent], roles: dict[int, str], read: ProbeEvent, until_ns: int,
+def resolve(events: list[ProbeEvent], roles: Roles, read: ProbeEvent, until_ns: int,
             completion_symbols: tuple[str, ...], sockets_at_start: list[dict[str, int]]) -> Chain:
     """The chain of the request whose first read on its client connection is ``read``.
 
@@ -123,13 +124,13 @@ def _local_port(events: list[ProbeEvent], sockets_at_start: list[dict[str, int]]
     return int(held[0]["local_port"]) if held else None
 
 
-def _runner_end(events: list[ProbeEvent], roles: dict[int, str], sockets_at_start: list[dict[str, int]],
+def _runner_end(events: list[ProbeEvent], roles: Roles, sockets_at_start: list[dict[str, int]],
                 port: int, before_ns: int) -> tuple[int | None, int | None]:
-    accepted = _latest(events, before_ns, lambda e: e.kind == "A" and roles.get(e.pid) == "runner"
+    accepted = _latest(events, before_ns, lambda e: e.kind == "A" and roles.get(e.pid) == PROCESS_RUNNER
                        and e.value == port)
     if accepted is not None:
         return accepted.pid, accepted.fd
-    held = [s for s in sockets_at_start if roles.get(int(s["pid"])) == "runner" and s["remote_port"] == port]
+    held = [s for s in sockets_at_start if roles.get(int(s["pid"])) == PROCESS_RUNNER and s["remote_port"] == port]
     return (int(held[0]["pid"]), int(held[0]["fd"])) if held else (None, None)
 
 

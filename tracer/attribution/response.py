@@ -21,8 +21,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ollama_tracer.model import Phase
+from ollama_tracer.vocabulary import (
+    PROCESS_RUNNER,
+    PROCESS_SERVER,
+    RUNNER_ADMIT,
+    RUNNER_PREFILL,
+    SERVER_DECODE,
+    SERVER_HANDOFF,
+    SERVER_MODEL_LOOKUP,
+    SERVER_RECEIVE,
+    SERVER_SCHEDULE,
+    SERVER_STREAM,
+    SOURCE_RESPONSE,
+    merged_name,
+)
 
-SOURCE = "response"
+SOURCE = SOURCE_RESPONSE
 
 
 @dataclass(frozen=True)
@@ -45,13 +59,13 @@ def response_phases(t: ResponseTimings, server_offset_ns: int = 0) -> list[Phase
     first_chunk = t.first_created_ns - server_offset_ns
     prefill_start = max(acquired, first_chunk - t.prompt_eval_duration_ns)
     bounds = [
-        ("server.receive", t.request_written_ns, handler_start),
-        ("server.decode+model_lookup+schedule", handler_start, acquired),
-        ("server.handoff+runner.admit", acquired, prefill_start),
-        ("runner.prefill", prefill_start, first_chunk),
-        ("server.stream", first_chunk, t.response_start_ns),
+        (SERVER_RECEIVE, t.request_written_ns, handler_start),
+        (merged_name([SERVER_DECODE, SERVER_MODEL_LOOKUP, SERVER_SCHEDULE]), handler_start, acquired),
+        (merged_name([SERVER_HANDOFF, RUNNER_ADMIT]), acquired, prefill_start),
+        (RUNNER_PREFILL, prefill_start, first_chunk),
+        (SERVER_STREAM, first_chunk, t.response_start_ns),
     ]
-    process = {"server.receive": "server", "runner.prefill": "runner"}
+    process = {SERVER_RECEIVE: PROCESS_SERVER, RUNNER_PREFILL: PROCESS_RUNNER}
     phases = []
     previous_end = t.request_written_ns
     for name, start, end in bounds:
@@ -61,6 +75,6 @@ def response_phases(t: ResponseTimings, server_offset_ns: int = 0) -> list[Phase
         start = max(start, previous_end)
         end = max(start, end)
         phases.append(Phase(name=name, start_ns=start, end_ns=end, source=SOURCE,
-                            process=process.get(name, "server")))
+                            process=process.get(name, PROCESS_SERVER)))
         previous_end = end
     return phases

@@ -24,7 +24,24 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ollama_tracer.collectors.ebpf import ProbeEvent
+from ollama_tracer.collectors.ebpf import ProbeEvent, Roles
+from ollama_tracer.vocabulary import (
+    CLIENT_PORT,
+    GEN_AI_PROVIDER_NAME,
+    PROCESS_PID,
+    PROCESS_SERVER,
+    PROVIDER_OLLAMA,
+    SERVER_FD,
+    SERVER_PID,
+    SERVICE_NAME,
+    SERVICE_SERVER,
+    SOURCE_EBPF,
+    SPAN_SERVER_REQUEST,
+    TRACER_CANCELLED,
+    TRACER_FIRST_TOKEN_NS,
+    TRACER_REQUEST_INDEX,
+    TRACER_SOURCE,
+)
 
 TRACKED_PATHS = ("POST /api/generate", "POST /api/chat")
 _EAGAIN = -11
@@ -43,7 +60,7 @@ def _id(*parts: object, size: int = 16) -> str:
     return hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=size // 2).hexdigest()
 
 
-def server_request_spans(events: list[ProbeEvent], roles: dict[int, str]) -> list[dict[str, Any]]:
+def server_request_spans(events: list[ProbeEvent], roles: Roles) -> list[dict[str, Any]]:
     """One span per request the server read from a client, in time order."""
     runner_hops: set[tuple[int, int]] = set()  # the server's connections to runners, while open
     peers: dict[tuple[int, int], int] = {}
@@ -56,12 +73,12 @@ def server_request_spans(events: list[ProbeEvent], roles: dict[int, str]) -> lis
             return
         attributes = request["attributes"]
         if cancelled:
-            attributes["tracer.cancelled"] = True
+            attributes[TRACER_CANCELLED] = True
         request["endTimeUnixNano"] = max(end_ns, request["startTimeUnixNano"])
         spans.append(request)
 
     for e in events:
-        if roles.get(e.pid) != "server":
+        if roles.get(e.pid) != PROCESS_SERVER:
             continue
         key = (e.pid, e.fd)
         if e.kind == "C":
@@ -81,16 +98,16 @@ def server_request_spans(events: list[ProbeEvent], roles: dict[int, str]) -> lis
             trace_id = _id("attach", e.pid, e.fd, e.time_ns, size=32)
             open_requests[key] = {
                 "traceId": trace_id, "spanId": _id(trace_id, "request"), "parentSpanId": "",
-                "name": "server.request", "kind": 2, "startTimeUnixNano": e.time_ns, "endTimeUnixNano": e.time_ns,
-                "attributes": {"gen_ai.provider.name": "ollama", "tracer.source": "ebpf",
-                               "tracer.request.index": index, "server.pid": e.pid, "server.fd": e.fd,
-                               **({"client.port": peers[key]} if peers.get(key) else {})},
+                "name": SPAN_SERVER_REQUEST, "kind": 2, "startTimeUnixNano": e.time_ns, "endTimeUnixNano": e.time_ns,
+                "attributes": {GEN_AI_PROVIDER_NAME: PROVIDER_OLLAMA, TRACER_SOURCE: SOURCE_EBPF,
+                               TRACER_REQUEST_INDEX: index, SERVER_PID: e.pid, SERVER_FD: e.fd,
+                               **({CLIENT_PORT: peers[key]} if peers.get(key) else {})},
                 "events": [], "status": {"code": 0, "message": ""},
-                "resource": {"service.name": "ollama-server", "process.pid": e.pid},
-                "service": "ollama-server",
+                "resource": {SERVICE_NAME: SERVICE_SERVER, PROCESS_PID: e.pid},
+                "service": SERVICE_SERVER,
             }
         elif e.kind == "W" and e.text.startswith("HTTP") and key in open_requests:
-            open_requests[key]["attributes"].setdefault("tracer.first_token_ns", e.time_ns)
+            open_requests[key]["attributes"].setdefault(TRACER_FIRST_TOKEN_NS, e.time_ns)
         elif e.kind == "W" and e.text.startswith(TERMINATOR) and key in open_requests:
             finish(key, e.time_ns, cancelled=False)
         elif e.kind == "R" and key in open_requests and (e.value == 0 or (e.value < 0 and e.value != _EAGAIN)):
@@ -100,6 +117,6 @@ def server_request_spans(events: list[ProbeEvent], roles: dict[int, str]) -> lis
             peers.pop(key, None)
     for key in list(open_requests):
         request = open_requests[key]
-        finish(key, max(request["startTimeUnixNano"], request["attributes"].get("tracer.first_token_ns", 0)), False)
+        finish(key, max(request["startTimeUnixNano"], request["attributes"].get(TRACER_FIRST_TOKEN_NS, 0)), False)
     spans.sort(key=lambda s: s["startTimeUnixNano"])
     return spans

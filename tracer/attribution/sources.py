@@ -10,27 +10,63 @@ Adding a source: one class with ``name``, ``rank`` and ``phases()``, plus one li
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.attribution.response import ResponseTimings, response_phases
+from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.model import Phase
+from ollama_tracer.vocabulary import (
+    CLIENT_FIRST_TOKEN,
+    CLIENT_GAP,
+    CLIENT_INTERRUPT,
+    CLIENT_REQUEST,
+    OLLAMA_CREATED_AT_FIRST_NS,
+    OLLAMA_CREATED_AT_LAST_NS,
+    OLLAMA_LOAD_DURATION,
+    OLLAMA_PROMPT_EVAL_DURATION,
+    OLLAMA_TOTAL_DURATION,
+    PROCESS_CLIENT,
+    PROCESS_PROXY,
+    PROXY_PHASE_OF,
+    SERVICE_NAME,
+    SERVICE_PROXY,
+    SOURCE_CLIENT,
+    SOURCE_RESPONSE,
+    TRACER_FIRST_TOKEN_NS,
+    TRACER_REQUEST_WRITTEN_NS,
+    TRACER_RESPONSE_START_NS,
+)
 
-PROXY_SERVICE = "ollama-proxy"  # tracer.proxy's service name (not imported: the proxy pulls in aiohttp)
+PROXY_SERVICE = SERVICE_PROXY  # tracer.proxy's service name (not from there: the proxy pulls in aiohttp)
 
 
-class Records(Protocol):
-    """The records a capture holds; sources read only what they understand."""
+@dataclass
+class Found:
+    """What a source found for one interval: its phases, and what it wants said about how it
+    matched the interval (merged across intervals into ``attribution["<source>_matching"]``:
+    counts add up, lists are joined)."""
 
-    spans: list[dict[str, Any]]
-    extra: dict[str, Any]
+    phases: list[Phase]
+    outcome: dict[str, Any] = field(default_factory=dict)
 
 
 class PhaseSource(Protocol):
     name: str
     rank: int
 
-    def phases(self, interval: Interval, records: Records) -> list[Phase]: ...
+    def find(self, interval: Interval, records: CaptureRecords) -> Found: ...
+
+
+class Source:
+    """A source whose only result is its phases; ``phases()`` is also what tests call."""
+
+    def find(self, interval: Interval, records: CaptureRecords) -> Found:
+        return Found(self.phases(interval, records))
+
+    def phases(self, interval: Interval, records: CaptureRecords) -> list[Phase]:
+        raise NotImplementedError
 
 
 def _span_phase(span: dict[str, Any], name: str, source: str, process: str) -> Phase:
@@ -38,51 +74,51 @@ def _span_phase(span: dict[str, Any], name: str, source: str, process: str) -> P
                  source=source, process=process)
 
 
-class ClientSource:
-    name = "client"
+class ClientSource(Source):
+    name = SOURCE_CLIENT
     rank = 40
 
-    def phases(self, interval: Interval, records: Records) -> list[Phase]:
+    def phases(self, interval: Interval, records: CaptureRecords) -> list[Phase]:
         phases = []
         if interval.interrupt is not None:
-            phases.append(_span_phase(interval.interrupt, "client.interrupt", self.name, "client"))
+            phases.append(_span_phase(interval.interrupt, CLIENT_INTERRUPT, self.name, PROCESS_CLIENT))
         elif interval.cancelled is not None:
             # No client.interrupt span (an uninstrumented interrupt): the client's own time between
             # closing the stream and starting the next request is still the client's.
             gap_start, gap_end = int(interval.cancelled["endTimeUnixNano"]), int(interval.request["startTimeUnixNano"])
             if gap_end > gap_start:
-                phases.append(Phase("client.gap", gap_start, gap_end, self.name, "client"))
+                phases.append(Phase(CLIENT_GAP, gap_start, gap_end, self.name, PROCESS_CLIENT))
         # Through `tracer proxy`, the spans are the proxy's: its request and first-token hops are
         # its own added latency, shown as phases of the proxy process.
-        via_proxy = interval.request.get("resource", {}).get("service.name") == PROXY_SERVICE
+        via_proxy = interval.request.get("resource", {}).get(SERVICE_NAME) == PROXY_SERVICE
         for child in interval.children:
-            if child["name"] in ("client.request", "client.first_token"):
+            if child["name"] in (CLIENT_REQUEST, CLIENT_FIRST_TOKEN):
                 if via_proxy:
-                    name = child["name"].replace("client.", "proxy.")
-                    phases.append(_span_phase(child, name, self.name, "proxy"))
+                    name = PROXY_PHASE_OF[child["name"]]
+                    phases.append(_span_phase(child, name, self.name, PROCESS_PROXY))
                 else:
-                    phases.append(_span_phase(child, child["name"], self.name, "client"))
+                    phases.append(_span_phase(child, child["name"], self.name, PROCESS_CLIENT))
         return phases
 
 
-class ResponseSource:
-    name = "response"
+class ResponseSource(Source):
+    name = SOURCE_RESPONSE
     rank = 30
 
-    def phases(self, interval: Interval, records: Records) -> list[Phase]:
+    def phases(self, interval: Interval, records: CaptureRecords) -> list[Phase]:
         a = interval.request.get("attributes", {})
-        needed = ("tracer.request_written_ns", "ollama.created_at_first_ns", "ollama.created_at_last_ns",
-                  "ollama.total_duration")
+        needed = (TRACER_REQUEST_WRITTEN_NS, OLLAMA_CREATED_AT_FIRST_NS, OLLAMA_CREATED_AT_LAST_NS,
+                  OLLAMA_TOTAL_DURATION)
         if any(a.get(key) is None for key in needed):
             return []  # the stream did not reach `done`: no timing fields to rebuild from
         timings = ResponseTimings(
-            request_written_ns=int(a["tracer.request_written_ns"]),
-            response_start_ns=int(a.get("tracer.response_start_ns") or a["tracer.first_token_ns"]),
-            first_created_ns=int(a["ollama.created_at_first_ns"]),
-            last_created_ns=int(a["ollama.created_at_last_ns"]),
-            total_duration_ns=int(a["ollama.total_duration"]),
-            load_duration_ns=int(a.get("ollama.load_duration", 0)),
-            prompt_eval_duration_ns=int(a.get("ollama.prompt_eval_duration", 0)),
+            request_written_ns=int(a[TRACER_REQUEST_WRITTEN_NS]),
+            response_start_ns=int(a.get(TRACER_RESPONSE_START_NS) or a[TRACER_FIRST_TOKEN_NS]),
+            first_created_ns=int(a[OLLAMA_CREATED_AT_FIRST_NS]),
+            last_created_ns=int(a[OLLAMA_CREATED_AT_LAST_NS]),
+            total_duration_ns=int(a[OLLAMA_TOTAL_DURATION]),
+            load_duration_ns=int(a.get(OLLAMA_LOAD_DURATION, 0)),
+            prompt_eval_duration_ns=int(a.get(OLLAMA_PROMPT_EVAL_DURATION, 0)),
         )
-        offset = int(records.extra.get("server_clock_offset_ns", 0))
+        offset = records.server_clock_offset_ns
         return response_phases(timings, server_offset_ns=offset)

@@ -21,6 +21,19 @@ from ollama_tracer import netstat
 from ollama_tracer.attribution.response import ResponseTimings, response_phases
 from ollama_tracer.instrument import genai
 from ollama_tracer.model import Phase
+from ollama_tracer.vocabulary import (
+    CLIENT_INTERRUPT,
+    GEN_AI_REQUEST_MODEL,
+    SOURCE_CLIENT,
+    SPAN_BENCH_ITERATION,
+    TRACER_BENCH_CLIENT,
+    TRACER_CLOCK,
+    TRACER_INTERVAL_MS,
+    TRACER_ITERATION_INDEX,
+    TRACER_PROCESS,
+    TRACER_SOURCE,
+    TRACER_WARMUP,
+)
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
@@ -162,9 +175,9 @@ class BenchClient:
 def run_iteration(client: BenchClient, index: int, warmup: bool, tracer: trace.Tracer) -> Iteration:
     opts = client.options
     with tracer.start_as_current_span(
-        "bench.interrupt.iteration",
-        attributes={"tracer.iteration.index": index, "tracer.warmup": warmup,
-                    "gen_ai.request.model": opts.model, "tracer.bench.client": opts.client},
+        SPAN_BENCH_ITERATION,
+        attributes={TRACER_ITERATION_INDEX: index, TRACER_WARMUP: warmup,
+                    GEN_AI_REQUEST_MODEL: opts.model, TRACER_BENCH_CLIENT: opts.client},
     ) as root:
         first_start = time.time_ns()
         deadline = first_start + int(opts.interrupt_after_ms * 1e6)
@@ -185,7 +198,7 @@ def run_iteration(client: BenchClient, index: int, warmup: bool, tracer: trace.T
                 f"the first stage finished before the {opts.interrupt_after_ms:g} ms interrupt; "
                 "use a longer --prompt or a shorter --interrupt-after-ms"
             )
-        _span(tracer, "client.interrupt", decided, closed, {"tracer.source": "client"})
+        _span(tracer, CLIENT_INTERRUPT, decided, closed, {TRACER_SOURCE: SOURCE_CLIENT})
 
         second_start = time.time_ns()
         second_num_ctx = opts.second_num_ctx if opts.second_num_ctx is not None else opts.num_ctx
@@ -204,9 +217,9 @@ def run_iteration(client: BenchClient, index: int, warmup: bool, tracer: trace.T
         phases = _response_phases(recorder, final)
         for phase in phases:
             _span(tracer, phase.name, phase.start_ns, phase.end_ns,
-                  {"tracer.source": phase.source, "tracer.process": phase.process,
-                   "tracer.clock": "server wall clock (same host)"})
-        root.set_attribute("tracer.interval_ms", (first_token - decided) / 1e6)
+                  {TRACER_SOURCE: phase.source, TRACER_PROCESS: phase.process,
+                   TRACER_CLOCK: "server wall clock (same host)"})
+        root.set_attribute(TRACER_INTERVAL_MS, (first_token - decided) / 1e6)
         trace_id = _trace_id(root)
     return Iteration(
         index=index,

@@ -7,14 +7,61 @@ files' names and the writers and readers are in :mod:`ollama_tracer.capture_file
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from ollama_tracer.capture_files import RAW_DIR, read_json
 from ollama_tracer.clock import ClockModel
 from ollama_tracer.errors import ExitCode, TracerError
 
 CAPTURE_SCHEMA = "tracer.capture/1"
+
+Records = TypeVar("Records")
+
+
+@dataclass
+class CaptureRecords:
+    """What a capture directory holds, read back: capture.json, the client spans, and each
+    collector's typed records (``get(EbpfRecords)``). Attribution reads only this."""
+
+    spans: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+    loaded: dict[type, Any] = field(default_factory=dict)
+    unreadable: dict[str, int] = field(default_factory=dict)  # file -> rows that could not be read
+    server_clock_offset_ns: int = 0  # server clock − client clock; 0 for a server on this machine
+
+    def get(self, kind: type[Records]) -> Records | None:
+        return cast("Records | None", self.loaded.get(kind))
+
+    @property
+    def ollama_version(self) -> str | None:
+        """capture.json's server version; a capture that did not record it may still have the eBPF
+        collector's, which read it from the server to choose its probes."""
+        from ollama_tracer.collectors.ebpf import EbpfRecords
+
+        version = (self.meta.get("ollama") or {}).get("version")
+        ebpf = self.get(EbpfRecords)
+        if not version and ebpf is not None:
+            version = (ebpf.meta.get("plan") or {}).get("version")
+        return str(version) if version else None
+
+
+def load_records(directory: Path, meta: dict[str, Any]) -> CaptureRecords:
+    """Every collector's records of a capture whose ``capture.json`` (``meta``) has been checked."""
+    from ollama_tracer.collectors.otlp import ClientSpans
+    from ollama_tracer.collectors.registry import LOADERS
+
+    clock = ClockModel.from_json(meta["clock"]) if meta.get("clock") else None
+    records = CaptureRecords(spans=[], meta=meta)
+    for load in LOADERS:
+        found = load(directory, clock)
+        if found is not None:
+            records.loaded[type(found)] = found
+            records.unreadable.update(getattr(found, "unreadable", {}))
+    client = records.get(ClientSpans)
+    records.spans = client.spans if client is not None else []
+    return records
 
 
 def create(path: Path, *, force: bool) -> Path:

@@ -12,6 +12,7 @@ nowhere. No prompt or completion text is recorded unless --record-content is giv
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -25,8 +26,11 @@ from ollama_tracer.bench.interrupt import SCHEMA, BenchClient, BenchOptions, Ite
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.ollama_host import resolve_host
 from ollama_tracer.otel_setup import configure_from_env
+from ollama_tracer.units import format_ms
 from rich.console import Console
 from rich.table import Table
+
+_ms = functools.partial(format_ms, unit=True)
 
 
 def _positive(kind: type[float] | type[int]) -> Any:
@@ -193,10 +197,6 @@ def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def _ms(value: float | None) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f} ms"
 
 
 def _print(result: dict[str, Any], iterations: list[Iteration]) -> None:

@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 from ollama_tracer import __version__
 from ollama_tracer.attribution.analysis import ExportData
+from ollama_tracer.units import format_ms as _ms
 
 DATA_SCHEMA = "tracer.report-data/1"
 NO_FINDING = "No known cause found"
@@ -89,10 +90,6 @@ def _json_island(payload: Any) -> str:
     """
     text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _ms(value: float | None, digits: int = 2) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def _percent(fraction: float | None) -> str:

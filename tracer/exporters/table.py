@@ -5,13 +5,9 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from ollama_tracer.attribution.analysis import ExportData
+from ollama_tracer.units import format_ms as _ms
 from rich.console import Console
 from rich.table import Table
-
-
-def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
-
 
 SHOW_CHOICES = ("gpu", "stacks")
 

@@ -28,12 +28,44 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from ollama_tracer.vocabulary import (
+    CLIENT_FIRST_TOKEN,
+    CLIENT_REQUEST,
+    ERROR_TYPE,
+    GEN_AI_INPUT_MESSAGES,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_OUTPUT_MESSAGES,
+    GEN_AI_PROVIDER_NAME,
+    GEN_AI_REQUEST_MAX_TOKENS,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_REQUEST_STREAM,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+    OLLAMA_CREATED_AT_FIRST_NS,
+    OLLAMA_CREATED_AT_LAST_NS,
+    OLLAMA_TIMING_ATTRIBUTES,
+    PROVIDER_OLLAMA,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+    SOURCE_CLIENT,
+    THREAD_ID,
+    TRACER_CANCELLED,
+    TRACER_CHUNKS,
+    TRACER_FIRST_TOKEN_NS,
+    TRACER_LOCAL_PORT,
+    TRACER_REQUEST_WRITTEN_NS,
+    TRACER_RESPONSE_START_NS,
+    TRACER_SOURCE,
+)
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
 
 log = logging.getLogger("tracer.instrument")
 
-PROVIDER = "ollama"
+PROVIDER = PROVIDER_OLLAMA
 OPERATIONS = {"/api/generate": "text_completion", "/api/chat": "chat"}
 TIMING_FIELDS = (
     "total_duration", "load_duration", "prompt_eval_duration", "eval_duration",
@@ -105,22 +137,22 @@ class StreamRecorder:
             self.model = str(body.get("model", ""))
             options = body.get("options") or {}
             attributes: dict[str, Any] = {
-                "gen_ai.provider.name": PROVIDER,
-                "gen_ai.operation.name": self.operation,
-                "gen_ai.request.model": self.model,
-                "gen_ai.request.stream": stream,
-                "server.address": parts.hostname or "",
-                "server.port": parts.port or (443 if parts.scheme == "https" else 80),
+                GEN_AI_PROVIDER_NAME: PROVIDER,
+                GEN_AI_OPERATION_NAME: self.operation,
+                GEN_AI_REQUEST_MODEL: self.model,
+                GEN_AI_REQUEST_STREAM: stream,
+                SERVER_ADDRESS: parts.hostname or "",
+                SERVER_PORT: parts.port or (443 if parts.scheme == "https" else 80),
                 # The pthread id py-spy reports: the client's stacks in a phase are this thread's.
-                "thread.id": threading.get_ident(),
+                THREAD_ID: threading.get_ident(),
             }
             if isinstance(options, Mapping) and options.get("num_predict") is not None:
-                attributes["gen_ai.request.max_tokens"] = int(options["num_predict"])
+                attributes[GEN_AI_REQUEST_MAX_TOKENS] = int(options["num_predict"])
             if record_content:
                 messages = body.get("messages")
                 if messages is None:
                     messages = [{"role": "user", "content": body.get("prompt", "")}]
-                attributes["gen_ai.input.messages"] = json.dumps(messages)
+                attributes[GEN_AI_INPUT_MESSAGES] = json.dumps(messages)
             self.span = tracer.start_span(
                 f"{self.operation} {self.model}".strip(), kind=SpanKind.CLIENT,
                 start_time=self.built_ns, attributes=attributes,
@@ -178,46 +210,46 @@ class StreamRecorder:
         end_ns = time.time_ns()
         ctx = trace.set_span_in_context(span)
         if self.written_ns is not None:
-            child = self._tracer.start_span("client.request", context=ctx, start_time=self.built_ns)
-            child.set_attribute("tracer.source", "client")
+            child = self._tracer.start_span(CLIENT_REQUEST, context=ctx, start_time=self.built_ns)
+            child.set_attribute(TRACER_SOURCE, SOURCE_CLIENT)
             child.end(end_time=self.written_ns)
         if self.first_token_ns is not None:
             bytes_at_client = self.response_start_ns or self.first_token_ns
-            child = self._tracer.start_span("client.first_token", context=ctx, start_time=bytes_at_client)
-            child.set_attribute("tracer.source", "client")
+            child = self._tracer.start_span(CLIENT_FIRST_TOKEN, context=ctx, start_time=bytes_at_client)
+            child.set_attribute(TRACER_SOURCE, SOURCE_CLIENT)
             child.end(end_time=self.first_token_ns)
-            span.set_attribute("gen_ai.response.time_to_first_chunk", (self.first_token_ns - self.built_ns) / 1e9)
-        attributes: dict[str, Any] = {"tracer.chunks": self.chunks}
+            span.set_attribute(GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, (self.first_token_ns - self.built_ns) / 1e9)
+        attributes: dict[str, Any] = {TRACER_CHUNKS: self.chunks}
         for name, value in (
-            ("tracer.request_written_ns", self.written_ns),
-            ("tracer.response_start_ns", self.response_start_ns),
-            ("tracer.first_token_ns", self.first_token_ns),
-            ("ollama.created_at_first_ns", self.first_chunk_created_ns),
-            ("ollama.created_at_last_ns", self.last_chunk_created_ns),
-            ("tracer.local_port", self.local_port),
+            (TRACER_REQUEST_WRITTEN_NS, self.written_ns),
+            (TRACER_RESPONSE_START_NS, self.response_start_ns),
+            (TRACER_FIRST_TOKEN_NS, self.first_token_ns),
+            (OLLAMA_CREATED_AT_FIRST_NS, self.first_chunk_created_ns),
+            (OLLAMA_CREATED_AT_LAST_NS, self.last_chunk_created_ns),
+            (TRACER_LOCAL_PORT, self.local_port),
         ):
             if value is not None:
                 attributes[name] = value
         for key in TIMING_FIELDS:
             if key in self.final:
-                attributes[f"ollama.{key}"] = int(self.final[key])
+                attributes[OLLAMA_TIMING_ATTRIBUTES[key]] = int(self.final[key])
         if "prompt_eval_count" in self.final:
-            attributes["gen_ai.usage.input_tokens"] = int(self.final["prompt_eval_count"])
+            attributes[GEN_AI_USAGE_INPUT_TOKENS] = int(self.final["prompt_eval_count"])
         if "eval_count" in self.final:
-            attributes["gen_ai.usage.output_tokens"] = int(self.final["eval_count"])
+            attributes[GEN_AI_USAGE_OUTPUT_TOKENS] = int(self.final["eval_count"])
         if "done_reason" in self.final:
-            attributes["gen_ai.response.finish_reasons"] = [str(self.final["done_reason"])]
+            attributes[GEN_AI_RESPONSE_FINISH_REASONS] = [str(self.final["done_reason"])]
         if "model" in self.final:
-            attributes["gen_ai.response.model"] = str(self.final["model"])
+            attributes[GEN_AI_RESPONSE_MODEL] = str(self.final["model"])
         if self._record_content and self._completion:
-            attributes["gen_ai.output.messages"] = json.dumps(
+            attributes[GEN_AI_OUTPUT_MESSAGES] = json.dumps(
                 [{"role": "assistant", "content": "".join(self._completion)}]
             )
         if cancelled:
-            attributes["tracer.cancelled"] = True
+            attributes[TRACER_CANCELLED] = True
         span.set_attributes(attributes)
         if error is not None:
             span.record_exception(error)
             span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)[:200]))
-            span.set_attribute("error.type", type(error).__qualname__)
+            span.set_attribute(ERROR_TYPE, type(error).__qualname__)
         span.end(end_time=end_ns)
