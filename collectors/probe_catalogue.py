@@ -10,6 +10,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ollama_tracer.vocabulary import (
+    PROCESS_RUNNER,
+    PROCESS_SERVER,
+    RUNNER_ADMIT,
+    RUNNER_PREFILL,
+    RUNNER_SAMPLE,
+    SERVER_DECODE,
+    SERVER_HANDOFF,
+    SERVER_MODEL_LOOKUP,
+    SERVER_RECEIVE,
+    SERVER_SCHEDULE,
+    merged_name,
+)
+
 
 @dataclass(frozen=True)
 class ProbeSpec:
@@ -25,32 +39,32 @@ _R_NEW = "github.com/ollama/ollama/runner/ollamarunner."
 _R_LLAMA = "github.com/ollama/ollama/runner/llamarunner."
 
 V0_13 = (
-    ProbeSpec("handler", _S + "(*Server).GenerateHandler", "server", "go"),
-    ProbeSpec("handler", _S + "(*Server).ChatHandler", "server", "go"),
-    ProbeSpec("lookup", _S + "getExistingName", "server", "go"),
-    ProbeSpec("capabilities", _S + "(*Model).Capabilities", "server", "go"),
-    ProbeSpec("gguf_open", "github.com/ollama/ollama/fs/gguf.Open", "server", "go"),
-    ProbeSpec("get_runner", _S + "(*Scheduler).GetRunner", "server", "go"),
-    ProbeSpec("needs_reload", _S + "(*runnerRef).needsReload", "server", "go"),
-    ProbeSpec("load", _S + "(*Scheduler).load", "server", "go"),
-    ProbeSpec("acquired", _S + "(*LlmRequest).useLoadedRunner", "server", "go"),
-    ProbeSpec("template", _S + "chatPrompt", "server", "go"),
-    ProbeSpec("completion", "github.com/ollama/ollama/llm.(*llmServer).Completion", "server", "go"),
+    ProbeSpec("handler", _S + "(*Server).GenerateHandler", PROCESS_SERVER, "go"),
+    ProbeSpec("handler", _S + "(*Server).ChatHandler", PROCESS_SERVER, "go"),
+    ProbeSpec("lookup", _S + "getExistingName", PROCESS_SERVER, "go"),
+    ProbeSpec("capabilities", _S + "(*Model).Capabilities", PROCESS_SERVER, "go"),
+    ProbeSpec("gguf_open", "github.com/ollama/ollama/fs/gguf.Open", PROCESS_SERVER, "go"),
+    ProbeSpec("get_runner", _S + "(*Scheduler).GetRunner", PROCESS_SERVER, "go"),
+    ProbeSpec("needs_reload", _S + "(*runnerRef).needsReload", PROCESS_SERVER, "go"),
+    ProbeSpec("load", _S + "(*Scheduler).load", PROCESS_SERVER, "go"),
+    ProbeSpec("acquired", _S + "(*LlmRequest).useLoadedRunner", PROCESS_SERVER, "go"),
+    ProbeSpec("template", _S + "chatPrompt", PROCESS_SERVER, "go"),
+    ProbeSpec("completion", "github.com/ollama/ollama/llm.(*llmServer).Completion", PROCESS_SERVER, "go"),
     # new engine (gemma3 and friends)
-    ProbeSpec("runner_handler", _R_NEW + "(*Server).completion", "runner", "go"),
-    ProbeSpec("new_sequence", _R_NEW + "(*Server).NewSequence", "runner", "go"),
-    ProbeSpec("cache_slot", _R_NEW + "(*InputCache).LoadCacheSlot", "runner", "go"),
-    ProbeSpec("remove_sequence", _R_NEW + "(*Server).removeSequence", "runner", "go"),
-    ProbeSpec("sample", "github.com/ollama/ollama/sample.(*Sampler).Sample", "runner", "go", per_token=True),
+    ProbeSpec("runner_handler", _R_NEW + "(*Server).completion", PROCESS_RUNNER, "go"),
+    ProbeSpec("new_sequence", _R_NEW + "(*Server).NewSequence", PROCESS_RUNNER, "go"),
+    ProbeSpec("cache_slot", _R_NEW + "(*InputCache).LoadCacheSlot", PROCESS_RUNNER, "go"),
+    ProbeSpec("remove_sequence", _R_NEW + "(*Server).removeSequence", PROCESS_RUNNER, "go"),
+    ProbeSpec("sample", "github.com/ollama/ollama/sample.(*Sampler).Sample", PROCESS_RUNNER, "go", per_token=True),
     # llama.cpp runner (llama and friends)
-    ProbeSpec("runner_handler", _R_LLAMA + "(*Server).completion", "runner", "go"),
-    ProbeSpec("new_sequence", _R_LLAMA + "(*Server).NewSequence", "runner", "go"),
-    ProbeSpec("cache_slot", _R_LLAMA + "(*InputCache).LoadCacheSlot", "runner", "go"),
-    ProbeSpec("remove_sequence", _R_LLAMA + "(*Server).removeSequence", "runner", "go"),
+    ProbeSpec("runner_handler", _R_LLAMA + "(*Server).completion", PROCESS_RUNNER, "go"),
+    ProbeSpec("new_sequence", _R_LLAMA + "(*Server).NewSequence", PROCESS_RUNNER, "go"),
+    ProbeSpec("cache_slot", _R_LLAMA + "(*InputCache).LoadCacheSlot", PROCESS_RUNNER, "go"),
+    ProbeSpec("remove_sequence", _R_LLAMA + "(*Server).removeSequence", PROCESS_RUNNER, "go"),
     # The Go wrapper (*SamplingContext).Sample is inlined at its call site and never fires; the C
     # function behind it cannot be inlined across cgo.
-    ProbeSpec("sample", "common_sampler_csample", "runner", "c", per_token=True),
-    ProbeSpec("decode", "llama_decode", "runner", "c", per_token=True),
+    ProbeSpec("sample", "common_sampler_csample", PROCESS_RUNNER, "c", per_token=True),
+    ProbeSpec("decode", "llama_decode", PROCESS_RUNNER, "c", per_token=True),
 )
 
 # Keyed by "major.minor". v0.30+ runs upstream llama-server as its runner: the Go runner
@@ -83,13 +97,16 @@ def probes_for(version: str | None) -> tuple[ProbeSpec, ...]:
     return CATALOGUE[older[-1]] if older else ()
 
 
+_RECEIVE_TO_LOOKUP = merged_name([SERVER_RECEIVE, SERVER_DECODE, SERVER_MODEL_LOOKUP])
+_SCHEDULE_HANDOFF = merged_name([SERVER_SCHEDULE, SERVER_HANDOFF])
+_ADMIT_TO_SAMPLE = merged_name([RUNNER_ADMIT, RUNNER_PREFILL, RUNNER_SAMPLE])
 DESIGN_NOTES = {
     "go-runners": "v0.13-era design: Go runners (ollamarunner / llamarunner); every phase can be separated "
-                  "with symbols, and the syscall layer merges server.receive+decode+model_lookup, "
-                  "server.schedule+handoff and runner.admit+prefill+sample.",
+                  f"with symbols, and the syscall layer merges {_RECEIVE_TO_LOOKUP}, "
+                  f"{_SCHEDULE_HANDOFF} and {_ADMIT_TO_SAMPLE}.",
     "llama-server": "v0.30+ design: the runner is upstream llama-server, so the Go runner probes do not apply. "
                     "The syscall layer, the log and the response fields still work; inside the server, "
-                    "server.receive+decode+model_lookup and server.schedule+handoff stay merged, and inside "
-                    "the runner runner.admit+prefill+sample cannot be separated.",
+                    f"{_RECEIVE_TO_LOOKUP} and {_SCHEDULE_HANDOFF} stay merged, and inside "
+                    f"the runner {_ADMIT_TO_SAMPLE} cannot be separated.",
     "unknown": "Ollama's version is unknown: only the syscall layer is used, and phases are merged as above.",
 }

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ollama_tracer.vocabulary import PROCESS_CLIENT
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -19,7 +21,7 @@ class Phase:
     start_ns: int
     end_ns: int
     source: str
-    process: str = "client"
+    process: str = PROCESS_CLIENT
     attributes: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -47,6 +49,6 @@ class Phase:
     def from_json(cls, raw: dict[str, Any]) -> Phase:
         return cls(
             name=str(raw["name"]), start_ns=int(raw["start_ns"]), end_ns=int(raw["end_ns"]),
-            source=str(raw["source"]), process=str(raw.get("process", "client")),
+            source=str(raw["source"]), process=str(raw.get("process", PROCESS_CLIENT)),
             attributes=dict(raw.get("attributes", {})),
         )

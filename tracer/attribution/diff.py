@@ -35,13 +35,14 @@ from typing import Any
 import numpy as np
 from ollama_tracer.attribution import percentile
 from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.vocabulary import UNATTRIBUTED
 
 SCHEMA = "tracer.diff/1"
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
 CONFIDENCE = 0.95
 INTERVAL_ROW = "interval"
-UNATTRIBUTED_ROW = "unattributed"
+UNATTRIBUTED_ROW = UNATTRIBUTED
 # Fewer intervals than this and a bootstrap only resamples one value: its interval is a point.
 MIN_INTERVALS = 2
 # Below this many intervals per capture the percentile bootstrap of a median is optimistic: with

@@ -27,6 +27,7 @@ from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.ollama_host import resolve_host
 from ollama_tracer.otel_setup import configure_from_env
 from ollama_tracer.units import format_ms
+from ollama_tracer.vocabulary import SERVICE_CLIENT
 from rich.console import Console
 from rich.table import Table
 
@@ -97,7 +98,7 @@ class BenchCommand:
             request_timeout_s=args.request_timeout,
         )
         _preflight(options)
-        provider = configure_from_env("ollama-client")
+        provider = configure_from_env(SERVICE_CLIENT)
         try:
             iterations = _run_all(options)
         finally:

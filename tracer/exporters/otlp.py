@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.otel_setup import make_otlp_exporter
+from ollama_tracer.vocabulary import SERVICE_CLIENT, SERVICE_NAME
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
@@ -46,11 +47,11 @@ def _value(value: Any) -> Any:
 
 
 def to_readable(row: dict[str, Any], resources: dict[str, Resource]) -> ReadableSpan:
-    service = row.get("service") or row.get("resource", {}).get("service.name") or "ollama-client"
+    service = row.get("service") or row.get("resource", {}).get(SERVICE_NAME) or SERVICE_CLIENT
     resource = resources.get(service)
     if resource is None:
         attrs = {k: _value(v) for k, v in row.get("resource", {}).items()}
-        attrs["service.name"] = service
+        attrs[SERVICE_NAME] = service
         resource = resources[service] = Resource.create(attrs)
     trace_id = int(row["traceId"], 16)
     context = SpanContext(trace_id, int(row["spanId"], 16), is_remote=False, trace_flags=TraceFlags(1))

@@ -25,12 +25,21 @@ from typing import Any, TextIO
 from ollama_tracer import __version__
 from ollama_tracer.attribution.analysis import ExportData
 from ollama_tracer.attribution.correlate import Evidence
+from ollama_tracer.vocabulary import (
+    PROCESS_CLIENT,
+    PROCESS_PID,
+    PROCESS_SERVER,
+    SERVICE_CLIENT,
+    SERVICE_NAME,
+    SERVICE_RUNNER,
+    SERVICE_SERVER,
+)
 
 SCHEMA = "tracer.perfetto/1"
 
 # Used when spans carry no process.pid (and always for the server and runner, whose evidence
 # comes from eBPF and logs, not spans). Kept small and fixed so traces of two captures line up.
-SYNTHETIC_PIDS = {"ollama-client": 1, "ollama-server": 2, "ollama-runner": 3}
+SYNTHETIC_PIDS = {SERVICE_CLIENT: 1, SERVICE_SERVER: 2, SERVICE_RUNNER: 3}
 
 INTERVAL_TRACK = "interval"
 PHASES_TRACK = "phases"
@@ -40,7 +49,7 @@ STACKS_TRACK = "stacks"
 GPU_COUNTERS = {"gpu_util": "util %", "mem_util": "memory util %", "mem_used_bytes": "memory used bytes",
                 "power_w": "power W", "sm_clock_mhz": "SM clock MHz", "proc_sm_util": "process SM util %"}
 _TRACK_ORDER = (INTERVAL_TRACK, PHASES_TRACK, OFF_CRITICAL_PATH_TRACK, SPANS_TRACK)
-_PROCESS_ORDER = {"ollama-client": 0, "ollama-server": 1, "ollama-runner": 2}
+_PROCESS_ORDER = {SERVICE_CLIENT: 0, SERVICE_SERVER: 1, SERVICE_RUNNER: 2}
 
 Event = dict[str, Any]
 
@@ -107,12 +116,12 @@ def render(outfile: TextIO, data: ExportData) -> None:
     for interval in intervals:
         trace_id = str(interval.get("trace_id", ""))
         # The interval and client phases belong with the client process that sent the request.
-        client = client_by_trace.get(trace_id) or layout.process("ollama-client", None)
+        client = client_by_trace.get(trace_id) or layout.process(SERVICE_CLIENT, None)
         layout.add(client, INTERVAL_TRACK, _interval_slice(interval))
         for track, key in ((PHASES_TRACK, "phases"), (OFF_CRITICAL_PATH_TRACK, "off_critical_path")):
             for phase in interval.get(key, []):
-                process_name = str(phase.get("process", "client"))
-                process = client if process_name == "client" else layout.process(f"ollama-{process_name}", None)
+                process_name = str(phase.get("process", PROCESS_CLIENT))
+                process = client if process_name == PROCESS_CLIENT else layout.process(f"ollama-{process_name}", None)
                 layout.add(process, track, _phase_slice(phase, interval))
 
     if data.evidence is not None:
@@ -182,7 +191,7 @@ def _add_stacks(layout: _Layout, evidence: Evidence) -> None:
     period = 1_000_000_000 // max(1, int(evidence.native_hz or 99))
     runs: dict[tuple[str, int, int], list[list[Any]]] = {}  # (service, pid, tid) -> [start, end, frames, n]
     for sample in sorted(evidence.native_samples, key=lambda x: x.time_ns):
-        key = (f"ollama-{roles.get(sample.pid, 'server')}", sample.pid, sample.tid)
+        key = (f"ollama-{roles.get(sample.pid, PROCESS_SERVER)}", sample.pid, sample.tid)
         thread_runs = runs.setdefault(key, [])
         last = thread_runs[-1] if thread_runs else None
         if last is not None and last[2] == sample.frames and sample.time_ns - last[1] <= period // 2:
@@ -212,7 +221,7 @@ def _process_with_pid(layout: _Layout, pid: int) -> _Process:
     for (_service, real_pid), process in layout.processes.items():
         if real_pid == pid:
             return process
-    return layout.process("ollama-client", pid)
+    return layout.process(SERVICE_CLIENT, pid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,8 +238,8 @@ def _span_sort_key(span: dict[str, Any]) -> tuple[int, str]:
 
 def _span_process(span: dict[str, Any]) -> tuple[str, int | None]:
     resource = span.get("resource", {})
-    service = span.get("service") or resource.get("service.name") or "unknown"
-    pid = resource.get("process.pid")
+    service = span.get("service") or resource.get(SERVICE_NAME) or "unknown"
+    pid = resource.get(PROCESS_PID)
     return str(service), int(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None
 
 
