@@ -4,9 +4,9 @@ of two requests that interleave inside the server."""
 from __future__ import annotations
 
 import pytest
-from ollama_tracer.attribution.request_chain import Broken, concurrent_sequences, own_events, resolve
+from ollama_tracer.attribution.request_chain import Broken, concurrent_sequences, other_sequences, own_events, resolve
 from ollama_tracer.clock import ClockModel
-from ollama_tracer.collectors.ebpf import ProbeEvent, parse_line
+from ollama_tracer.collectors.ebpf_events import ProbeEvent, parse_line
 
 SERVER, RUNNER = 100, 200
 ROLES = {SERVER: "server", RUNNER: "runner"}
@@ -113,3 +113,20 @@ def test_sequences_in_the_same_runner_overlap_until_one_finishes() -> None:
     early = [e if not (e.kind == "R" and e.fd == 8 and e.pid == RUNNER) else
              E("R", 28, RUNNER, fd=8, value=400, text="POST /completion H") for e in finished]
     assert concurrent_sequences(sorted(early, key=lambda e: e.time_ns), a, 0, 60) == 0
+
+
+def test_per_token_probes_are_kept_once_the_other_sequence_left_the_runner() -> None:
+    """The cancelled sequence (B, runner fd 8) leaves after A's POST reached the runner (31) but
+    before A's prefill: A's Sample hits after that are A's alone, so they are kept; the one while B
+    was still there (34) is no one's. (Under load B's teardown lasts longer, which is when this
+    mattered: every per-token probe was dropped and runner.prefill+sample merged.)"""
+    events = _two_requests()
+    events += [E("W", 35, RUNNER, fd=8, value=5, text="0\\x0d\\x0a\\x0d\\x0a"), E("U", 38, RUNNER, text=SAMPLE, goid=5)]
+    events.sort(key=lambda e: e.time_ns)
+    read_a = next(e for e in events if e.kind == "R" and e.fd == 10)
+    a = resolve(events, ROLES, read_a, 60, COMPLETION, [])
+    shared = other_sequences(events, a, 0, 60)
+    assert shared == [(30, 35)]
+    mine = own_events(events, a, {SAMPLE}, runner_shared_until_ns=max(end for _, end in shared))
+    assert [e.time_ns for e in mine if e.text == SAMPLE] == [38]
+    assert [e.time_ns for e in own_events(events, a, {SAMPLE}) if e.text == SAMPLE] == []  # as before: dropped

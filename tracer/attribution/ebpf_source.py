@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ollama_tracer.attribution.intervals import Interval
-from ollama_tracer.attribution.request_chain import Broken, Chain, concurrent_sequences, own_events, resolve
+from ollama_tracer.attribution.request_chain import Broken, Chain, other_sequences, own_events, resolve
 from ollama_tracer.attribution.sources import Found
 from ollama_tracer.capture.directory import CaptureRecords
-from ollama_tracer.collectors.ebpf import EbpfRecords, ProbeEvent, Roles
+from ollama_tracer.collectors.ebpf_events import EbpfRecords, ProbeEvent, Roles
 from ollama_tracer.model import Phase
 from ollama_tracer.vocabulary import (
     PROCESS_RUNNER,
@@ -177,11 +177,19 @@ class EbpfSource:
             # server's scheduler loads runners for whichever request is pending. Their hits are this
             # request's only when nothing else was in flight there (then the first after each
             # boundary, as without a chain).
-            sequences = concurrent_sequences(events, chain, found["R"].time_ns, interval.end_ns)
-            per_token = set(_symbol_keys()["sample"]) | set(_symbol_keys()["decode"]) if sequences else set()
+            shared = other_sequences(events, chain, found["R"].time_ns, interval.end_ns)
+            per_token = set(_symbol_keys()["sample"]) | set(_symbol_keys()["decode"]) if shared else set()
+            # The cancelled sequence often leaves the runner after this request's POST arrived but
+            # before its prefill: from then on the per-token probes are this request's again.
+            shared_until = max((end for _, end in shared), default=None)
             window = own_events(window, chain, per_token, keep_shared_server=not others,
-                                keep_shared_runner=not sequences)
+                                keep_shared_runner=not shared, runner_shared_until_ns=shared_until)
             found = self._boundaries(window, roles, chain.client_fd)
+            # What is reported: the sequences still in the runner once this one was admitted, the
+            # ones that could take its per-token boundaries.
+            admission = found.get("LC") or found.get("RC")
+            admitted = admission.time_ns if admission is not None else interval.start_ns
+            sequences = sum(1 for _, end in shared if end > admitted)
             matching["matched_by_chain"] += 1
         if found:
             matching["matched"] += 1

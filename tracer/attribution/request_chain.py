@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ollama_tracer.attribution.server_requests import TERMINATOR
-from ollama_tracer.collectors.ebpf import ProbeEvent, Roles
+from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
 from ollama_tracer.vocabulary import PROCESS_RUNNER
 
 
@@ -135,17 +135,23 @@ def _runner_end(events: list[ProbeEvent], roles: Roles, sockets_at_start: list[d
 
 
 def concurrent_sequences(events: list[ProbeEvent], chain: Chain, after_ns: int, until_ns: int) -> int:
-    """How many other sequences the chain's runner was serving while this request was in it
-    (its POST /completion read → its first response write): other connections of that runner
-    that had read a POST /completion and not yet finished (terminator written, EOF or close)."""
+    """How many other sequences the chain's runner was serving while this request was in it."""
+    return len(other_sequences(events, chain, after_ns, until_ns))
+
+
+def other_sequences(events: list[ProbeEvent], chain: Chain, after_ns: int, until_ns: int) -> list[tuple[int, int]]:
+    """(start, end) of each other sequence the chain's runner was serving while this request was in it
+    (its POST /completion read → its first response write): other connections of that runner that
+    had read a POST /completion and not yet finished (terminator written, EOF or close). One still
+    in flight at this request's first response write ends there."""
     ours = [e for e in events if e.pid == chain.runner_pid and e.fd == chain.runner_fd
             and after_ns <= e.time_ns <= until_ns]
     start = next((e.time_ns for e in ours if e.kind == "R" and e.value > 0 and e.text.startswith("POST")), None)
     end = next((e.time_ns for e in ours if e.kind == "W" and e.text.startswith("HTTP")), until_ns)
     if start is None:
-        return 0
+        return []
     active: dict[int, int] = {}  # other fd -> when its request was read
-    overlapping = set()
+    overlapping: dict[int, tuple[int, int]] = {}
     for e in events:
         if e.time_ns > end:
             break
@@ -156,16 +162,20 @@ def concurrent_sequences(events: list[ProbeEvent], chain: Chain, after_ns: int, 
         elif e.fd in active and ((e.kind == "W" and e.text.startswith(TERMINATOR))
                                  or (e.kind == "R" and e.value <= 0 and e.value != -11) or e.kind == "X"):
             if e.time_ns >= start:
-                overlapping.add(e.fd)
+                overlapping[e.fd] = (active[e.fd], e.time_ns)
             del active[e.fd]
-    return len(overlapping | set(active))
+    overlapping.update({fd: (read_at, end) for fd, read_at in active.items()})
+    return sorted(overlapping.values())
 
 
 def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[str], *,
-               keep_shared_server: bool = False, keep_shared_runner: bool = False) -> list[ProbeEvent]:
+               keep_shared_server: bool = False, keep_shared_runner: bool = False,
+               runner_shared_until_ns: int | None = None) -> list[ProbeEvent]:
     """The events of ``window`` that belong to the chain's request. ``keep_shared_*``: also keep
     the uprobes on that process's other goroutines (the server's scheduler, the runner's batch
-    loop), when nothing else was in flight there."""
+    loop), when nothing else was in flight there. ``runner_shared_until_ns``: when the last other
+    sequence left the runner; after it the runner's batch loop and per-token probes are this
+    request's alone again, so they are kept from then on."""
     server_goroutines = {chain.handler_goid, chain.completion_goid}
     server_fds = chain.server_runner_fds | {chain.client_fd}
 
@@ -175,7 +185,9 @@ def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[st
                     or (e.kind in "RW" and e.fd in server_fds))
         if e.pid == chain.runner_pid:
             if e.kind == "U":
-                return (e.goid == chain.runner_goid or keep_shared_runner) and e.text not in per_token_symbols
+                after_shared = runner_shared_until_ns is not None and e.time_ns > runner_shared_until_ns
+                alone = keep_shared_runner or after_shared
+                return (e.goid == chain.runner_goid or alone) and (alone or e.text not in per_token_symbols)
             return e.kind in "RW" and e.fd == chain.runner_fd
         return False
 

@@ -25,7 +25,7 @@ from ollama_tracer.capture.session import CaptureOptions, run_capture
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
 from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
-from ollama_tracer.commands.capture import add_otlp_arguments, add_show_argument, export_if_asked
+from ollama_tracer.commands.arguments import add_otlp_arguments, add_show_argument, export_if_asked
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import table as table_exporter
 from ollama_tracer.exporters import write_outputs

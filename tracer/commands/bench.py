@@ -12,7 +12,6 @@ nowhere. No prompt or completion text is recorded unless --record-content is giv
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -23,35 +22,12 @@ from typing import Any
 import requests
 from ollama_tracer import __version__
 from ollama_tracer.bench.interrupt import SCHEMA, BenchClient, BenchOptions, Iteration, run_iteration, summary
+from ollama_tracer.commands.arguments import non_negative, positive
 from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.exporters import bench_table
 from ollama_tracer.ollama_host import resolve_host
 from ollama_tracer.otel_setup import configure_from_env
-from ollama_tracer.units import format_ms
 from ollama_tracer.vocabulary import SERVICE_CLIENT
-from rich.console import Console
-from rich.table import Table
-
-_ms = functools.partial(format_ms, unit=True)
-
-
-def _positive(kind: type[float] | type[int]) -> Any:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        return value
-
-    return parse
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 class BenchCommand:
@@ -69,19 +45,19 @@ class BenchCommand:
         p.add_argument("--model", required=True, help="model name, e.g. gemma3:4b or tracer-gemma3:test")
         p.add_argument("--client", choices=("sdk", "http"), default="sdk",
                        help="the ollama Python SDK, or raw HTTP with requests (default: sdk)")
-        p.add_argument("--interrupt-after-ms", type=_positive(float), default=500.0,
+        p.add_argument("--interrupt-after-ms", type=positive(float), default=500.0,
                        help="close the first stream after this many ms (default: 500)")
-        p.add_argument("--iterations", type=_positive(int), default=4, help="measured iterations (default: 4)")
-        p.add_argument("--warmup", type=_non_negative, default=1, help="warm-up iterations (default: 1)")
+        p.add_argument("--iterations", type=positive(int), default=4, help="measured iterations (default: 4)")
+        p.add_argument("--warmup", type=non_negative, default=1, help="warm-up iterations (default: 1)")
         p.add_argument("--prompt", help="first-stage prompt (default: a long story request)")
         p.add_argument("--second-prompt", help="second-stage prompt")
-        p.add_argument("--num-predict", type=_positive(int), default=16,
+        p.add_argument("--num-predict", type=positive(int), default=16,
                        help="second-stage num_predict, so it runs to done with timing fields (default: 16)")
-        p.add_argument("--num-ctx", type=_positive(int), help="options.num_ctx for both stages")
-        p.add_argument("--second-num-ctx", type=_positive(int),
+        p.add_argument("--num-ctx", type=positive(int), help="options.num_ctx for both stages")
+        p.add_argument("--second-num-ctx", type=positive(int),
                        help="options.num_ctx for the second stage only (overrides --num-ctx there): a size "
                             "different from the first stage's makes Ollama reload the runner in every interval")
-        p.add_argument("--request-timeout", type=_positive(float), default=120.0,
+        p.add_argument("--request-timeout", type=positive(float), default=120.0,
                        help="seconds to wait for Ollama's next byte before giving up (default: 120)")
         p.add_argument("--record-content", action="store_true",
                        help="record prompt and completion text in spans and JSON (off by default)")
@@ -114,7 +90,7 @@ class BenchCommand:
             "iterations": [it.to_json() for it in iterations],
             "summary": _clean(summary(iterations)),
         }
-        _print(result, iterations)
+        bench_table.render(sys.stdout, result)
         if args.json_path is not None:
             _write_json_atomically(args.json_path, result)
         return int(ExitCode.OK)
@@ -198,36 +174,3 @@ def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def _print(result: dict[str, Any], iterations: list[Iteration]) -> None:
-    console = Console(file=sys.stdout, width=140)
-    table = Table(title=f"interrupt benchmark: {result['model']} via {result['client']} "
-                        f"(Ollama {result['ollama_version']})")
-    for column in ("#", "first stage", "second stage", "interrupt → 2nd first token",
-                   "total", "load", "prompt_eval", "eval"):
-        table.add_column(column, justify="right")
-    for it in iterations:
-        t = it.second_stage_timings
-        table.add_row(
-            f"{it.index}{' (warm-up)' if it.warmup else ''}", _ms(it.first_stage_ms), _ms(it.second_stage_ms),
-            _ms(it.interrupt_to_first_token_ms), _ms(t["total_ms"]), _ms(t["load_ms"]),
-            _ms(t["prompt_eval_ms"]), _ms(t["eval_ms"]),
-        )
-    console.print(table)
-    s = result["summary"]["interrupt_to_first_token_ms"]
-    console.print(
-        f"interrupt → first token: mean {_ms(s['mean'])}, median {_ms(s['median'])}, min {_ms(s['min'])}, "
-        f"max {_ms(s['max'])}, stdev {_ms(s['stdev'])} (n={s['n']}, sample stdev)"
-    )
-    phases = [(k.removeprefix("phase:"), v) for k, v in result["summary"].items() if k.startswith("phase:")]
-    if phases:
-        split = Table(title="second stage, rebuilt from the response (source=response, median)")
-        split.add_column("phase")
-        split.add_column("median", justify="right")
-        split.add_column("share of interval", justify="right")
-        interval = s["median"] or 0.0
-        for name, stats in phases:
-            share = f"{100 * stats['median'] / interval:.1f} %" if interval and stats["median"] is not None else "—"
-            split.add_row(name, _ms(stats["median"]), share)
-        console.print(split)

@@ -19,73 +19,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from ollama_tracer import capture_files
 from ollama_tracer.attribution.analysis import compute
 from ollama_tracer.capture.session import CaptureOptions, default_directory, resolve_command, run_capture
 from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
 from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
-from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.commands.arguments import add_otlp_arguments, add_show_argument, export_if_asked, rate
+from ollama_tracer.errors import ExitCode
 from ollama_tracer.exporters import table as table_exporter
 from ollama_tracer.exporters import write_outputs
-from ollama_tracer.exporters.otlp import PROTOCOLS, export_rows
-from ollama_tracer.exporters.table import SHOW_CHOICES
 from ollama_tracer.ollama_host import resolve_host
 from ollama_tracer.process_discovery import ollama_server_pid
-
-
-def add_otlp_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--otlp-endpoint", required=required,
-                        help="export to this OTLP endpoint, e.g. http://127.0.0.1:4317 (Jaeger)")
-    parser.add_argument("--otlp-protocol", choices=PROTOCOLS,
-                        help="grpc or http/protobuf (default: from the URL; port 4318 means http)")
-
-
-def export_capture(directory: Path, endpoint: str, protocol: str | None) -> dict[str, object]:
-    """Export a capture's spans.jsonl and note the result in export.json (failures too)."""
-    rows, _ = capture_files.read_jsonl(directory / "spans.jsonl")
-    try:
-        result = export_rows(rows, endpoint, protocol)
-    except TracerError as err:
-        capture_files.write_json(directory / "export.json", {"endpoint": endpoint, "status": "failed",
-                                                           "error": err.message})
-        raise
-    capture_files.write_json(directory / "export.json", {**result, "status": "exported"})
-    return result
-
-
-def export_if_asked(directory: Path, args: argparse.Namespace) -> None:
-    """With --otlp-endpoint, export the capture; a refusal is a warning (the capture is on disk,
-    and `tracer export` sends it later), not a failure of the command."""
-    if not args.otlp_endpoint:
-        return
-    try:
-        exported = export_capture(directory, args.otlp_endpoint, args.otlp_protocol)
-        print(f"Exported {exported['exported_spans']} spans to {args.otlp_endpoint}.", flush=True)
-    except TracerError as err:
-        print(f"tracer: warning: {err.message}", file=sys.stderr)
-
-
-def _rate(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of samples per second") from None
-    if not 0 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0..10000 samples per second")
-    return value
-
-
-def add_show_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--show", type=_show, default=(), metavar="gpu,stacks",
-                        help="extra table columns: gpu (utilization per phase), stacks (top function per process)")
-
-
-def _show(text: str) -> tuple[str, ...]:
-    chosen = tuple(word.strip() for word in text.split(",") if word.strip())
-    unknown = [word for word in chosen if word not in SHOW_CHOICES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown column {unknown[0]!r}; choose from {', '.join(SHOW_CHOICES)}")
-    return chosen
 
 
 def _testbed_log(host: str) -> Path | None:
@@ -117,12 +60,12 @@ class CaptureCommand:
                             help="the Ollama server's pid (default: the process listening on the --ollama-host port)")
         parser.add_argument("--ollama-log", type=Path,
                             help="the server's log (OLLAMA_DEBUG=1); default: the testbed's, when it is the target")
-        parser.add_argument("--profile-hz", type=_rate, default=DEFAULT_HZ, metavar="HZ",
+        parser.add_argument("--profile-hz", type=rate, default=DEFAULT_HZ, metavar="HZ",
                             help=f"eBPF native stack samples of the server and runners per second "
                                  f"(default {DEFAULT_HZ}; 0: off)")
-        parser.add_argument("--gpu-rate", type=_rate, default=100, metavar="HZ",
+        parser.add_argument("--gpu-rate", type=rate, default=100, metavar="HZ",
                             help="NVML GPU samples per second (default 100; 0: off); skipped without a GPU")
-        parser.add_argument("--pyspy-rate", type=_rate, default=100, metavar="HZ",
+        parser.add_argument("--pyspy-rate", type=rate, default=100, metavar="HZ",
                             help="py-spy stack samples per second of the command's Python processes "
                                  "(default 100; 0: off)")
         parser.add_argument("--pyspy-pid", type=int, metavar="PID",

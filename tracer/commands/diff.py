@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ollama_tracer.attribution.analysis import compute
 from ollama_tracer.attribution.diff import DEFAULT_RESAMPLES, DEFAULT_SEED, compare, describe
-from ollama_tracer.commands.bench import _positive
+from ollama_tracer.commands.arguments import positive
 from ollama_tracer.errors import ExitCode
 from ollama_tracer.exporters import diff_table, json_document
 
@@ -33,7 +33,7 @@ class DiffCommand:
         parser.add_argument("directory_a", type=Path, metavar="DIR_A", help="the capture to compare from (before)")
         parser.add_argument("directory_b", type=Path, metavar="DIR_B", help="the capture to compare to (after)")
         parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
-        parser.add_argument("--resamples", type=_positive(int), default=DEFAULT_RESAMPLES,
+        parser.add_argument("--resamples", type=positive(int), default=DEFAULT_RESAMPLES,
                             help=f"bootstrap resamples (default: {DEFAULT_RESAMPLES})")
         parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                             help=f"bootstrap seed (default: {DEFAULT_SEED})")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ollama_tracer.attribution.analysis import compute
 from ollama_tracer.capture import directory as capture_directory
-from ollama_tracer.commands.capture import add_otlp_arguments, export_capture
+from ollama_tracer.commands.arguments import add_otlp_arguments, export_capture
 from ollama_tracer.errors import ExitCode
 from ollama_tracer.exporters import write_outputs
 

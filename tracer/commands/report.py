@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ollama_tracer.attribution.analysis import compute
-from ollama_tracer.commands.capture import add_show_argument
+from ollama_tracer.commands.arguments import add_show_argument
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import attribution_json, write_rendered
 from ollama_tracer.exporters import html as html_exporter

@@ -16,7 +16,7 @@ import os
 
 from ollama_tracer.autoinstrument import child_env
 from ollama_tracer.capture.session import resolve_command
-from ollama_tracer.commands.capture import add_otlp_arguments
+from ollama_tracer.commands.arguments import add_otlp_arguments
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters.otlp import protocol_for
 
