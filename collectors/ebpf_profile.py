@@ -15,7 +15,6 @@ Go frames unwind by frame pointers; C/C++ code built without them (ggml) yields 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from ollama_tracer import capture_files
 from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors.symbols import SymbolTable
+from ollama_tracer.errors import TracerError
 
 DEFAULT_HZ = 99  # not 100: a rate that beats against 100 Hz timers would sample them in lockstep
 STACK_DEPTH = 32
@@ -72,7 +72,7 @@ def read_maps(pid: int) -> list[Mapping]:
 
 def parse_samples(lines: Iterable[str], clock: ClockModel) -> Iterator[tuple[int, int, int, tuple[int, ...]] | None]:
     """(epoch ns, pid, tid, addresses leaf→root) per ``P`` block of the raw events; None for a
-    malformed block. Lines of other event kinds are skipped (``ebpf.load_events`` reads them)."""
+    malformed block. Lines of other event kinds are skipped (``ebpf_events.load_events`` reads them)."""
     current: tuple[int, int, int] | None = None
     addresses: list[int] = []
     bad = False
@@ -168,8 +168,9 @@ def load_samples(directory: Path, clock: ClockModel) -> tuple[list[StackSample],
     if not path.exists():
         return [], 0
     try:
-        symbols: dict[str, dict[str, str]] = json.loads((directory / RAW_SYMBOLS).read_text())["symbols"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        table = capture_files.read_json(directory / RAW_SYMBOLS, "the resolved stack addresses")
+        symbols: dict[str, dict[str, str]] = table["symbols"]
+    except (TracerError, KeyError):
         symbols = {}
     samples, bad = [], 0
     with path.open(encoding="utf-8", errors="replace") as lines:

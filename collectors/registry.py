@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ollama_tracer.collectors import ebpf, nvml, ollama_log, otlp, pyspy
+from ollama_tracer.collectors import ebpf_events, nvml, ollama_log, otlp, pyspy
 from ollama_tracer.collectors.base import Collector, Loader
 from ollama_tracer.collectors.ebpf import EbpfCollector
 from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
@@ -16,7 +16,7 @@ from ollama_tracer.collectors.otlp import OtlpCollector
 from ollama_tracer.collectors.pyspy import PySpyCollector
 
 # Each collector's ``load(directory, clock)``: its raw files as typed records, or None.
-LOADERS: list[Loader[object]] = [otlp.load, ollama_log.load, ebpf.load, nvml.load, pyspy.load]
+LOADERS: list[Loader[object]] = [otlp.load, ollama_log.load, ebpf_events.load, nvml.load, pyspy.load]
 
 
 @dataclass

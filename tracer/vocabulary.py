@@ -3,7 +3,7 @@
 Code names a phase or an attribute through these constants, never a string literal, so that a
 typo is an ``ImportError``/``AttributeError`` instead of a new phase or a silently missing key.
 
-The phases (the contract every part speaks, in critical-path order; DESIGN.md "The phases"):
+The phases (the contract every part speaks, in critical-path order; docs/architecture.md, "The phases"):
 
 =========================  =========================================================================
 phase                      from → to
@@ -128,7 +128,7 @@ PROXY_REQUEST: Final = "proxy.request"
 PROXY_FIRST_TOKEN: Final = "proxy.first_token"
 SERVER_CANCEL: Final = "server.cancel"
 
-# The phases of an interrupt→first-token interval in critical-path order, as DESIGN.md lists them.
+# The phases of an interrupt→first-token interval in critical-path order, as docs/architecture.md lists them.
 # ``server.model_load`` (only when a runner is started) lies inside ``server.schedule``;
 # ``client.gap`` stands in for ``client.interrupt``; ``server.cancel`` is off the critical path.
 CRITICAL_PATH: Final = (

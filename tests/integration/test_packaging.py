@@ -105,8 +105,9 @@ def test_the_wheel_has_one_top_level_name_and_every_source_file(wheel: Path) -> 
     for runtime_file in RUNTIME_FILES:
         assert f"{PACKAGE}/{runtime_file}" in packaged, runtime_file
     source = _source_files()
-    assert sorted(source - packaged) == [], "in the source tree but not in the wheel (pyproject packages/package-data)"
-    assert sorted(packaged - source) == [], "in the wheel but not in the source tree"
+    missing, extra = sorted(source - packaged), sorted(packaged - source)
+    assert not missing, f"in the source tree but not in the wheel (pyproject packages/package-data): {missing}"
+    assert not extra, f"in the wheel but not in the source tree: {extra}"
 
 
 def test_a_plain_venv_has_ollama_tracer_and_no_tracer_or_collectors(wheel: Path, tmp_path: Path) -> None:
@@ -122,14 +123,16 @@ def test_a_plain_venv_has_ollama_tracer_and_no_tracer_or_collectors(wheel: Path,
         proc = subprocess.run([python, "-c", f"import {name}"], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=TIMEOUT_S, check=False)
         assert proc.returncode == 1 and f"ModuleNotFoundError: No module named '{name}'" in proc.stderr, proc.stderr
-    # Importing ollama_tracer would need its dependencies (--no-deps): find the files instead.
+    # Importing ollama_tracer would need its dependencies (--no-deps): find the files instead. The
+    # assets are every non-.py file of the source tree (.bt, .js, .css, py.typed, ...).
+    assets = sorted({*RUNTIME_FILES, *(f.split("/", 1)[1] for f in _source_files() if not f.endswith(".py"))})
     check = (
         "import importlib.util, pathlib, sys\n"
         f"spec = importlib.util.find_spec({PACKAGE!r})\n"
         "assert spec is not None and spec.origin is not None\n"
         "root = pathlib.Path(spec.origin).parent\n"
         "assert root.is_relative_to(sys.prefix), (root, sys.prefix)\n"
-        f"for path in {RUNTIME_FILES!r}:\n"
+        f"for path in {assets!r}:\n"
         "    assert (root / path).is_file(), path\n"
         "print(root)\n"
     )

@@ -17,7 +17,8 @@ import pytest
 from ollama_tracer.autoinstrument import child_env
 from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors.base import SessionInfo
-from ollama_tracer.collectors.pyspy import RAW_META, RAW_STDERR, RAW_TRACE, PySpyCollector, StackSlice, load_stacks
+from ollama_tracer.collectors.pyspy import RAW_META, RAW_STDERR, RAW_TRACE, PySpyCollector, load_stacks
+from ollama_tracer.collectors.pyspy_trace import StackSlice
 
 from tests.conftest import REPO, run_tracer
 

@@ -10,7 +10,8 @@ from ollama_tracer.attribution.ebpf_source import EbpfSource, blob_scans
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.clock import ClockModel, ClockOffset
-from ollama_tracer.collectors.ebpf import EbpfRecords, ParseError, ProbeEvent, parse_line, plan_probes
+from ollama_tracer.collectors.ebpf_events import EbpfRecords, ParseError, ProbeEvent, parse_line
+from ollama_tracer.collectors.ebpf_plan import plan_probes
 from ollama_tracer.collectors.ollama_log import parse_line as parse_log_line
 from ollama_tracer.collectors.probe_catalogue import design_for, probes_for
 from ollama_tracer.vocabulary import merged_name

@@ -49,9 +49,11 @@ from ollama_tracer import capture_files
 from ollama_tracer.attribution import analysis as pipeline
 from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.clock import ClockModel, ClockOffset
-from ollama_tracer.collectors import ebpf, ebpf_profile, ollama_log, pyspy
-from ollama_tracer.collectors.ebpf import ParseError, ProbeEvent
-from ollama_tracer.collectors.otlp_receiver import MAX_REQUEST_BYTES, OtlpReceiver
+from ollama_tracer.collectors import ebpf_events as ebpf
+from ollama_tracer.collectors import ebpf_profile, ollama_log, pyspy
+from ollama_tracer.collectors.ebpf_events import ParseError, ProbeEvent
+from ollama_tracer.collectors.otlp_convert import MAX_REQUEST_BYTES
+from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
 from ollama_tracer.errors import ExitCode, TracerError
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2

@@ -22,26 +22,26 @@ from hypothesis import strategies as st
 from ollama_tracer import autoinstrument, system
 from ollama_tracer.collectors import pyspy
 from ollama_tracer.collectors.pyspy import (
-    LAUNCH_ERROR_NS,
-    MARKER_FUNCTION,
-    MARKER_LOOP_FUNCTION,
     PTRACE_FIX,
     RAW_MARKERS,
     RAW_META,
     RAW_TRACE,
-    Alignment,
+    PySpyCollector,
+    diagnose,
+    load_stacks,
+)
+from ollama_tracer.collectors.pyspy_clock import LAUNCH_ERROR_NS, Alignment, align
+from ollama_tracer.collectors.pyspy_trace import (
     ChromeEvent,
     ChromeTraceError,
     ClockMarker,
-    PySpyCollector,
     StackSlice,
-    align,
     build_slices,
-    diagnose,
-    load_stacks,
     parse_chrometrace,
     parse_markers,
 )
+from ollama_tracer.instrument import clock_marker
+from ollama_tracer.instrument.clock_marker import MARKER_FUNCTION, MARKER_LOOP_FUNCTION
 
 from tests.conftest import REPO
 
@@ -468,14 +468,14 @@ def test_stop_without_a_command_reports_instead_of_failing(tmp_path: Path) -> No
 
 def test_marker_thread_writes_lines_and_ends_quietly_when_the_file_goes(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(autoinstrument, "MARKER_FIRST_S", 0.0)
-    monkeypatch.setattr(autoinstrument, "MARKER_DENSE_GAP_S", 0.01)
-    monkeypatch.setattr(autoinstrument, "MARKER_HOLD_S", 0.002)
+    monkeypatch.setattr(clock_marker, "MARKER_FIRST_S", 0.0)
+    monkeypatch.setattr(clock_marker, "MARKER_DENSE_GAP_S", 0.01)
+    monkeypatch.setattr(clock_marker, "MARKER_HOLD_S", 0.002)
     path = tmp_path / "markers.txt"
     path.write_text("")
     monkeypatch.setenv(autoinstrument.ENV_MARKER_FILE, str(path))
     before = set(threading.enumerate())
-    autoinstrument._start_clock_marker()
+    clock_marker.start_clock_marker()
     (thread,) = set(threading.enumerate()) - before
     assert thread.daemon and thread.name == "tracer-clock-marker"
     deadline = time.monotonic() + 5

@@ -24,7 +24,8 @@ import grpc
 import pytest
 import requests
 from google.rpc import status_pb2
-from ollama_tracer.collectors.otlp_receiver import MAX_REQUEST_BYTES, OtlpReceiver, SpanDict, spans_from_request
+from ollama_tracer.collectors.otlp_convert import MAX_REQUEST_BYTES, SpanDict, spans_from_request
+from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc

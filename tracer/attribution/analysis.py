@@ -16,7 +16,7 @@ from ollama_tracer.attribution.server_requests import server_request_spans
 from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.clock import ClockModel
-from ollama_tracer.collectors.ebpf import EbpfRecords
+from ollama_tracer.collectors.ebpf_events import EbpfRecords
 from ollama_tracer.collectors.nvml import GpuRecords
 from ollama_tracer.collectors.ollama_log import LogRecords
 from ollama_tracer.collectors.otlp import ClientSpans

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ollama_tracer.collectors.ebpf import ProbeEvent, Roles
+from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
 from ollama_tracer.vocabulary import (
     CLIENT_PORT,
     GEN_AI_PROVIDER_NAME,

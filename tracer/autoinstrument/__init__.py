@@ -10,27 +10,16 @@ import atexit
 import logging
 import os
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from ollama_tracer.instrument.clock_marker import ENV_MARKER_FILE, ENV_PYSPY_MARKER, start_clock_marker
 
 log = logging.getLogger("tracer.autoinstrument")
 
 BOOTSTRAP_DIR = Path(__file__).resolve().parent / "bootstrap"
 ENV_ACTIVE = "TRACER_AUTOINSTRUMENT"  # set by the launcher; "1" means instrument this process
 ENV_RECORD_CONTENT = "TRACER_RECORD_CONTENT"
-ENV_MARKER_FILE = "TRACER_MARKER_FILE"  # the capture's clock marker for py-spy alignment
-ENV_PYSPY_MARKER = "TRACER_PYSPY_MARKER"  # "1": py-spy samples this process; run the clock-marker thread
-
-# The clock marker (see _tracer_clock_marker): dense at first, so that a program of a second or two
-# still leaves several markers, then 1 Hz. Each costs a thread wake-up and one write(): nothing measurable.
-MARKER_HOLD_S = 0.025  # long enough that py-spy at 100 Hz sees the frame most times (1 - e^-2.5 = 92%)
-MARKER_FIRST_S = 0.1
-MARKER_DENSE_GAP_S = 0.2
-MARKER_DENSE_COUNT = 10
-MARKER_GAP_S = 1.0
-
 
 def _remove_bootstrap_from_pythonpath() -> None:
     """Grandchildren must not initialise twice: the first process takes the directory out."""
@@ -51,7 +40,7 @@ def initialize() -> None:
     if os.environ.pop(ENV_ACTIVE, None) != "1":
         return
     if os.environ.get(ENV_PYSPY_MARKER) == "1":
-        _start_clock_marker()  # first: the OTel imports below take a while, py-spy is already sampling
+        start_clock_marker()  # first: the OTel imports below take a while, py-spy is already sampling
     try:
         from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
         from ollama_tracer.instrument.requests_client import RequestsInstrumentor
@@ -76,60 +65,6 @@ def _write_marker() -> None:
         return
     with open(path, "a", encoding="utf-8") as out:
         out.write(f"{os.getpid()} {time.time_ns()} {time.monotonic_ns()}\n")
-
-
-def _start_clock_marker() -> None:
-    path = os.environ.get(ENV_MARKER_FILE)
-    if not path:
-        return
-    try:
-        # A daemon thread never keeps the program alive, and dies with it.
-        threading.Thread(target=_tracer_clock_marker_loop, args=(path,), name="tracer-clock-marker",
-                         daemon=True).start()
-    except Exception:
-        log.debug("clock marker thread did not start", exc_info=True)
-
-
-def _marker_delays() -> Iterator[float]:
-    yield MARKER_FIRST_S
-    for _ in range(MARKER_DENSE_COUNT - 1):
-        yield MARKER_DENSE_GAP_S
-    while True:
-        yield MARKER_GAP_S
-
-
-def _tracer_clock_marker() -> tuple[int, int]:
-    """Sit on the stack, asleep, between two ``time_ns()`` readings: py-spy's samples see this frame.
-
-    py-spy's timestamps have no epoch anchor; the first sample that shows this frame (and the first
-    that no longer does) bound py-spy's clock offset against the logged readings. The frame lives a
-    few µs longer than [start, end], never shorter, which is what the bounds need; so the caller,
-    not this function, writes the line.
-    """
-    started = time.time_ns()
-    time.sleep(MARKER_HOLD_S)
-    return started, time.time_ns()
-
-
-def _tracer_clock_marker_loop(path: str) -> None:
-    """Append ``M pid tid start_ns end_ns`` per marker until the process ends or the file goes away.
-
-    Nothing here may reach the host program: every failure ends the thread quietly. No import
-    happens in this thread (the import lock is the host's), and the file is not re-created once
-    the capture is over (no O_CREAT).
-    """
-    try:
-        pid, tid = os.getpid(), threading.get_ident()  # get_ident() is the pthread id py-spy reports
-        for delay in _marker_delays():
-            time.sleep(delay)
-            started, ended = _tracer_clock_marker()
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-            try:
-                os.write(fd, f"M {pid} {tid} {started} {ended}\n".encode())  # one write: atomic append
-            finally:
-                os.close(fd)
-    except Exception:
-        return
 
 
 def child_env(

@@ -38,7 +38,7 @@ class CaptureRecords:
     def ollama_version(self) -> str | None:
         """capture.json's server version; a capture that did not record it may still have the eBPF
         collector's, which read it from the server to choose its probes."""
-        from ollama_tracer.collectors.ebpf import EbpfRecords
+        from ollama_tracer.collectors.ebpf_events import EbpfRecords
 
         version = (self.meta.get("ollama") or {}).get("version")
         ebpf = self.get(EbpfRecords)

@@ -29,8 +29,7 @@ from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.process_discovery import ollama_version_of, process_alive, server_settings
 
 # Files a capture writes; --force removes exactly these, never anything else in the directory.
-CAPTURE_FILES = ("capture.json", "attribution.json", "spans.jsonl", "trace.perfetto.json", "report.html",
-                 "export.json", "bench.json", "raw")
+CAPTURE_FILES = capture_files.OUTPUTS
 ENV_CAPTURE_DIR = "TRACER_CAPTURE_DIR"
 
 

@@ -29,7 +29,7 @@ from ollama_tracer.commands.arguments import add_otlp_arguments, add_show_argume
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import table as table_exporter
 from ollama_tracer.exporters import write_outputs
-from ollama_tracer.process_discovery import pid_listening_on
+from ollama_tracer.process_discovery import pid_listening_on, process_alive
 
 
 def listening_port(pid: int) -> int | None:
@@ -70,7 +70,7 @@ class AttachCommand:
             if pid is None:
                 raise TracerError(f"nothing listens on port {port}; start Ollama or pass its --ollama-pid.",
                                   ExitCode.OLLAMA_UNREACHABLE)
-        elif not Path(f"/proc/{pid}").exists():
+        elif not process_alive(pid):
             raise TracerError(f"no process {pid}; pass the pid of a running `ollama serve`.",
                               ExitCode.OLLAMA_UNREACHABLE)
         else:
