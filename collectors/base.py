@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from ollama_tracer.capture_files import RAW_DIR
 from ollama_tracer.clock import ClockModel
 
 
@@ -34,7 +35,7 @@ class SessionInfo:
 
     @property
     def raw_dir(self) -> Path:
-        path = self.directory / "raw"
+        path = self.directory / RAW_DIR
         path.mkdir(mode=0o700, exist_ok=True)
         return path
 

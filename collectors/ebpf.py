@@ -53,6 +53,7 @@ from ollama_tracer.collectors.ebpf_plan import (
 )
 from ollama_tracer.collectors.probe_catalogue import DESIGN_NOTES
 from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.vocabulary import SOURCE_EBPF
 
 RAW_STDERR = capture_files.EBPF_STDERR
 HARMLESS_STDERR = re.compile(r"couldn't set RLIMIT_MEMLOCK|Attaching \d+ probes?|WARNING: Addrspace mismatch|"
@@ -79,7 +80,7 @@ def find_ollama_binary(pid: int) -> Path:
 class EbpfCollector:
     """bpftrace on the Ollama server and its runners: syscall tracepoints plus catalogue uprobes."""
 
-    name = "ebpf"
+    name = SOURCE_EBPF
 
     def __init__(self, *, ollama_pid: int | None = None, layers: str = "all",
                  profile_hz: int = ebpf_profile.DEFAULT_HZ, ready_timeout_s: float = 30.0) -> None:

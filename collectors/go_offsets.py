@@ -24,6 +24,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ollama_tracer.capture_files import read_json_object
+
 # (struct, field) -> the attribute of GoOffsets it fills
 FIELDS: dict[tuple[str, str], str] = {
     ("runtime.g", "goid"): "g_goid",
@@ -70,11 +72,12 @@ def read_offsets(binary: Path) -> tuple[GoOffsets | None, str]:
         cache = _cache_path(binary)
     except OSError as err:
         return None, f"cannot read {binary} ({err.strerror})"
+    cached = read_json_object(cache)
     try:
-        cached = json.loads(cache.read_text())
-        return (GoOffsets(**cached["offsets"]), "") if cached.get("offsets") else (None, str(cached["reason"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+        if cached is not None:
+            return (GoOffsets(**cached["offsets"]), "") if cached.get("offsets") else (None, str(cached["reason"]))
+    except (KeyError, TypeError):
+        pass  # a cache from another version of this module: recomputed below
     offsets, reason = _from_dwarf(binary)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

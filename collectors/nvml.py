@@ -27,7 +27,6 @@ Why each choice:
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import threading
@@ -703,12 +702,7 @@ def _parse_row(row: dict[str, Any]) -> GpuSample | None:
 def load_gpu_samples(directory: Path) -> tuple[list[GpuSample], dict[str, Any], int]:
     """(samples in time order, the collector's meta, number of unreadable rows); never raises on
     missing or damaged files, because a GPU-less capture is a normal capture."""
-    try:
-        meta = json.loads((directory / RAW_META).read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            meta = {}
-    except (OSError, ValueError, UnicodeDecodeError):
-        meta = {}
+    meta = capture_files.read_json_object(directory / RAW_META) or {}
     rows, bad = capture_files.read_jsonl(directory / RAW_SAMPLES)
     samples = []
     for row in rows:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ollama_tracer import vocabulary as v
 from ollama_tracer.capture_files import CLIENT_SPANS, JsonlAppender, read_jsonl
 from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors.base import SessionInfo
@@ -65,12 +66,12 @@ def load(directory: Path, clock: ClockModel | None) -> ClientSpans | None:
 
 
 # Attributes that attribution reads as integers: epoch ns, durations, a port, an fd.
-_INTEGER_ATTRIBUTES = ("tracer.first_token_ns", "tracer.request_written_ns", "tracer.response_start_ns",
-                       "ollama.created_at_first_ns", "ollama.created_at_last_ns", "ollama.total_duration",
-                       "ollama.load_duration", "ollama.prompt_eval_duration", "tracer.local_port", "server.fd")
+_INTEGER_ATTRIBUTES = (v.TRACER_FIRST_TOKEN_NS, v.TRACER_REQUEST_WRITTEN_NS, v.TRACER_RESPONSE_START_NS,
+                       v.OLLAMA_CREATED_AT_FIRST_NS, v.OLLAMA_CREATED_AT_LAST_NS, v.OLLAMA_TOTAL_DURATION,
+                       v.OLLAMA_LOAD_DURATION, v.OLLAMA_PROMPT_EVAL_DURATION, v.TRACER_LOCAL_PORT, v.SERVER_FD)
 # What tells one client from another (attribution.intervals): dictionary keys, so never a list or an object.
-_CLIENT_KEYS = (("resource", "service.name"), ("resource", "process.pid"), ("resource", "service.instance.id"),
-                ("attributes", "tracer.client_key"), ("attributes", "thread.id"))
+_CLIENT_KEYS = (("resource", v.SERVICE_NAME), ("resource", v.PROCESS_PID), ("resource", v.SERVICE_INSTANCE_ID),
+                ("attributes", v.TRACER_CLIENT_KEY), ("attributes", v.THREAD_ID))
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -85,8 +86,9 @@ def usable_span(row: dict[str, Any]) -> bool:
             and all(_is_int(row.get(key)) and row[key] >= 0 for key in ("startTimeUnixNano", "endTimeUnixNano"))
             and all(attributes.get(key) is None or _is_int(attributes[key]) for key in _INTEGER_ATTRIBUTES)
             # A stream that reached `done` (total_duration) had chunks: their times come with it.
-            and (attributes.get("ollama.total_duration") is None
-                 or None not in (attributes.get(f"ollama.created_at_{end}_ns") for end in ("first", "last")))
+            and (attributes.get(v.OLLAMA_TOTAL_DURATION) is None
+                 or None not in (attributes.get(key) for key in (v.OLLAMA_CREATED_AT_FIRST_NS,
+                                                                 v.OLLAMA_CREATED_AT_LAST_NS)))
             and all(isinstance(maps[where].get(key), _SCALARS) for where, key in _CLIENT_KEYS))
 
 

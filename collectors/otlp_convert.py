@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from google.protobuf import json_format  # type: ignore[import-untyped, unused-ignore]
 from google.protobuf import message as protobuf_message  # type: ignore[import-untyped, unused-ignore]
+from ollama_tracer.vocabulary import SERVICE_NAME
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 SpanDict = dict[str, Any]
@@ -47,7 +48,7 @@ def spans_from_request(request: Any) -> list[SpanDict]:
     spans: list[SpanDict] = []
     for resource_spans in request.resource_spans:
         resource = _attributes(resource_spans.resource.attributes)
-        service = resource.get("service.name", "")
+        service = resource.get(SERVICE_NAME, "")
         service_name = service if isinstance(service, str) else str(service)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:

@@ -169,6 +169,16 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return raw
 
 
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object file read where a bad one is as good as none (a cache, an optional meta): None
+    when it is missing, unreadable, not JSON or not an object."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
 def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Rows of a JSONL file and the number of unreadable lines (a torn last line after a kill)."""
     rows: list[dict[str, Any]] = []

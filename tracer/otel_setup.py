@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from ollama_tracer.vocabulary import PROCESS_PID, SERVICE_NAME
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -55,8 +56,8 @@ def configure_from_env(service_name: str) -> TracerProvider | None:
         return current
     if not exporter_configured():
         return None
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name),
-                                "process.pid": os.getpid()})  # py-spy stacks are matched to it
+    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name),
+                                PROCESS_PID: os.getpid()})  # py-spy stacks are matched to it
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(
         BatchSpanProcessor(make_otlp_exporter(), max_queue_size=MAX_QUEUE_SIZE,

@@ -7,6 +7,7 @@ from pathlib import Path
 import requests
 from ollama_tracer.netstat import LISTEN, socket_fds, tcp_rows
 from ollama_tracer.ollama_host import host_and_port
+from ollama_tracer.vocabulary import PROCESS_RUNNER, PROCESS_SERVER
 
 
 def pid_listening_on(port: int) -> int | None:
@@ -65,9 +66,9 @@ def process_alive(pid: int) -> bool:
 def role_of(pid: int, server_pid: int) -> str:
     """``server`` or ``runner`` (one binary serves both; the runner's argv says ``runner``)."""
     if pid == server_pid:
-        return "server"
+        return PROCESS_SERVER
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return "runner"  # it has exited; every other Ollama process we saw is a runner
-    return "runner" if b"runner" in argv[1:2] else "server"
+        return PROCESS_RUNNER  # it has exited; every other Ollama process we saw is a runner
+    return PROCESS_RUNNER if b"runner" in argv[1:2] else PROCESS_SERVER

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ollama_tracer.instrument.clock_marker import MARKER_FUNCTION
 from ollama_tracer.vocabulary import PROCESS_CLIENT, PROCESS_SERVER
 
 _Counts = defaultdict[tuple[str, ...], float]  # stack (leaf-most frames) -> samples
@@ -35,7 +36,7 @@ TOP_STACKS = 3
 STACK_FRAMES = 8  # leaf-most frames that identify a stack in a summary
 GPU_METRICS = ("gpu_util", "mem_util", "mem_used_bytes", "power_w", "sm_clock_mhz", "proc_sm_util")
 # Threads that only wait on behalf of the tracer itself are not the client's work.
-_OWN_FRAMES = ("_tracer_clock_marker", "opentelemetry/sdk/trace/export", "opentelemetry/sdk/_shared_internal")
+_OWN_FRAMES = (MARKER_FUNCTION, "opentelemetry/sdk/trace/export", "opentelemetry/sdk/_shared_internal")
 
 
 class _GpuSample(Protocol):

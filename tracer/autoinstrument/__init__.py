@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ollama_tracer.instrument.clock_marker import ENV_MARKER_FILE, ENV_PYSPY_MARKER, start_clock_marker
+from ollama_tracer.vocabulary import SERVICE_CLIENT
 
 log = logging.getLogger("tracer.autoinstrument")
 
@@ -47,7 +48,7 @@ def initialize() -> None:
         from ollama_tracer.otel_setup import configure_from_env
 
         record_content = os.environ.get(ENV_RECORD_CONTENT) == "1"
-        provider = configure_from_env(os.environ.get("OTEL_SERVICE_NAME", "ollama-client"))
+        provider = configure_from_env(os.environ.get("OTEL_SERVICE_NAME", SERVICE_CLIENT))
         OllamaInstrumentor().instrument(record_content=record_content)
         RequestsInstrumentor().instrument(record_content=record_content)
         _write_marker()
@@ -72,7 +73,7 @@ def child_env(
     *,
     endpoint: str | None,
     protocol: str = "grpc",
-    service_name: str = "ollama-client",
+    service_name: str = SERVICE_CLIENT,
     record_content: bool = False,
     marker_file: str | None = None,
 ) -> dict[str, str]:

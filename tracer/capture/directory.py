@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from ollama_tracer.capture_files import RAW_DIR, read_json
+from ollama_tracer.capture_files import CAPTURE_JSON, RAW_DIR, read_json
 from ollama_tracer.clock import ClockModel
 from ollama_tracer.errors import ExitCode, TracerError
 
@@ -83,13 +83,13 @@ def load_capture_meta(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise TracerError(f"{directory} is not a directory; pass the directory a capture wrote.",
                           ExitCode.BAD_CAPTURE)
-    meta = read_json(directory / "capture.json", "no capture.json")
+    meta = read_json(directory / CAPTURE_JSON, f"no {CAPTURE_JSON}")
     if meta.get("schema") != CAPTURE_SCHEMA:
-        raise TracerError(f"{directory / 'capture.json'} has schema {meta.get('schema')!r}, expected "
+        raise TracerError(f"{directory / CAPTURE_JSON} has schema {meta.get('schema')!r}, expected "
                           f"{CAPTURE_SCHEMA!r}; it was not written by this tracer.", ExitCode.BAD_CAPTURE)
     problem = _meta_problem(meta)
     if problem is not None:
-        raise TracerError(f"{directory / 'capture.json'} is corrupt ({problem}); re-run the capture.",
+        raise TracerError(f"{directory / CAPTURE_JSON} is corrupt ({problem}); re-run the capture.",
                           ExitCode.BAD_CAPTURE)
     return meta
 

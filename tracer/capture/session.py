@@ -139,7 +139,7 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
     interrupted = command_started = False
     # A provisional capture.json first: if the final one cannot be written (a full disk, a kill),
     # the raw files are still a capture that `tracer report` can read.
-    capture_files.write_json(options.directory / "capture.json", {
+    capture_files.write_json(options.directory / capture_files.CAPTURE_JSON, {
         "schema": capture_directory.CAPTURE_SCHEMA, "tracer_version": __version__, "command": command,
         "complete": False,
         "started_ns": started_ns, "clock": clock.to_json(), "ollama": server, "collectors": {},
@@ -200,11 +200,11 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                 "python": sys.version.split()[0],
             }
             try:
-                capture_files.write_json(options.directory / "capture.json", meta)
+                capture_files.write_json(options.directory / capture_files.CAPTURE_JSON, meta)
             except TracerError as err:
                 if err.exit_code != ExitCode.DISK_FULL:
                     raise
-                full.append("capture.json")  # the provisional one from the start stays
+                full.append(capture_files.CAPTURE_JSON)  # the provisional one from the start stays
             if full:
                 lost = sum(int((statuses.get(name) or {}).get("stats", {}).get("lost", 0)) for name in full)
                 raise TracerError(f"the disk holding {options.directory} filled up during the capture ({lost} "

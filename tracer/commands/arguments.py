@@ -43,14 +43,14 @@ def add_otlp_arguments(parser: argparse.ArgumentParser, required: bool = False) 
 
 def export_capture(directory: Path, endpoint: str, protocol: str | None) -> dict[str, object]:
     """Export a capture's spans.jsonl and note the result in export.json (failures too)."""
-    rows, _ = capture_files.read_jsonl(directory / "spans.jsonl")
+    rows, _ = capture_files.read_jsonl(directory / capture_files.SPANS_JSONL)
     try:
         result = export_rows(rows, endpoint, protocol)
     except TracerError as err:
-        capture_files.write_json(directory / "export.json", {"endpoint": endpoint, "status": "failed",
+        capture_files.write_json(directory / capture_files.EXPORT_JSON, {"endpoint": endpoint, "status": "failed",
                                                            "error": err.message})
         raise
-    capture_files.write_json(directory / "export.json", {**result, "status": "exported"})
+    capture_files.write_json(directory / capture_files.EXPORT_JSON, {**result, "status": "exported"})
     return result
 
 

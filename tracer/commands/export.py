@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ollama_tracer import capture_files
 from ollama_tracer.attribution.analysis import compute
 from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.commands.arguments import add_otlp_arguments, export_capture
@@ -26,7 +27,7 @@ class ExportCommand:
 
     def run(self, args: argparse.Namespace) -> int:
         capture_directory.load_capture_meta(args.directory)
-        if not (args.directory / "spans.jsonl").exists():  # an interrupted capture: rebuild it
+        if not (args.directory / capture_files.SPANS_JSONL).exists():  # an interrupted capture: rebuild it
             write_outputs(args.directory, compute(args.directory))
         result = export_capture(args.directory, args.otlp_endpoint, args.otlp_protocol)
         print(f"Exported {result['exported_spans']} spans ({', '.join(result['services'])}) "  # type: ignore[arg-type]

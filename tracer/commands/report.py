@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ollama_tracer import capture_files
 from ollama_tracer.attribution.analysis import compute
 from ollama_tracer.commands.arguments import add_show_argument
 from ollama_tracer.errors import ExitCode, TracerError
@@ -35,7 +36,7 @@ class ReportCommand:
                               ExitCode.USAGE)
         data = compute(args.directory)
         if args.format == "html":
-            output = args.output or args.directory / "report.html"
+            output = args.output or args.directory / capture_files.REPORT_HTML
             write_rendered(output, html_exporter.render, data)
             print(f"Wrote {output}. Open it in a browser (it needs no network).")
         elif args.format == "json":
