@@ -22,6 +22,7 @@ from typing import Any
 import requests
 from ollama_tracer import __version__
 from ollama_tracer.bench.interrupt import SCHEMA, BenchClient, BenchOptions, Iteration, run_iteration, summary
+from ollama_tracer.collectors.probe_catalogue import design_for
 from ollama_tracer.commands.arguments import non_negative, positive
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import bench_table
@@ -73,26 +74,34 @@ class BenchCommand:
             num_ctx=args.num_ctx, second_num_ctx=args.second_num_ctx, record_content=args.record_content,
             request_timeout_s=args.request_timeout,
         )
-        _preflight(options)
+        version = _preflight(options)
         provider = configure_from_env(SERVICE_CLIENT)
+        iterations: list[Iteration] = []
         try:
-            iterations = _run_all(options)
+            failure = _run_all(options, iterations, version)
         finally:
             if provider is not None:
                 provider.force_flush()
         result = {
             "schema": SCHEMA,
             "tracer_version": __version__,
-            "ollama_version": _version(host),
+            "ollama_version": version if failure is not None else _version(host) or version,
             "model": options.model,
             "client": options.client,
             "options": options.to_json(),
             "iterations": [it.to_json() for it in iterations],
             "summary": _clean(summary(iterations)),
         }
-        bench_table.render(sys.stdout, result)
+        if failure is not None:
+            # Nothing measured so far is lost: the table and the JSON hold the iterations before it.
+            result["stopped"] = {"at_iteration": len(iterations), "exit_code": int(failure.exit_code),
+                                 "reason": failure.message}
+        if iterations:
+            bench_table.render(sys.stdout, result)
         if args.json_path is not None:
             _write_json_atomically(args.json_path, result)
+        if failure is not None:
+            raise failure
         return int(ExitCode.OK)
 
 
@@ -103,8 +112,10 @@ def _version(host: str) -> str | None:
         return None
 
 
-def _preflight(options: BenchOptions) -> None:
-    if _version(options.host) is None:
+def _preflight(options: BenchOptions) -> str:
+    """Ollama's version, once it answers and has the model."""
+    version = _version(options.host)
+    if version is None:
         raise TracerError(
             f"Ollama is not reachable at {options.host}; start it (`ollama serve` or `tracer testbed up`) "
             "or pass --host / set OLLAMA_HOST.",
@@ -121,36 +132,48 @@ def _preflight(options: BenchOptions) -> None:
             f"pull or create it first (`ollama pull {options.model}`), or list models with `ollama list`.",
             ExitCode.MODEL_NOT_FOUND,
         )
+    return version
 
 
-def _run_all(options: BenchOptions) -> list[Iteration]:
+def _run_all(options: BenchOptions, results: list[Iteration], version: str | None) -> TracerError | None:
+    """Run every iteration into ``results``; the error that stopped them, if one did."""
     from opentelemetry import trace
 
     client = BenchClient(options)
     tracer = trace.get_tracer("tracer.bench")
-    results: list[Iteration] = []
     total = options.warmup + options.iterations
     for index in range(total):
         warmup = index < options.warmup
         try:
             iteration = run_iteration(client, index, warmup, tracer)
         except Exception as err:  # map client-library failures to one sentence
-            raise _as_tracer_error(err, options) from err
+            failure = _as_tracer_error(err, options, version)
+            failure.__cause__ = err
+            return failure
         label = "warm-up" if warmup else f"{index - options.warmup + 1}/{options.iterations}"
         print(f"tracer: iteration {index} ({label}): interrupt → first token "
               f"{iteration.interrupt_to_first_token_ms:.2f} ms", file=sys.stderr, flush=True)
         results.append(iteration)
-    return results
+    return None
 
 
-def _as_tracer_error(err: Exception, options: BenchOptions) -> TracerError:
+# What a stall after interrupts is known to be on each design (README, "The interrupt stall").
+_STALLS = {
+    "go-runners": "on Ollama v0.13.x this is the known interrupt deadlock (a cancelled stream's callback blocks on "
+                  "`ch <- res` in GenerateHandler while holding the runner semaphore)",
+    "llama-server": "Ollama v0.30+ (llama-server) was also seen to stall after many interrupts, with llama-server's "
+                    "main loop in timed waits and an HTTP thread waiting for its stream session",
+}
+
+
+def _as_tracer_error(err: Exception, options: BenchOptions, version: str | None = None) -> TracerError:
     name = type(err).__name__
     text = str(err)
     if "Timeout" in name or "timed out" in text:
+        known = _STALLS.get(design_for(version), "on Ollama v0.13.x this is the known interrupt deadlock")
         return TracerError(
-            f"Ollama at {options.host} accepted a request and then sent nothing for {options.request_timeout_s:g} s; "
-            "on Ollama v0.13.x this is the known interrupt deadlock (a cancelled stream's callback blocks on "
-            "`ch <- res` in GenerateHandler while holding the runner semaphore): restart Ollama.",
+            f"Ollama {version or '(version unknown)'} at {options.host} accepted a request and then sent nothing "
+            f"for {options.request_timeout_s:g} s; {known}: restart Ollama.",
             ExitCode.SERVER_STALLED,
         )
     if "ConnectError" in name or "ConnectionError" in name or "Failed to connect" in text:
