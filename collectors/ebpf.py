@@ -46,10 +46,10 @@ from ollama_tracer.collectors.ebpf_plan import (
     READY,
     ProbePlan,
     build_script,
-    comm_of,
     existing_sockets,
     plan_probes,
     probe_index,
+    process_names,
 )
 from ollama_tracer.collectors.probe_catalogue import DESIGN_NOTES
 from ollama_tracer.errors import ExitCode, TracerError
@@ -121,7 +121,7 @@ class EbpfCollector:
         version = session.ollama_version or ollama_version_of(session.ollama_host)
         self._plan = plan_probes(binary, version, self.layers)
         self._directory = session.directory
-        held = existing_sockets(comm_of(binary))
+        held = [h for comm in process_names(self._plan) for h in existing_sockets(comm)]
         script = build_script(self._plan, self.profile_hz, held)
         self._clock = session.clock
         capture_files.write_text(session.directory / capture_files.EBPF_SCRIPT, script)

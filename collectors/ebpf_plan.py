@@ -25,8 +25,17 @@ PROGRAM = Path(__file__).with_name("ebpf_program.bt")
 _PLACEHOLDER = re.compile(r"\{(F|PRIMED|READY|PROBES)\}")
 
 
+LLAMA_SERVER = "llama-server"  # the runner of Ollama v0.30+, a process of its own
+
+
 def comm_of(binary: Path) -> str:
     return binary.name[:15]  # the kernel's TASK_COMM_LEN - 1
+
+
+def process_names(plan: ProbePlan) -> list[str]:
+    """The ``comm`` of every Ollama process to trace: the server (and its Go runners, the same binary),
+    and on the llama-server design its runner processes too."""
+    return [comm_of(plan.binary), *([LLAMA_SERVER] if plan.design == "llama-server" else [])]
 
 
 @dataclass
@@ -42,6 +51,8 @@ class ProbePlan:
     goroutines: GoOffsets | None = None  # the goroutine layer, when the binary's DWARF gives the offsets
     goroutine_probes: dict[str, int] = field(default_factory=dict)  # "serve"/"round_trip" -> address
     goroutine_note: str = "off: the symbol layer is off"
+    library_dir: Path | None = None  # Ollama's lib/ollama (llama-server's shared libraries), when found
+    targets: dict[str, str] = field(default_factory=dict)  # symbol -> uprobe target, for library functions
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -52,6 +63,7 @@ class ProbePlan:
             "missing": self.missing,
             "goroutines": {"on": self.goroutines is not None, "note": self.goroutine_note,
                            **({"offsets": asdict(self.goroutines)} if self.goroutines else {})},
+            **({"library_dir": str(self.library_dir), "targets": self.targets} if self.library_dir else {}),
         }
 
 
@@ -64,16 +76,84 @@ def plan_probes(binary: Path, version: str | None, layers: str = "all") -> Probe
 
     table = SymbolTable.load(binary)
     plan.symbol_source = "gopclntab" if table.stripped else "symtab"
-    found, missing = table.resolve_many(spec.symbol for spec in specs)
-    for spec in specs:
+    in_binary = [spec for spec in specs if spec.library is None]
+    found, missing = table.resolve_many(spec.symbol for spec in in_binary)
+    for spec in in_binary:
         if spec.symbol in found:
             address = found[spec.symbol].address
             # bpftrace 0.17 maps a virtual address to a file offset through the ELF symbols; in a
             # stripped binary it takes the number as the file offset itself.
             plan.attached[spec.symbol] = (spec, table.file_offset(address) if table.stripped else address)
+    missing += _plan_libraries(plan, [spec for spec in specs if spec.library is not None])
     plan.missing = sorted(set(missing))
     _plan_goroutines(plan, table)
     return plan
+
+
+def library_dir(binary: Path) -> Path | None:
+    """Where Ollama looks for its runner libraries, in its own order (ml/path.go): next to the
+    binary's parent (an install's lib/ollama), beside the binary, or in a build tree."""
+    for candidate in (binary.parent.parent / "lib" / "ollama", binary.parent / "lib" / "ollama",
+                      binary.parent / "build" / "lib" / "ollama"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _plan_libraries(plan: ProbePlan, specs: list[ProbeSpec]) -> list[str]:
+    """Attach what the runner's shared libraries export; returns the symbols not found."""
+    if not specs:
+        return []
+    from ollama_tracer.collectors.symbols import SymbolTable
+
+    plan.library_dir = library_dir(plan.binary)
+    missing: list[str] = []
+    by_library: dict[str, list[ProbeSpec]] = {}
+    for spec in specs:
+        by_library.setdefault(spec.library or "", []).append(spec)
+    for library, wanted in by_library.items():
+        path = plan.library_dir / library if plan.library_dir else None
+        try:
+            table = SymbolTable.load(path) if path is not None and path.exists() else None
+        except (OSError, ValueError):
+            table = None
+        if table is None or path is None:
+            missing += [spec.symbol for spec in wanted]
+            continue
+        mangled = _mangled_names(table.names(), {spec.symbol for spec in wanted})
+        for spec in wanted:
+            name = mangled.get(spec.symbol)
+            symbol = table.lookup(name) if name else None
+            if name is None or symbol is None:
+                missing.append(spec.symbol)
+                continue
+            plan.attached[spec.symbol] = (spec, symbol.address)
+            plan.targets[spec.symbol] = f"{path}:{name}"
+    return missing
+
+
+def _mangled_names(names: list[str], wanted: set[str]) -> dict[str, str]:
+    """Each wanted function (a C name, or a C++ qualified name without parameters) → the one symbol
+    that exports it. A C++ name is matched on its demangled form (binutils' c++filt); an overloaded
+    one keeps its first exported definition."""
+    import subprocess
+
+    out: dict[str, str] = {name: name for name in names if name in wanted}
+    # Not a function's entry: a compiler's partial copy (``.cold``, ``.constprop.0``, ``.isra.0``) or a
+    # function local to another (``_ZZ``: a lambda inside it, which demangles with its name in front).
+    cpp = [name for name in names if name.startswith("_Z") and not name.startswith("_ZZ") and "." not in name]
+    if not cpp or not (wanted - out.keys()):
+        return out
+    try:
+        demangled = subprocess.run(["c++filt"], input="\n".join(cpp), capture_output=True, text=True,
+                                   timeout=60, check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return out
+    for name, readable in zip(cpp, demangled, strict=False):
+        qualified = readable.split("(", 1)[0]
+        if qualified in wanted and qualified not in out and ")::" not in readable:
+            out[qualified] = name
+    return out
 
 
 GOROUTINE_SYMBOLS = {"serve": "net/http.(*conn).serve", "round_trip": "net/http.(*persistConn).roundTrip"}
@@ -126,9 +206,11 @@ def existing_sockets(comm: str) -> list[HeldSocket]:
 
 def build_script(plan: ProbePlan, profile_hz: int = 0, held: list[HeldSocket] | None = None) -> str:
     """The bpftrace program for ``plan``: ``ebpf_program.bt`` with the capture's processes and probes."""
-    comm = comm_of(plan.binary)
-    filt = f'comm == "{comm}"'
-    primed = " ".join(f"@sock[{h.pid}, {h.fd}] = 3;" for h in (existing_sockets(comm) if held is None else held))
+    comms = process_names(plan)
+    filt = " || ".join(f'comm == "{comm}"' for comm in comms)
+    filt = f"({filt})" if len(comms) > 1 else filt
+    held = [h for comm in comms for h in existing_sockets(comm)] if held is None else held
+    primed = " ".join(f"@sock[{h.pid}, {h.fd}] = 3;" for h in held)
     lines: list[str] = []
     if profile_hz > 0:
         lines.append(ebpf_profile.probe(profile_hz, filt))
@@ -136,8 +218,11 @@ def build_script(plan: ProbePlan, profile_hz: int = 0, held: list[HeldSocket] | 
     # With the goroutine layer every uprobe also says which goroutine it ran on, and which started it.
     ids = (f' %llu %llu\\n", nsecs, pid, tid, *(uint64*)(reg("r14") + {go.g_goid}), '
            f'*(uint64*)(reg("r14") + {go.g_parent_goid})') if go else '\\n", nsecs, pid, tid'
-    for index, (_symbol, (_spec, address)) in enumerate(sorted(plan.attached.items(), key=lambda i: i[1][1])):
-        lines.append(f'uprobe:{plan.binary}:{address:#x} {{ printf("U %llu %d %d {index}{ids}); }}')
+    for index, (symbol, (_spec, address)) in enumerate(sorted(plan.attached.items(), key=lambda i: i[1][1])):
+        target = plan.targets.get(symbol) or f"{plan.binary}:{address:#x}"
+        # A runner library's probe fires in every process that maps it: ours only.
+        only = f" /{filt}/" if symbol in plan.targets else ""
+        lines.append(f'uprobe:{target}{only} {{ printf("U %llu %d %d {index}{ids}); }}')
     if go:
         goid = f'*(uint64*)(reg("r14") + {go.g_goid})'
         serve_fd = go.fd_of_conn_iface(f'reg("ax") + {go.http_conn_rwc}')

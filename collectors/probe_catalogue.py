@@ -28,10 +28,12 @@ from ollama_tracer.vocabulary import (
 @dataclass(frozen=True)
 class ProbeSpec:
     key: str  # the boundary it marks, as the attribution knows it
-    symbol: str
+    symbol: str  # a C++ one is its demangled qualified name, without parameters
     process: str  # "server" or "runner"
-    language: str  # "go" or "c" (C symbols vanish from stripped binaries; Go ones stay in .gopclntab)
+    language: str  # "go", "c" or "c++" (C symbols vanish from stripped binaries; Go ones stay in .gopclntab;
+    # a shared library's exported ones stay in .dynsym)
     per_token: bool = False
+    library: str | None = None  # a shared library in Ollama's lib/ollama directory; None: the ollama binary
 
 
 _S = "github.com/ollama/ollama/server."
@@ -67,9 +69,42 @@ V0_13 = (
     ProbeSpec("decode", "llama_decode", PROCESS_RUNNER, "c", per_token=True),
 )
 
-# Keyed by "major.minor". v0.30+ runs upstream llama-server as its runner: the Go runner
-# symbols are gone, and only the syscall layer, logs and response fields apply there.
-CATALOGUE: dict[str, tuple[ProbeSpec, ...]] = {"0.13": V0_13}
+_L = "github.com/ollama/ollama/llm."
+_IMPL, _LLAMA, _COMMON = "libllama-server-impl.so", "libllama.so", "libllama-common.so"
+
+# v0.30+: the runner is upstream llama.cpp's llama-server (C++). Its functions are exported from
+# shared libraries (.dynsym), so they are found in the release build too. Checked against v0.34.4.
+V0_30 = (
+    ProbeSpec("handler", _S + "(*Server).GenerateHandler", PROCESS_SERVER, "go"),
+    ProbeSpec("handler", _S + "(*Server).ChatHandler", PROCESS_SERVER, "go"),
+    ProbeSpec("lookup", _S + "getExistingName", PROCESS_SERVER, "go"),
+    ProbeSpec("get_model", _S + "GetModel", PROCESS_SERVER, "go"),
+    ProbeSpec("metadata", _S + "readGGUFMetadata", PROCESS_SERVER, "go"),  # the sidecar; a miss scans the blob
+    ProbeSpec("gguf_open", "github.com/ollama/ollama/fs/gguf.ReadFileMetadata", PROCESS_SERVER, "go"),
+    ProbeSpec("schedule", _S + "(*Server).scheduleRunner", PROCESS_SERVER, "go"),
+    ProbeSpec("get_runner", _S + "(*Scheduler).getRunner", PROCESS_SERVER, "go"),
+    ProbeSpec("needs_reload", _S + "(*runnerRef).needsReload", PROCESS_SERVER, "go"),
+    ProbeSpec("load", _S + "(*Scheduler).load", PROCESS_SERVER, "go"),
+    ProbeSpec("start_runner", _L + "startLlamaServer", PROCESS_SERVER, "go"),
+    ProbeSpec("wait_running", _L + "(*llamaServerRunner).WaitUntilRunning", PROCESS_SERVER, "go"),
+    ProbeSpec("acquired", _S + "(*LlmRequest).useLoadedRunner", PROCESS_SERVER, "go"),
+    ProbeSpec("template", _S + "chatPrompt", PROCESS_SERVER, "go"),
+    ProbeSpec("tokenize", _L + "(*llamaServerRunner).tokenize", PROCESS_SERVER, "go"),
+    ProbeSpec("completion", _L + "(*llamaServerRunner).Completion", PROCESS_SERVER, "go"),
+    # llama-server: the HTTP thread takes the request, the main loop admits it into a slot.
+    ProbeSpec("runner_handler", "server_routes::handle_completions_impl", PROCESS_RUNNER, "c++", library=_IMPL),
+    ProbeSpec("admit", "server_context_impl::process_single_task", PROCESS_RUNNER, "c++", library=_IMPL),
+    ProbeSpec("slot", "server_context_impl::launch_slot_with_task", PROCESS_RUNNER, "c++", library=_IMPL),
+    # llama_decode is never called by llama-server; llama_process is its batch entry (prefill, then a decode
+    # per token).
+    ProbeSpec("decode", "llama_process", PROCESS_RUNNER, "c", per_token=True, library=_LLAMA),
+    ProbeSpec("sample", "common_sampler_sample", PROCESS_RUNNER, "c++", per_token=True, library=_COMMON),
+    ProbeSpec("token", "server_context_impl::process_token", PROCESS_RUNNER, "c++", per_token=True,
+              library=_IMPL),
+)
+
+# Keyed by "major.minor": the newest entry not newer than the server is used.
+CATALOGUE: dict[str, tuple[ProbeSpec, ...]] = {"0.13": V0_13, "0.30": V0_30}
 
 
 def design_for(version: str | None) -> str:
@@ -87,7 +122,7 @@ def design_for(version: str | None) -> str:
 
 def probes_for(version: str | None) -> tuple[ProbeSpec, ...]:
     """The catalogue entry for this version; the newest older entry when there is no exact one."""
-    if design_for(version) != "go-runners" or version is None:
+    if design_for(version) == "unknown" or version is None:
         return ()
     major_minor = ".".join(version.split(".")[:2])
     if major_minor in CATALOGUE:
@@ -104,9 +139,9 @@ DESIGN_NOTES = {
     "go-runners": "v0.13-era design: Go runners (ollamarunner / llamarunner); every phase can be separated "
                   f"with symbols, and the syscall layer merges {_RECEIVE_TO_LOOKUP}, "
                   f"{_SCHEDULE_HANDOFF} and {_ADMIT_TO_SAMPLE}.",
-    "llama-server": "v0.30+ design: the runner is upstream llama-server, so the Go runner probes do not apply. "
-                    "The syscall layer, the log and the response fields still work; inside the server, "
-                    f"{_RECEIVE_TO_LOOKUP} and {_SCHEDULE_HANDOFF} stay merged, and inside "
-                    f"the runner {_ADMIT_TO_SAMPLE} cannot be separated.",
+    "llama-server": "v0.30+ design: the runner is upstream llama-server. The Go server's probes and the functions "
+                    "llama-server's shared libraries export split the phases, and each round trip to it (GET /health, "
+                    f"POST /tokenize) is its own phase on the wire; without probes {_RECEIVE_TO_LOOKUP} stays merged, "
+                    f"and so does {_ADMIT_TO_SAMPLE} inside the runner.",
     "unknown": "Ollama's version is unknown: only the syscall layer is used, and phases are merged as above.",
 }

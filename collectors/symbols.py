@@ -393,6 +393,10 @@ class SymbolTable:
                 return sym
         return None
 
+    def names(self) -> list[str]:
+        """Every function name the table has (mangled, for C++)."""
+        return list(self._by_name)
+
     def resolve_many(self, names: Iterable[str]) -> tuple[dict[str, Symbol], list[str]]:
         """``(found, missing)``: found maps each resolvable name to its Symbol, missing keeps input order."""
         found: dict[str, Symbol] = {}

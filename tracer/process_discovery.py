@@ -71,4 +71,6 @@ def role_of(pid: int, server_pid: int) -> str:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return PROCESS_RUNNER  # it has exited; every other Ollama process we saw is a runner
-    return PROCESS_RUNNER if b"runner" in argv[1:2] else PROCESS_SERVER
+    # A Go runner is `ollama runner ...`; on v0.30+ the runner is llama.cpp's own llama-server.
+    is_runner = b"runner" in argv[1:2] or Path(argv[0].decode(errors="replace")).name == "llama-server"
+    return PROCESS_RUNNER if is_runner else PROCESS_SERVER

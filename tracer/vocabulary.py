@@ -28,6 +28,21 @@ phase                      from → to
                            EOF → the runner removes the sequence)
 =========================  =========================================================================
 
+Ollama v0.30+ (the llama-server design) adds what is new there: the server calls its runner over a
+new TCP connection per call before the completion, and each round trip is a phase of its own.
+
+=========================  =========================================================================
+``server.runner_health``   ``GET /health`` written to llama-server → its answer read (twice: in
+                           ``needsReload``, and again inside ``Completion``)
+``server.tokenize``        ``POST /tokenize`` written → its answer read (the truncation check)
+``server.runner_wait``     ``Completion`` entered → the runner's semaphore acquired (queued behind
+                           another request to the same runner)
+=========================  =========================================================================
+On that design ``server.handoff`` is the server's own work between the round trips (the prompt
+template, building the request) and the ``POST /completion`` hop; ``runner.admit`` is llama-server's
+HTTP thread taking the request → the main loop's first prefill batch (task queue, slot selection,
+prompt-cache lookup).
+
 A phase that a source cannot split is one merged phase named by :func:`merged_name`
 (``server.decode+model_lookup``), never a guess at the split.
 
@@ -127,6 +142,9 @@ CLIENT_FIRST_TOKEN: Final = "client.first_token"
 PROXY_REQUEST: Final = "proxy.request"
 PROXY_FIRST_TOKEN: Final = "proxy.first_token"
 SERVER_CANCEL: Final = "server.cancel"
+SERVER_RUNNER_HEALTH: Final = "server.runner_health"  # v0.30+: a GET /health round trip to llama-server
+SERVER_TOKENIZE: Final = "server.tokenize"  # v0.30+: the POST /tokenize round trip
+SERVER_RUNNER_WAIT: Final = "server.runner_wait"  # v0.30+: waiting for the runner's semaphore
 
 # The phases of an interrupt→first-token interval in critical-path order, as docs/architecture.md lists them.
 # ``server.model_load`` (only when a runner is started) lies inside ``server.schedule``;

@@ -147,7 +147,7 @@ def test_catalogue_by_version_and_missing_symbols(tmp_path: Path) -> None:
     assert design_for("0.13.5") == "go-runners" and design_for("0.33.0") == "llama-server"
     assert design_for(None) == "unknown" and design_for("garbage") == "unknown"
     assert probes_for("0.13.5") == probes_for("0.13.0") and probes_for("0.14.1") == probes_for("0.13.5")
-    assert probes_for("0.33.0") == ()  # llama-server design: syscall layer, logs and response fields only
+    assert probes_for("0.33.0") == probes_for("0.30.0") != ()  # llama-server design: its own catalogue entry
     plan = plan_probes(Path("/bin/true"), "0.13.5")
     assert plan.attached == {} and "github.com/ollama/ollama/server.getExistingName" in plan.missing
 

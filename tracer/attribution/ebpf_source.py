@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ollama_tracer.attribution import ebpf_llama_server
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.attribution.request_chain import Broken, Chain, other_sequences, own_events, resolve
 from ollama_tracer.attribution.sources import Found
@@ -77,7 +78,7 @@ class Boundary:
     optional: bool = False  # absent means "did not happen" (no merge), e.g. a model load
 
 
-BOUNDARIES = (
+BOUNDARIES: tuple[Boundary, ...] = (
     Boundary("R", SERVER_RECEIVE),
     Boundary("GH", SERVER_DECODE),
     Boundary("GE", SERVER_MODEL_LOOKUP),
@@ -90,6 +91,8 @@ BOUNDARIES = (
     Boundary("RW", SERVER_STREAM),
     Boundary("SW", None),
 )
+LLAMA_SERVER_BOUNDARIES: tuple[Boundary, ...] = tuple(
+    Boundary(key, starts, optional) for key, starts, optional, _answers in ebpf_llama_server.BOUNDARIES)
 
 
 def connection_of(request: dict[str, Any], events: list[ProbeEvent], roles: Roles) -> int | None:
@@ -152,6 +155,8 @@ class EbpfSource:
         built = int(interval.request["startTimeUnixNano"])
         window = [e for e in events if built <= e.time_ns <= interval.end_ns]
         client_fd = connection_of(interval.request, events, roles)
+        if (ebpf.meta.get("plan") or {}).get("design") == "llama-server":
+            return self._find_llama_server(interval, ebpf, window, client_fd)
         found = self._boundaries(window, roles, client_fd)
         matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
         others = concurrent_requests(events, roles, found)
@@ -223,6 +228,41 @@ class EbpfSource:
             phases.append(cancel)
         return Found(phases, matching)
 
+    def _find_llama_server(self, interval: Interval, ebpf: EbpfRecords, window: list[ProbeEvent],
+                           client_fd: int | None) -> Found:
+        """Ollama v0.30+: the round trips to llama-server, found on the wire, and its exported functions."""
+        found = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd)
+        matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
+        others = concurrent_requests(ebpf.events, ebpf.roles, found)
+        if others:
+            # The first event after a boundary may be the other request's: no guess is made.
+            matching["unmatched"].append({
+                "interval": interval.index, "concurrent_requests": others, "connection_matched": client_fd is not None,
+                "reason": "another request was in the server at the same time, and on the llama-server design "
+                          "requests are not followed by goroutine and connection yet"})
+            return Found([], matching)
+        if found:
+            matching["matched"] += 1
+        phases = self._phases(found, LLAMA_SERVER_BOUNDARIES)
+        evidence = blob_scans(window, ebpf.roles, found.get("R"), found.get("SW"),
+                              set(ebpf.meta.get("model_blobs", [])))
+        if "R" in found and "SW" in found:
+            r, sw = found["R"].time_ns, found["SW"].time_ns
+            evidence["uprobe_hits"] = sum(1 for e in window if e.kind == "U" and r <= e.time_ns <= sw)
+            evidence["syscall_events"] = sum(1 for e in window if e.kind != "U" and r <= e.time_ns <= sw)
+        reason = ("reload: the loaded runner did not fit the request (options such as num_ctx changed, "
+                  "or its health check failed)" if "H1" in found else "cold load: no runner was loaded")
+        out = []
+        for phase in phases:
+            extra: dict[str, Any] = {}
+            if SERVER_MODEL_LOOKUP in phase.name.split("+") or phase.name.startswith(SERVER_MODEL_LOOKUP):
+                extra = evidence
+            if SERVER_MODEL_LOAD.split(".", 1)[1] in phase.name:
+                extra = {"reason": reason}
+            out.append(Phase(phase.name, phase.start_ns, phase.end_ns, phase.source, phase.process,
+                             {**phase.attributes, **extra}) if extra else phase)
+        return Found(out, matching)
+
     @staticmethod
     def _chain(events: list[ProbeEvent], roles: Roles, found: dict[str, ProbeEvent], interval: Interval,
                meta: dict[str, Any]) -> Chain:
@@ -288,15 +328,15 @@ class EbpfSource:
         return found
 
     @staticmethod
-    def _phases(found: dict[str, ProbeEvent]) -> list[Phase]:
-        present = [b for b in BOUNDARIES if b.key in found]
+    def _phases(found: dict[str, ProbeEvent], boundaries: tuple[Boundary, ...] = BOUNDARIES) -> list[Phase]:
+        present = [b for b in boundaries if b.key in found]
         if len(present) < 2:
             return []
         phases = []
         pending: list[str] = []
-        index = {b.key: i for i, b in enumerate(BOUNDARIES)}
+        index = {b.key: i for i, b in enumerate(boundaries)}
         for here, nxt in itertools.pairwise(present):
-            names = [b.starts for b in BOUNDARIES[index[here.key]:index[nxt.key]]
+            names = [b.starts for b in boundaries[index[here.key]:index[nxt.key]]
                      if b.starts is not None and (not b.optional or b.key in found)]
             names = pending + names
             pending = []
@@ -408,9 +448,13 @@ def _peer_gone(event: ProbeEvent) -> bool:
 
 @functools.cache
 def _symbol_keys() -> dict[str, tuple[str, ...]]:
-    from ollama_tracer.collectors.probe_catalogue import V0_13
+    """Each boundary key → the symbols that mark it, in every catalogue entry (an event's text is
+    its probe's symbol, so one table serves every version)."""
+    from ollama_tracer.collectors.probe_catalogue import CATALOGUE
 
     keys: dict[str, tuple[str, ...]] = {}
-    for spec in V0_13:
-        keys[spec.key] = (*keys.get(spec.key, ()), spec.symbol)
+    for specs in CATALOGUE.values():
+        for spec in specs:
+            if spec.symbol not in keys.get(spec.key, ()):
+                keys[spec.key] = (*keys.get(spec.key, ()), spec.symbol)
     return keys

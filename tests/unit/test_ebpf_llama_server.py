@@ -1,0 +1,96 @@
+"""The llama-server design's boundaries (Ollama v0.30+) on synthetic events laid out as one warm
+/api/generate on v0.34 runs: each call to llama-server is a new connection, answered on it."""
+
+from __future__ import annotations
+
+import itertools
+
+from ollama_tracer.attribution.ebpf_source import EbpfSource
+from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.capture.directory import CaptureRecords
+from ollama_tracer.collectors.ebpf_events import EbpfRecords, ProbeEvent
+from ollama_tracer.collectors.probe_catalogue import V0_30, design_for, probes_for
+
+MS = 1_000_000
+SERVER, RUNNER = 1, 2
+S = "github.com/ollama/ollama/server."
+L = "github.com/ollama/ollama/llm."
+
+
+def _u(t: float, pid: int, symbol: str) -> ProbeEvent:
+    return ProbeEvent("U", int(t * MS), pid, pid, text=symbol)
+
+
+def _io(kind: str, t: float, pid: int, fd: int, text: str, value: int = 100) -> ProbeEvent:
+    return ProbeEvent(kind, int(t * MS), pid, pid, fd, value, text)
+
+
+def _request(*, symbols: bool = True) -> list[ProbeEvent]:
+    events = [
+        _io("R", 1, SERVER, 8, "POST /api/generate"),
+        _u(1.5, SERVER, S + "(*Server).GenerateHandler"), _u(2.2, SERVER, S + "getExistingName"),
+        _u(4.2, SERVER, S + "(*Server).scheduleRunner"),
+        _io("W", 7.0, SERVER, 20, "GET /health HTTP/1."), _io("R", 7.6, SERVER, 20, "HTTP/1.1 200 OK"),
+        _u(7.8, SERVER, S + "(*LlmRequest).useLoadedRunner"),
+        _io("W", 8.3, SERVER, 21, "POST /tokenize HTT"), _io("R", 9.1, SERVER, 21, "HTTP/1.1 200 OK"),
+        _u(9.4, SERVER, L + "(*llamaServerRunner).Completion"),
+        _io("W", 9.6, SERVER, 22, "GET /health HTTP/1."), _io("R", 10.2, SERVER, 22, "HTTP/1.1 200 OK"),
+        _io("W", 13.0, SERVER, 23, "POST /completion H"), _io("R", 13.1, RUNNER, 5, "POST /completion H"),
+        _u(13.2, RUNNER, "server_routes::handle_completions_impl"),
+        _u(14.5, RUNNER, "server_context_impl::process_single_task"),
+        _io("W", 15.3, RUNNER, 5, "HTTP/1.1 200 OK"),  # headers go out when the slot launches
+        _u(15.5, RUNNER, "llama_process"), _u(20.8, RUNNER, "common_sampler_sample"),
+        _u(20.9, RUNNER, "server_context_impl::process_token"),
+        _io("W", 21.0, RUNNER, 5, "data: {\"index\":0"), _io("R", 21.1, SERVER, 23, "HTTP/1.1 200 OK"),
+        _io("W", 21.3, SERVER, 8, "HTTP/1.1 200 OK"),
+    ]
+    return [e for e in events if symbols or e.kind != "U"]
+
+
+def _phases(events: list[ProbeEvent]) -> list[tuple[str, float, float]]:
+    ebpf = EbpfRecords(events=events, meta={"plan": {"design": "llama-server"}}, roles={SERVER: "server",
+                                                                                       RUNNER: "runner"})
+    records = CaptureRecords(spans=[], loaded={EbpfRecords: ebpf})
+    interval = Interval(index=0, kind="request", start_ns=0, end_ns=30 * MS, trace_id="t",
+                        request={"startTimeUnixNano": 0, "attributes": {}})
+    return [(p.name, p.start_ns / MS, p.end_ns / MS) for p in EbpfSource().phases(interval, records)]
+
+
+def test_v0_30_and_newer_get_the_llama_server_catalogue() -> None:
+    assert design_for("0.34.4") == "llama-server"
+    assert probes_for("0.34.4") == probes_for("0.30.0") == V0_30
+    libraries = {spec.library for spec in V0_30 if spec.process == "runner"}
+    assert libraries == {"libllama-server-impl.so", "libllama.so", "libllama-common.so"}
+
+
+def test_each_round_trip_to_llama_server_is_its_own_phase() -> None:
+    phases = _phases(_request())
+    assert phases == [
+        ("server.receive", 1, 1.5), ("server.decode", 1.5, 2.2), ("server.model_lookup", 2.2, 4.2),
+        ("server.schedule", 4.2, 7.0), ("server.runner_health", 7.0, 7.6), ("server.schedule", 7.6, 7.8),
+        ("server.handoff", 7.8, 8.3), ("server.tokenize", 8.3, 9.1), ("server.handoff", 9.1, 9.4),
+        ("server.runner_wait", 9.4, 9.6), ("server.runner_health", 9.6, 10.2), ("server.handoff", 10.2, 13.2),
+        ("runner.admit", 13.2, 15.5), ("runner.prefill", 15.5, 20.8), ("runner.sample", 20.8, 21.0),
+        ("server.stream", 21.0, 21.3),
+    ]
+    for (_, _, end), (_, start, _) in itertools.pairwise(phases):
+        assert end == start  # in order, no gap, no overlap
+
+
+def test_the_syscall_layer_alone_still_separates_every_round_trip() -> None:
+    phases = _phases(_request(symbols=False))
+    assert phases == [
+        ("server.receive+decode+model_lookup+schedule", 1, 7.0), ("server.runner_health", 7.0, 7.6),
+        ("server.schedule+handoff", 7.6, 8.3), ("server.tokenize", 8.3, 9.1),
+        ("server.handoff+runner_wait", 9.1, 9.6), ("server.runner_health", 9.6, 10.2),
+        ("server.handoff", 10.2, 13.1), ("runner.admit+prefill+sample", 13.1, 15.3),
+        ("server.stream", 15.3, 21.3),
+    ]
+
+
+def test_an_answer_is_taken_only_from_its_own_connection() -> None:
+    events = _request()
+    # Another connection's answer arrives first; the health check's own comes later.
+    events.append(_io("R", 7.2, SERVER, 99, "HTTP/1.1 200 OK"))
+    events.sort(key=lambda e: e.time_ns)
+    assert ("server.runner_health", 7.0, 7.6) in _phases(events)

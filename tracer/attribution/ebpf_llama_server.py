@@ -1,0 +1,151 @@
+"""The boundaries of a request on Ollama's llama-server design (v0.30+), from eBPF events.
+
+The server calls its runner, upstream llama.cpp's llama-server, over a new TCP connection per
+call (``DisableKeepAlives``): ``GET /health`` (in needsReload), ``POST /tokenize`` (the truncation
+check), ``GET /health`` again (inside Completion), then ``POST /completion``, answered as
+server-sent events. Each round trip is found on the wire (the server's write of the request and
+its read of the answer, on the same connection), so it works on a stripped binary too; the Go
+server's uprobes and llama-server's exported functions split the rest.
+
+========  ========================================  ==========================================
+boundary  symbol layer                              syscall stand-in
+========  ========================================  ==========================================
+R         —                                         server reads the client's ``POST``
+GH        GenerateHandler / ChatHandler             —
+GE        getExistingName                           —
+SR        (*Server).scheduleRunner                  —
+H1        —                                         server writes ``GET /health``
+H1R       —                                         server reads its answer (same connection)
+LD        (*Scheduler).load (only on a load)        —
+UL        useLoadedRunner                           —
+TK        —                                         server writes ``POST /tokenize``
+TKR       —                                         server reads its answer (same connection)
+CP        (*llamaServerRunner).Completion           —
+H2        —                                         server writes ``GET /health`` again
+H2R       —                                         server reads its answer (same connection)
+RC        server_routes::handle_completions_impl    llama-server reads ``POST /completion``
+PF        llama_process (first after RC)            —
+SA        common_sampler_sample (first after PF)    —
+RW        —                                         llama-server writes its first event
+SW        —                                         server writes the response to the client
+========  ========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
+from ollama_tracer.vocabulary import (
+    PROCESS_RUNNER,
+    PROCESS_SERVER,
+    RUNNER_ADMIT,
+    RUNNER_PREFILL,
+    RUNNER_SAMPLE,
+    SERVER_DECODE,
+    SERVER_HANDOFF,
+    SERVER_MODEL_LOAD,
+    SERVER_MODEL_LOOKUP,
+    SERVER_RECEIVE,
+    SERVER_RUNNER_HEALTH,
+    SERVER_RUNNER_WAIT,
+    SERVER_SCHEDULE,
+    SERVER_STREAM,
+    SERVER_TOKENIZE,
+)
+
+# (key, the phase that starts there, optional, the boundary whose connection it answers)
+Rule = tuple[str, "str | None", bool, "str | None"]
+BOUNDARIES: tuple[Rule, ...] = (
+    ("R", SERVER_RECEIVE, False, None),
+    ("GH", SERVER_DECODE, False, None),
+    ("GE", SERVER_MODEL_LOOKUP, False, None),
+    ("SR", SERVER_SCHEDULE, False, None),
+    ("H1", SERVER_RUNNER_HEALTH, False, None),
+    ("H1R", SERVER_SCHEDULE, False, "H1"),
+    ("LD", SERVER_MODEL_LOAD, True, None),
+    ("UL", SERVER_HANDOFF, False, None),
+    ("TK", SERVER_TOKENIZE, False, None),
+    ("TKR", SERVER_HANDOFF, False, "TK"),
+    ("CP", SERVER_RUNNER_WAIT, False, None),
+    ("H2", SERVER_RUNNER_HEALTH, False, None),
+    ("H2R", SERVER_HANDOFF, False, "H2"),
+    ("RC", RUNNER_ADMIT, False, None),
+    ("PF", RUNNER_PREFILL, False, None),
+    ("SA", RUNNER_SAMPLE, False, None),
+    ("RW", SERVER_STREAM, False, None),
+    ("SW", None, False, None),
+)
+
+Match = Callable[[ProbeEvent], bool]
+
+
+def boundaries(window: list[ProbeEvent], roles: Roles, keys: dict[str, tuple[str, ...]],
+               known_fd: int | None = None) -> dict[str, ProbeEvent]:
+    """Each boundary's event: the first that matches after the previous boundary's, the symbol
+    layer first. An answer must come on the connection its request went out on."""
+
+    def server(e: ProbeEvent) -> bool:
+        return roles.get(e.pid) == PROCESS_SERVER
+
+    def runner(e: ProbeEvent) -> bool:
+        return roles.get(e.pid) == PROCESS_RUNNER
+
+    def probe(key: str, proc: Callable[[ProbeEvent], bool] = server) -> Match:
+        symbols = keys.get(key, ())
+        return lambda e: e.kind == "U" and e.text in symbols and proc(e)
+
+    def wrote(prefix: str) -> Match:
+        return lambda e: server(e) and e.kind == "W" and e.text.startswith(prefix)
+
+    def answer(e: ProbeEvent) -> bool:
+        return server(e) and e.kind == "R" and e.value > 0 and e.text.startswith("HTTP")
+
+    rules: dict[str, list[Match]] = {
+        "R": [lambda e: server(e) and e.kind == "R" and e.value > 0 and e.text.startswith("POST")],
+        "GH": [probe("handler")],
+        "GE": [probe("lookup")],
+        "SR": [probe("schedule")],
+        "H1": [wrote("GET /health")],
+        "H1R": [answer],
+        "LD": [probe("load")],
+        "UL": [probe("acquired")],
+        "TK": [wrote("POST /tokenize")],
+        "TKR": [answer],
+        "CP": [probe("completion")],
+        "H2": [wrote("GET /health")],
+        "H2R": [answer],
+        "RC": [probe("runner_handler", runner),
+               lambda e: runner(e) and e.kind == "R" and e.value > 0 and e.text.startswith("POST /completion"),
+               wrote("POST /completion")],
+        "PF": [probe("decode", runner)],
+        "SA": [probe("sample", runner)],
+        # Its 200 headers go out when the slot launches, before the prefill: the first event after
+        # the first sampled token is the first write after SA.
+        "RW": [lambda e: runner(e) and e.kind == "W"],
+        "SW": [lambda e: server(e) and e.kind == "W" and e.text.startswith("HTTP")],
+    }
+    found: dict[str, ProbeEvent] = {}
+    after = 0
+    client_fd = known_fd
+    for key, _starts, _optional, answers in BOUNDARIES:
+        hit: ProbeEvent | None = None
+        for rule in rules[key]:
+            candidates = [e for e in window if e.time_ns >= after and rule(e)]
+            if key in ("R", "SW") and client_fd is not None:
+                candidates = [e for e in candidates if e.fd == client_fd]
+            if answers is not None:
+                asked = found.get(answers)
+                candidates = [e for e in candidates if asked is not None and e.fd == asked.fd and e.pid == asked.pid]
+            if candidates:
+                hit = candidates[0]
+                break
+        if hit is None:
+            continue
+        if key == "LD" and "UL" in found:
+            continue
+        found[key] = hit
+        after = hit.time_ns
+        if key == "R":
+            client_fd = hit.fd
+    return found
