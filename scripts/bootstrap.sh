@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in bpftrace nlohmann-json3-dev libstb-dev binutils curl util-linux chromium; do
+for pkg in bpftrace nlohmann-json3-dev libstb-dev binutils curl util-linux chromium cmake ninja-build git; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

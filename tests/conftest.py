@@ -43,6 +43,20 @@ def testbed() -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
+def testbed_v034(testbed: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A real Ollama v0.34.4 (llama.cpp's llama-server) beside the default testbed, same models.
+
+    The first run on a machine builds llama-server and Ollama from source (about 15 minutes
+    on 2 cores); later runs reuse the cache. Stopped at session end only if this started it.
+    """
+    was_running = run_tracer("testbed", "status", "--json", "--ollama", "0.34.4", timeout=60).returncode == 0
+    proc = run_tracer("testbed", "up", "--ollama", "0.34.4", "--json", timeout=2400, check=True)
+    yield json.loads(proc.stdout)
+    if not was_running:
+        run_tracer("testbed", "down", "--ollama", "0.34.4", timeout=120)
+
+
+@pytest.fixture(scope="session")
 def testbed_jaeger(testbed: dict[str, Any]) -> dict[str, Any]:
     """The same testbed plus a real Jaeger v2 (stopped with the testbed at session end)."""
     proc = run_tracer("testbed", "up", "--json", "--with-jaeger", timeout=1800, check=True)

@@ -24,6 +24,7 @@ class ExitCode(IntEnum):
     SERVER_STALLED = 11  # Ollama accepted a request and then sent nothing (e.g. the v0.13 interrupt deadlock)
     ADDRESS_IN_USE = 12  # the proxy's --listen address is taken
     DISK_FULL = 13  # the capture directory's disk filled up (what was written before is kept)
+    VERSION_NOT_SERVED = 14  # `testbed up --ollama V`: the Go module proxy does not serve Ollama V
     COMMAND_NOT_FOUND = 127  # the command given to `tracer capture` does not exist
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 

@@ -36,8 +36,9 @@ def _testbed_log(host: str) -> Path | None:
     from ollama_tracer.testbed.runtime import TestbedState, testbed_dir
 
     state = TestbedState.load(testbed_dir() / "state.json")
-    if state.ollama is not None and state.ollama_host == host and state.ollama.alive():
-        return Path(state.ollama.log)
+    for server in state.servers:  # one per Ollama version the testbed runs
+        if server.host == host and server.process.alive():
+            return Path(server.log)
     return None
 
 

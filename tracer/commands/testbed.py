@@ -5,6 +5,11 @@ writes two synthetic GGUF models (gemma3-shaped with a 262k vocabulary, and a sm
 registers them offline, and starts `ollama serve` on a free loopback port with OLLAMA_DEBUG=1.
 With --with-jaeger it also builds and starts Jaeger v2 (OTLP 4317/4318, API 16686, loopback).
 
+`--ollama VERSION` (repeatable, or comma-separated) picks other releases the Go module proxy
+serves, e.g. `--ollama 0.13.5 --ollama 0.34.4` runs both, each on its own port with the same
+models. v0.30+ (llama-server releases) build llama.cpp from llama-cpp-python's sdist on PyPI;
+`--stripped` runs their release-form (-s -w) binary instead of the one with symbols.
+
 A second `up` reuses the builds and the running processes. `tracer testbed down` stops only
 what `up` started. Set TRACER_CACHE_DIR or TRACER_TESTBED_DIR to move the cache or the state.
 """
@@ -18,11 +23,36 @@ from pathlib import Path
 from typing import Any
 
 from ollama_tracer.errors import ExitCode, TracerError
-from ollama_tracer.testbed import runtime
-from ollama_tracer.testbed.ollama_build import build_ollama
+from ollama_tracer.testbed import ollama_build, runtime
 from ollama_tracer.testbed.steps import Progress, cache_dir, stderr_progress
 
 JAEGER_PORTS = {"otlp_grpc": 4317, "otlp_http": 4318, "query": 16686}
+DEFAULT_VERSION = ollama_build.OLLAMA_VERSION
+
+
+def parse_versions(text: str) -> list[str]:
+    """argparse ``type`` for ``--ollama``: ``0.13.5`` or ``0.13.5,v0.34.4`` -> versions."""
+    versions = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            versions.append(ollama_build.normalize_version(part))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    if not versions:
+        raise argparse.ArgumentTypeError("expected a version such as 0.13.5 or 0.34.4")
+    return versions
+
+
+def requested_versions(groups: list[list[str]] | None) -> list[str]:
+    """The flattened ``--ollama`` values, duplicates dropped, in order; the default when none."""
+    seen: list[str] = []
+    for group in groups or [[DEFAULT_VERSION]]:
+        for version in group:
+            if version not in seen:
+                seen.append(version)
+    return seen
 
 
 class TestbedCommand:
@@ -33,35 +63,66 @@ class TestbedCommand:
 
     def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
         actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+        version_help = (f"Ollama release to build and run (default {DEFAULT_VERSION}); repeat it or "
+                        "separate versions with commas to run several at once, e.g. 0.13.5,0.34.4")
         up = actions.add_parser("up", help="build (once) and start the testbed; reuses what runs")
+        up.add_argument("--ollama", metavar="VERSION", action="append", type=parse_versions, help=version_help)
+        up.add_argument("--stripped", action="store_true",
+                        help="run the release-form (-s -w, no ELF symbols) binary of versions that have one "
+                             "(v0.30+); the eBPF collector needs symbols, so the default keeps them")
         up.add_argument("--with-jaeger", action="store_true", help="also build and start Jaeger v2")
         up.add_argument("--json", action="store_true", help="print the testbed description as JSON")
-        actions.add_parser("down", help="stop what `tracer testbed up` started")
+        down = actions.add_parser("down", help="stop what `tracer testbed up` started")
+        down.add_argument("--ollama", metavar="VERSION", action="append", type=parse_versions,
+                          help="stop only the servers of these versions (default: everything, Jaeger too)")
         status = actions.add_parser("status", help="describe the running testbed")
+        status.add_argument("--ollama", metavar="VERSION", type=ollama_build.normalize_version,
+                            help="the server whose fields go at the top level (default: the default server)")
         status.add_argument("--json", action="store_true", help="print as JSON")
-        actions.add_parser("env", help="print `export OLLAMA_HOST=...` for the running testbed (use with eval)")
+        env = actions.add_parser("env", help="print `export OLLAMA_HOST=...` for the running testbed (use with eval)")
+        env.add_argument("--ollama", metavar="VERSION", type=ollama_build.normalize_version,
+                         help="the version whose server to point at (default: the default server)")
 
     def run(self, args: argparse.Namespace) -> int:
         directory = runtime.testbed_dir()
         state_path = directory / "state.json"
         if args.action == "down":
-            return _down(state_path)
+            versions = requested_versions(args.ollama) if args.ollama else None
+            return _down(state_path, versions)
         if args.action in ("status", "env"):
             state = runtime.TestbedState.load(state_path)
-            if state.ollama is None or not state.ollama.alive() or state.ollama_host is None:
-                raise TracerError(
-                    "no testbed is running; start one with `tracer testbed up`.",
-                    ExitCode.OLLAMA_UNREACHABLE,
-                )
+            server = _running_server(state, args.ollama)
             if args.action == "env":
-                print(f"export OLLAMA_HOST={state.ollama_host}")
+                print(f"export OLLAMA_HOST={server.host}")
                 return int(ExitCode.OK)
-            return _print(_describe(state), args.json)
-        state = up(directory, with_jaeger=args.with_jaeger, progress=stderr_progress)
-        return _print(_describe(state), args.json)
+            return _print(describe(state, server.version), args.json)
+        versions = requested_versions(args.ollama)
+        state = up(directory, with_jaeger=args.with_jaeger, progress=stderr_progress,
+                   versions=versions, stripped=args.stripped)
+        return _print(describe(state, versions[0]), args.json)
 
 
-def up(directory: Path, *, with_jaeger: bool, progress: Progress) -> runtime.TestbedState:
+def _running_server(state: runtime.TestbedState, version: str | None) -> runtime.OllamaServer:
+    if version is not None:
+        server = state.server(version)
+        if server is None or not server.process.alive():
+            raise TracerError(
+                f"no testbed server for Ollama {version} is running; start one with "
+                f"`tracer testbed up --ollama {version}`.",
+                ExitCode.OLLAMA_UNREACHABLE,
+            )
+        return server
+    running = state.running_servers()
+    primary = state.primary()
+    if primary is not None and primary in running:
+        return primary
+    if running:
+        return running[0]
+    raise TracerError("no testbed is running; start one with `tracer testbed up`.", ExitCode.OLLAMA_UNREACHABLE)
+
+
+def up(directory: Path, *, with_jaeger: bool, progress: Progress, versions: list[str] | None = None,
+       stripped: bool = False) -> runtime.TestbedState:
     """Build (once) and start the testbed, or reuse it. Concurrent callers (several test runs
     healing at once) take turns: the second finds the first's fresh server and reuses it."""
     import fcntl
@@ -70,46 +131,80 @@ def up(directory: Path, *, with_jaeger: bool, progress: Progress) -> runtime.Tes
     with (directory / "up.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _up(directory, with_jaeger=with_jaeger, progress=progress)
+            return _up(directory, with_jaeger=with_jaeger, progress=progress,
+                       versions=versions or [DEFAULT_VERSION], stripped=stripped)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _up(directory: Path, *, with_jaeger: bool, progress: Progress) -> runtime.TestbedState:
+def _up(directory: Path, *, with_jaeger: bool, progress: Progress, versions: list[str],
+        stripped: bool) -> runtime.TestbedState:
     state_path = directory / "state.json"
     state = runtime.TestbedState.load(state_path)
     cache = cache_dir()
-    binary = build_ollama(cache, progress)
-    reusable = (
-        state.ollama is not None
-        and state.ollama.alive()
-        and state.ollama_host is not None
-        and state.ollama_binary == str(binary)
-        and runtime.ollama_version(state.ollama_host) is not None
-    )
-    port = None
-    if reusable and state.models and not runtime.models_respond(state.ollama_host or "", state.models):
-        # Ollama v0.13's interrupt deadlock leaves a model that never answers again: restart,
-        # on the same port so that clients holding the address keep working.
-        progress(f"ollama serve (pid {state.ollama.pid if state.ollama else '?'}) has a model that no longer "
-                 "answers (the v0.13 interrupt deadlock); restarting it")
-        reusable = False
-        port = int((state.ollama_host or "").rsplit(":", 1)[1])
-    if reusable and state.ollama is not None:
-        progress(f"reusing ollama serve (pid {state.ollama.pid}) on {state.ollama_host}")
-    else:
-        if state.ollama is not None:
-            state.ollama.stop()
-        state.ollama, state.ollama_host = runtime.start_ollama(binary, directory, progress, port=port)
-        state.ollama_binary = str(binary)
-        state.save(state_path)
-    assert state.ollama_host is not None
-    state.models = runtime.ensure_models(binary, state.ollama_host, directory, progress)
-    state.save(state_path)
-    if with_jaeger:
+    # Forget servers that died (their versions may be started again below); keep the rest running.
+    for server in list(state.servers):
+        if not server.process.alive():
+            state.remove_server(server.version)
+    # A version the proxy does not serve fails here, before anything is built, started or stopped.
+    for version in versions:
+        ollama_build.check_served(cache, version, progress)
+    failure: TracerError | None = None
+    for version in versions:
+        try:
+            binaries = ollama_build.ensure_ollama(cache, version, progress)
+            if stripped and binaries.stripped is None:
+                progress(f"Ollama v{version} has no release-form build in the testbed; running {binaries.symbols}")
+            _server_up(state, state_path, directory, version, binaries.pick(stripped),
+                       stripped=stripped and binaries.stripped is not None, progress=progress)
+        except TracerError as err:
+            # Other versions' builds and servers stay as they are; report the first failure at the end.
+            progress(f"Ollama v{version}: {err.message}")
+            failure = failure or err
+    if with_jaeger and failure is None:
         _jaeger_up(state, cache, directory, progress)
         state.save(state_path)
+    if failure is not None:
+        raise failure
     return state
+
+
+def _server_up(state: runtime.TestbedState, state_path: Path, directory: Path, version: str, binary: Path, *,
+               stripped: bool, progress: Progress) -> None:
+    existing = state.server(version)
+    reusable = (
+        existing is not None
+        and existing.process.alive()
+        and existing.binary == str(binary)
+        and runtime.ollama_version(existing.host) is not None
+    )
+    port = existing.port if existing is not None else None
+    if reusable and existing is not None and existing.models and not runtime.models_respond(existing.host,
+                                                                                           existing.models):
+        # Ollama v0.13's interrupt deadlock leaves a model that never answers again: restart,
+        # on the same port so that clients holding the address keep working.
+        progress(f"ollama serve {version} (pid {existing.process.pid}) has a model that no longer "
+                 "answers (the v0.13 interrupt deadlock); restarting it")
+        reusable = False
+    log, models_dir = runtime.server_files(directory, version)
+    if reusable and existing is not None:
+        progress(f"reusing ollama serve {version} (pid {existing.process.pid}) on {existing.host}")
+        server = existing
+    else:
+        if existing is not None:
+            existing.process.stop()  # a dead, stuck or other-binary server of this same version
+            state.remove_server(version)
+            state.save(state_path)
+        process, host = runtime.start_ollama(binary, directory, progress, port=port, log=log, models_dir=models_dir)
+        server = runtime.OllamaServer(version=version, host=host, binary=str(binary), process=process,
+                                      stripped=stripped)
+        state.set_server(server)
+        state.save(state_path)
+    create_log = directory / ("ollama-create.log" if version == DEFAULT_VERSION else f"ollama-create-{version}.log")
+    server.models = runtime.ensure_models(binary, server.host, directory, progress,
+                                          server_log=log, create_log=create_log)
+    state.set_server(server)
+    state.save(state_path)
 
 
 def _jaeger_up(state: runtime.TestbedState, cache: Path, directory: Path, progress: Progress) -> None:
@@ -139,30 +234,59 @@ def _jaeger_up(state: runtime.TestbedState, cache: Path, directory: Path, progre
     state.jaeger_endpoints = endpoints
 
 
-def _down(state_path: Path) -> int:
+def _down(state_path: Path, versions: list[str] | None = None) -> int:
+    """Stop the servers of ``versions`` (None: every server, and Jaeger)."""
     state = runtime.TestbedState.load(state_path)
     stopped = []
-    for label, proc in (("ollama", state.ollama), ("jaeger", state.jaeger)):
-        if proc is not None and proc.alive():
-            proc.stop()
-            stopped.append(f"{label} (pid {proc.pid})")
-    state.ollama = state.jaeger = None
-    state.jaeger_endpoints = None
+    for server in list(state.servers):
+        if versions is not None and server.version not in versions:
+            continue
+        if server.process.alive():
+            server.process.stop()
+            stopped.append(f"ollama {server.version} (pid {server.process.pid})")
+        state.remove_server(server.version)
+    if versions is None:
+        if state.jaeger is not None and state.jaeger.alive():
+            state.jaeger.stop()
+            stopped.append(f"jaeger (pid {state.jaeger.pid})")
+        state.jaeger = None
+        state.jaeger_endpoints = None
     state.save(state_path)
     print("stopped " + ", ".join(stopped) if stopped else "nothing to stop")
     return int(ExitCode.OK)
 
 
-def _describe(state: runtime.TestbedState) -> dict[str, Any]:
-    host = state.ollama_host or ""
+def describe_server(server: runtime.OllamaServer) -> dict[str, Any]:
+    return {
+        "version": server.version,
+        "host": server.host,
+        "reported_version": runtime.ollama_version(server.host),
+        "binary": server.binary,
+        "stripped": server.stripped,
+        "log": server.log,
+        "pid": server.process.pid,
+        "models": list(server.models),
+    }
+
+
+def describe(state: runtime.TestbedState, version: str | None = None) -> dict[str, Any]:
+    """The top-level fields describe ``version``'s server (default: the primary one);
+    ``servers`` lists every running server."""
+    servers = [describe_server(s) for s in state.running_servers()]
+    chosen = state.server(version) if version is not None else None
+    top = chosen or state.primary()
+    host = top.host if top else ""
+    top_description = next((d for d in servers if top is not None and d["version"] == top.version), None)
     return {
         "ollama_host": host,
-        "ollama_version": runtime.ollama_version(host) if host else None,
-        "ollama_binary": state.ollama_binary,
-        "ollama_log": state.ollama.log if state.ollama else None,
-        "ollama_pid": state.ollama.pid if state.ollama else None,
-        "models": state.models,
+        "ollama_version": (top_description["reported_version"] if top_description
+                           else runtime.ollama_version(host) if host else None),
+        "ollama_binary": top.binary if top else None,
+        "ollama_log": top.log if top else None,
+        "ollama_pid": top.process.pid if top else None,
+        "models": list(top.models) if top else [],
         "jaeger": state.jaeger_endpoints if state.jaeger and state.jaeger.alive() else None,
+        "servers": servers,
     }
 
 
@@ -171,10 +295,12 @@ def _print(description: dict[str, Any], as_json: bool) -> int:
         json.dump(description, sys.stdout, indent=2)
         print()
         return int(ExitCode.OK)
-    print(f"Ollama {description['ollama_version']} at {description['ollama_host']}")
-    print(f"  binary: {description['ollama_binary']}")
-    print(f"  log:    {description['ollama_log']}")
-    print(f"  models: {', '.join(description['models'])}")
+    for server in description["servers"]:
+        kind = " (stripped release build)" if server["stripped"] else ""
+        print(f"Ollama {server['reported_version'] or server['version']} at {server['host']}{kind}")
+        print(f"  binary: {server['binary']}")
+        print(f"  log:    {server['log']}")
+        print(f"  models: {', '.join(server['models'])}")
     if description["jaeger"]:
         j = description["jaeger"]
         print(f"Jaeger: OTLP {j['otlp_grpc']} (gRPC), {j['otlp_http']} (HTTP); API {j['query']}")

@@ -60,8 +60,65 @@ class ManagedProcess:
                 time.sleep(0.1)
 
 
+DEFAULT_VERSION = "0.13.5"  # tracer.testbed.ollama_build.OLLAMA_VERSION (not imported: no cycle)
+
+
+@dataclass
+class OllamaServer:
+    """One ``ollama serve`` the testbed started: which version, where, from which binary."""
+
+    version: str
+    host: str
+    binary: str
+    process: ManagedProcess
+    stripped: bool = False  # True when ``binary`` is the release-form (-s -w) build
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> str:
+        return self.process.log
+
+    @property
+    def port(self) -> int:
+        return int(self.host.rsplit(":", 1)[1])
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> OllamaServer:
+        return cls(
+            version=str(raw["version"]),
+            host=str(raw["host"]),
+            binary=str(raw["binary"]),
+            process=ManagedProcess(**raw["process"]),
+            stripped=bool(raw.get("stripped", False)),
+            models=[str(m) for m in raw.get("models", [])],
+        )
+
+
+def server_files(directory: Path, version: str) -> tuple[Path, Path]:
+    """(log, OLLAMA_MODELS) of the server for ``version``; the default keeps its old names."""
+    if version == DEFAULT_VERSION:
+        return directory / "ollama.log", directory / "ollama-models"
+    return directory / f"ollama-{version}.log", directory / f"ollama-models-{version}"
+
+
+def _version_from_binary(binary: str | None) -> str:
+    name = Path(binary or "").name
+    return name.removeprefix("ollama-") if name.startswith("ollama-") else DEFAULT_VERSION
+
+
 @dataclass
 class TestbedState:
+    """What ``state.json`` holds.
+
+    ``servers`` lists every Ollama the testbed started (one per version). The top-level
+    ``ollama``, ``ollama_host``, ``ollama_binary`` and ``models`` mirror the *primary* server
+    (the default version's when it runs, else the first), as they did when there was only one,
+    so older readers keep working.
+    """
+
     __test__ = False  # not a pytest test class
 
     ollama: ManagedProcess | None = None
@@ -70,6 +127,7 @@ class TestbedState:
     jaeger: ManagedProcess | None = None
     jaeger_endpoints: dict[str, str] | None = None
     models: list[str] = field(default_factory=list)
+    servers: list[OllamaServer] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> TestbedState:
@@ -79,22 +137,66 @@ class TestbedState:
             return cls()
         except ValueError:
             return cls()  # a torn state file is as good as none: up re-creates it
+        return cls.from_json(raw) if isinstance(raw, dict) else cls()
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> TestbedState:
         state = cls()
-        if raw.get("ollama"):
-            state.ollama = ManagedProcess(**raw["ollama"])
         if raw.get("jaeger"):
             state.jaeger = ManagedProcess(**raw["jaeger"])
-        state.ollama_host = raw.get("ollama_host")
-        state.ollama_binary = raw.get("ollama_binary")
         state.jaeger_endpoints = raw.get("jaeger_endpoints")
-        state.models = list(raw.get("models", []))
+        if "servers" in raw:
+            state.servers = [OllamaServer.from_json(s) for s in raw.get("servers") or []]
+        elif raw.get("ollama") and raw.get("ollama_host"):
+            # A state file from before `--ollama VERSION`: its one server is the default version.
+            state.servers = [OllamaServer(
+                version=_version_from_binary(raw.get("ollama_binary")),
+                host=str(raw["ollama_host"]),
+                binary=str(raw.get("ollama_binary") or raw["ollama"]["argv"][0]),
+                process=ManagedProcess(**raw["ollama"]),
+                models=[str(m) for m in raw.get("models", [])],
+            )]
+        state.sync_primary()
         return state
 
+    def to_json(self) -> dict[str, Any]:
+        self.sync_primary()
+        return {"schema": STATE_SCHEMA, **asdict(self)}
+
     def save(self, path: Path) -> None:
-        payload: dict[str, Any] = {"schema": STATE_SCHEMA, **asdict(self)}
+        payload = self.to_json()
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(payload, indent=2))
         tmp.replace(path)
+
+    # ------------------------------------------------------------------ servers
+
+    def server(self, version: str) -> OllamaServer | None:
+        return next((s for s in self.servers if s.version == version), None)
+
+    def primary(self) -> OllamaServer | None:
+        return self.server(DEFAULT_VERSION) or (self.servers[0] if self.servers else None)
+
+    def set_server(self, server: OllamaServer) -> None:
+        self.servers = [s for s in self.servers if s.version != server.version] + [server]
+        self.servers.sort(key=lambda s: s.version != DEFAULT_VERSION)  # stable: default first
+        self.sync_primary()
+
+    def remove_server(self, version: str) -> None:
+        self.servers = [s for s in self.servers if s.version != version]
+        self.sync_primary()
+
+    def running_servers(self) -> list[OllamaServer]:
+        return [s for s in self.servers if s.process.alive()]
+
+    def sync_primary(self) -> None:
+        primary = self.primary()
+        if primary is None:
+            self.ollama = self.ollama_host = self.ollama_binary = None
+            self.models = []
+            return
+        self.ollama, self.ollama_host = primary.process, primary.host
+        self.ollama_binary, self.models = primary.binary, list(primary.models)
 
 
 def free_loopback_port() -> int:
@@ -113,9 +215,12 @@ def ollama_version(host: str, timeout_s: float = 2.0) -> str | None:
 
 
 def start_ollama(binary: Path, directory: Path, progress: Progress, port: int | None = None, *,
-                 log: Path | None = None, settings: dict[str, str] | None = None) -> tuple[ManagedProcess, str]:
+                 log: Path | None = None, settings: dict[str, str] | None = None,
+                 models_dir: Path | None = None, timeout_s: float = 60.0) -> tuple[ManagedProcess, str]:
     """``ollama serve`` on the testbed's models; ``settings``: more OLLAMA_* variables (e.g. a
-    second server with ``OLLAMA_NUM_PARALLEL=2`` beside the testbed's, logging to ``log``)."""
+    second server with ``OLLAMA_NUM_PARALLEL=2`` beside the testbed's, logging to ``log``);
+    ``models_dir``: its own OLLAMA_MODELS (another version's server keeps its registrations
+    apart)."""
     port = port or free_loopback_port()
     host = f"http://127.0.0.1:{port}"
     log = log or directory / "ollama.log"
@@ -123,7 +228,7 @@ def start_ollama(binary: Path, directory: Path, progress: Progress, port: int | 
     env.update(
         OLLAMA_HOST=f"127.0.0.1:{port}",
         OLLAMA_DEBUG="1",
-        OLLAMA_MODELS=str(directory / "ollama-models"),
+        OLLAMA_MODELS=str(models_dir or directory / "ollama-models"),
         OLLAMA_NOPRUNE="1",
         **(settings or {}),
     )
@@ -135,7 +240,7 @@ def start_ollama(binary: Path, directory: Path, progress: Progress, port: int | 
             start_new_session=True,
         )
     managed = ManagedProcess(pid=proc.pid, argv=argv, log=str(log))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise TracerError(
@@ -147,7 +252,7 @@ def start_ollama(binary: Path, directory: Path, progress: Progress, port: int | 
         time.sleep(0.2)
     managed.stop()
     raise TracerError(
-        f"ollama serve did not answer on {host} within 60 s; read {log} for the cause.",
+        f"ollama serve did not answer on {host} within {timeout_s:.0f} s; read {log} for the cause.",
         ExitCode.OLLAMA_UNREACHABLE,
     )
 
@@ -174,7 +279,8 @@ def registered_models(host: str) -> set[str]:
 
 
 def ensure_models(
-    binary: Path, host: str, directory: Path, progress: Progress, specs: tuple[ModelSpec, ...] = SPECS
+    binary: Path, host: str, directory: Path, progress: Progress, specs: tuple[ModelSpec, ...] = SPECS,
+    *, server_log: Path | None = None, create_log: Path | None = None,
 ) -> list[str]:
     """Write each synthetic GGUF once (cached) and register it with ``ollama create``, offline."""
     model_dir = cache_dir() / "models"
@@ -194,9 +300,9 @@ def ensure_models(
         run_step(
             f"registering {spec.name} with ollama create",
             [str(binary), "create", spec.name, "-f", str(modelfile)],
-            log_path=directory / "ollama-create.log",
+            log_path=create_log or directory / "ollama-create.log",
             progress=progress,
-            fix=f"read the server log {directory / 'ollama.log'}",
+            fix=f"read the server log {server_log or directory / 'ollama.log'}",
             cwd=model_dir,
             env=env,
             every_s=30,

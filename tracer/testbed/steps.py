@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,10 +47,12 @@ def run_step(
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
     every_s: float = 15.0,
+    ninja_progress: bool = False,
 ) -> None:
     """Run ``cmd`` to completion, appending its output to ``log_path``.
 
-    A line of progress goes out every ``every_s`` seconds; a failure names the step, the log
+    A line of progress goes out every ``every_s`` seconds (with ``ninja_progress``, it also
+    carries the newest ``[N/M]`` or ``[ NN%]`` the build printed to the log); a failure names the step, the log
     and the fix in one sentence.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,9 @@ def run_step(
             while proc.poll() is None:
                 time.sleep(0.5)
                 if time.monotonic() >= next_report:
-                    progress(f"{step}: {time.monotonic() - started:.0f} s")
+                    counter = ninja_counter(log_path) if ninja_progress else None
+                    suffix = f", at {counter}" if counter else ""
+                    progress(f"{step}: {time.monotonic() - started:.0f} s{suffix}")
                     next_report += every_s
         except KeyboardInterrupt:
             proc.terminate()
@@ -82,6 +87,27 @@ def run_step(
             ExitCode.BUILD_FAILED,
         )
     progress(f"{step}: done in {time.monotonic() - started:.0f} s")
+
+
+# ninja prints "[N/M]"; the nested llama-server build (a Makefile project) prints "[ NN%]".
+_BUILD_COUNTER = re.compile(rb"\[(\d+)/(\d+)\]|\[\s*(\d+)%\]")
+
+
+def ninja_counter(path: Path, window: int = 16384) -> str | None:
+    """The newest build progress counter in the tail of a log: ``"[212/367]"`` or ``"[ 42%]"``."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - window))
+            tail = handle.read()
+    except OSError:
+        return None
+    matches = list(_BUILD_COUNTER.finditer(tail))
+    if not matches:
+        return None
+    last = matches[-1]
+    if last.group(3) is not None:
+        return f"[{int(last.group(3)):3d}%]"
+    return f"[{last.group(1).decode()}/{last.group(2).decode()}]"
 
 
 def _tail(path: Path, limit: int = 300) -> str:

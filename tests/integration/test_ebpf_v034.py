@@ -1,0 +1,90 @@
+"""The symbol layer and the syscall layer on Ollama v0.34 (llama.cpp's llama-server as the runner),
+against the real testbed server built from source, with real bpftrace."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ollama_tracer.collectors.ebpf_plan import plan_probes
+
+from tests.conftest import run_tracer
+
+pytestmark = pytest.mark.integration
+
+# What the llama-server design separates with every layer on, in critical-path order.
+ROUND_TRIPS = ["server.receive", "server.decode", "server.model_lookup", "server.schedule",
+               "server.runner_health", "server.handoff", "server.tokenize", "server.runner_wait",
+               "runner.admit", "runner.prefill", "runner.sample", "server.stream"]
+
+
+def _capture(server: dict[str, Any], out: Path, model: str, *extra: str) -> dict[str, Any]:
+    host = server["host"]
+    proc = run_tracer("capture", "-o", str(out), "--force", "--ollama-host", host, *extra, "--",
+                      sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", host, "--model", model,
+                      "--iterations", "3", "--interrupt-after-ms", "300", "--request-timeout", "30", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(json.loads((out / "attribution.json").read_text()))
+
+
+def _check_order_and_sums(interval: dict[str, Any]) -> None:
+    phases = interval["phases"]
+    for a, b in itertools.pairwise(phases):
+        assert a["end_ns"] <= b["start_ns"], f"{a['name']} overlaps {b['name']}"
+    total = sum(p["duration_ms"] for p in phases) + interval["unattributed_ms"]
+    assert abs(total - interval["duration_ms"]) < 0.01
+
+
+def _measured(attribution: dict[str, Any]) -> list[dict[str, Any]]:
+    return [iv for iv in attribution["intervals"] if not iv["warmup"]]
+
+
+@pytest.mark.parametrize("model", ["tracer-llama:test", "tracer-gemma3:test"])
+def test_symbol_layer_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Path, model: str) -> None:
+    server = next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
+    attribution = _capture(server, tmp_path / "cap", model)
+    meta = json.loads((tmp_path / "cap" / "capture.json").read_text())
+    ebpf = meta["collectors"]["ebpf"]
+    assert ebpf["ran"] is True and ebpf["stats"]["symbol_source"] == "symtab"
+    plan = json.loads((tmp_path / "cap" / "raw" / "ebpf_meta.json").read_text())["plan"]
+    assert plan["design"] == "llama-server"
+    attached = {entry["key"] for entry in plan["attached"].values()}
+    assert {"runner_handler", "admit", "decode", "sample"} <= attached  # llama-server's shared libraries
+    for interval in _measured(attribution):
+        assert interval["coverage"] >= 0.98, interval
+        _check_order_and_sums(interval)
+        names = [p["name"] for p in interval["phases"] if p["source"] == "ebpf"]
+        firsts = [name for i, name in enumerate(names) if name not in names[:i]]
+        assert [n for n in firsts if n in ROUND_TRIPS] == ROUND_TRIPS, names
+        assert names.count("server.runner_health") == 2  # needsReload's, and Completion's own
+    # v0.34 keeps model metadata in a sidecar: no warm request opens the model's GGUF blob.
+    scans = meta["evidence"]["gguf_scans_per_request"]
+    assert scans and all(s["blob_opens"] == 0 for s in scans), scans
+    assert "gguf_metadata_scans" not in {f["cause"] for f in attribution["diagnosis"]}
+
+
+def test_syscall_layer_alone_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Path) -> None:
+    server = next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
+    attribution = _capture(server, tmp_path / "cap", "tracer-llama:test", "--ebpf-layers", "syscall")
+    for interval in _measured(attribution):
+        assert interval["coverage"] >= 0.85, interval
+        _check_order_and_sums(interval)
+        names = {p["name"] for p in interval["phases"] if p["source"] == "ebpf"}
+        # Each round trip to llama-server is its own connection, so the wire alone separates it.
+        assert {"server.runner_health", "server.tokenize"} <= names, names
+
+
+def test_the_stripped_release_build_keeps_every_probe(testbed_v034: dict[str, Any]) -> None:
+    """Go functions from .gopclntab, llama-server's from its libraries' .dynsym: the same plan."""
+    server = next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
+    binary = Path(server["binary"])
+    stripped = binary.with_name("ollama-stripped") if binary.name == "ollama" else binary
+    with_symbols = plan_probes(stripped.with_name("ollama"), "0.34.4")
+    release = plan_probes(stripped, "0.34.4")
+    assert release.symbol_source == "gopclntab" and with_symbols.symbol_source == "symtab"
+    assert set(release.attached) == set(with_symbols.attached) and len(release.attached) >= 20
+    assert release.targets == with_symbols.targets  # the libraries are the same files
