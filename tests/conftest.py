@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -104,3 +105,17 @@ def run_tracer_healing(description: dict[str, Any], *args: str, heal: Any = None
             heal_testbed(description)
         proc = run_tracer(*args, **kwargs)
     return proc
+
+
+def measured(attribution: dict[str, Any]) -> list[dict[str, Any]]:
+    """The intervals of an attribution.json that are not warm-ups."""
+    return [iv for iv in attribution["intervals"] if not iv["warmup"]]
+
+
+def check_order_and_sums(interval: dict[str, Any]) -> None:
+    """Phases in time order, none overlapping, and phases + unattributed == the interval."""
+    phases = interval["phases"]
+    for a, b in itertools.pairwise(phases):
+        assert a["end_ns"] <= b["start_ns"], f"{a['name']} overlaps {b['name']}"
+    total = sum(p["duration_ms"] for p in phases) + interval["unattributed_ms"]
+    assert abs(total - interval["duration_ms"]) < 0.01

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import pytest
 import requests
 from ollama_tracer.testbed.runtime import free_loopback_port
 
-from tests.conftest import REPO, heal_testbed, run_tracer_healing
+from tests.conftest import REPO, check_order_and_sums, heal_testbed, measured, run_tracer_healing
 
 pytestmark = pytest.mark.integration
 
@@ -40,16 +39,6 @@ def _capture(host_for_pid: str, out: Path, bench_host: str, model: str, *extra: 
     return json.loads((out / "attribution.json").read_text())
 
 
-def _measured(attribution: dict[str, Any]) -> list[dict[str, Any]]:
-    return [iv for iv in attribution["intervals"] if not iv["warmup"]]
-
-
-def _check_order_and_sums(interval: dict[str, Any]) -> None:
-    phases = interval["phases"]
-    for a, b in itertools.pairwise(phases):
-        assert a["end_ns"] <= b["start_ns"], f"{a['name']} overlaps {b['name']}"
-    total = sum(p["duration_ms"] for p in phases) + interval["unattributed_ms"]
-    assert abs(total - interval["duration_ms"]) < 0.01
 
 
 @pytest.mark.parametrize("model", ["tracer-gemma3:test", "tracer-llama:test"])
@@ -60,9 +49,9 @@ def test_symbol_layer_gives_every_phase(testbed: dict[str, Any], tmp_path: Path,
     ebpf = meta["collectors"]["ebpf"]
     assert ebpf["ran"] is True and ebpf["stats"]["symbol_source"] == "symtab"
     assert ebpf["stats"]["probes_missing"] == []
-    for interval in _measured(attribution):
+    for interval in measured(attribution):
         assert interval["coverage"] >= 0.95
-        _check_order_and_sums(interval)
+        check_order_and_sums(interval)
         names = []
         for phase in interval["phases"]:  # a finer source may leave a coarser remainder piece
             if not names or names[-1] != phase["name"]:
@@ -78,7 +67,7 @@ def test_symbol_layer_gives_every_phase(testbed: dict[str, Any], tmp_path: Path,
     causes = {f["cause"]: f for f in attribution["diagnosis"]}
     if model == "tracer-gemma3:test":
         finding = causes["gguf_metadata_scans"]
-        assert finding["impact_ms"] > 10 and len(finding["intervals"]) >= len(_measured(attribution)) // 2
+        assert finding["impact_ms"] > 10 and len(finding["intervals"]) >= len(measured(attribution)) // 2
         assert any("3 opens of the model's GGUF blob" in line for line in finding["evidence"]), finding
         assert "0.32.15" in finding["remedy"]
     else:
@@ -132,9 +121,9 @@ def stripped(testbed: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) 
 def test_stripped_binary_syscall_layer_merges_phases(stripped: StrippedOllama, tmp_path: Path) -> None:
     attribution = _capture(stripped.host, tmp_path / "cap", stripped.host, "tracer-gemma3:test",
                            "--ebpf-layers", "syscall", heal=stripped.restart)
-    for interval in _measured(attribution):
+    for interval in measured(attribution):
         assert interval["coverage"] >= 0.80
-        _check_order_and_sums(interval)
+        check_order_and_sums(interval)
         ebpf = [p["name"] for p in interval["phases"] if p["source"] == "ebpf"]
         assert "server.receive+decode+model_lookup" in ebpf
         assert "server.schedule+handoff" in ebpf
@@ -148,7 +137,7 @@ def test_stripped_binary_symbols_from_gopclntab(stripped: StrippedOllama, tmp_pa
     assert stats["symbol_source"] == "gopclntab"
     # C symbols do not survive --strip-all: reported as missing, never fatal.
     assert "common_sampler_csample" in stats["probes_missing"] and "llama_decode" in stats["probes_missing"]
-    for interval in _measured(attribution):
+    for interval in measured(attribution):
         assert interval["coverage"] >= 0.80
         names = [p["name"] for p in interval["phases"] if p["source"] == "ebpf"]
         assert "server.model_lookup" in names and "runner.prefill+sample" in names
@@ -210,13 +199,13 @@ def test_an_injected_delay_lands_in_the_right_phase(testbed: dict[str, Any], tmp
                                    iterations=5, healing=testbed)
         finally:
             proxy.close()
-        measured = _measured(attribution)
+        intervals = measured(attribution)
         per_interval = [sum(p["duration_ms"] for p in iv["phases"] if p["name"] == "server.receive")
-                        for iv in measured]
+                        for iv in intervals]
         medians[label] = statistics.median(per_interval)
         # The second stage of each measured iteration: its request's hold (the last 2 per iteration
         # are the first and second stage; warm-up first).
-        held[label] = statistics.median(ns / 1e6 for ns in proxy.held_ns[-2 * len(measured) + 1::2])
+        held[label] = statistics.median(ns / 1e6 for ns in proxy.held_ns[-2 * len(intervals) + 1::2])
     added, injected = medians["delayed"] - medians["baseline"], held["delayed"] - held["baseline"]
     assert held["delayed"] >= delay_ms  # a sleep never ends early
     assert abs(added - injected) <= max(1.0, 0.05 * injected), (medians, held)

@@ -3,7 +3,6 @@ against the real testbed server built from source, with real bpftrace."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 from ollama_tracer.collectors.ebpf_plan import plan_probes
 
-from tests.conftest import run_tracer
+from tests.conftest import check_order_and_sums, measured, run_tracer
 
 pytestmark = pytest.mark.integration
 
@@ -31,16 +30,6 @@ def _capture(server: dict[str, Any], out: Path, model: str, *extra: str) -> dict
     return dict(json.loads((out / "attribution.json").read_text()))
 
 
-def _check_order_and_sums(interval: dict[str, Any]) -> None:
-    phases = interval["phases"]
-    for a, b in itertools.pairwise(phases):
-        assert a["end_ns"] <= b["start_ns"], f"{a['name']} overlaps {b['name']}"
-    total = sum(p["duration_ms"] for p in phases) + interval["unattributed_ms"]
-    assert abs(total - interval["duration_ms"]) < 0.01
-
-
-def _measured(attribution: dict[str, Any]) -> list[dict[str, Any]]:
-    return [iv for iv in attribution["intervals"] if not iv["warmup"]]
 
 
 @pytest.mark.parametrize("model", ["tracer-llama:test", "tracer-gemma3:test"])
@@ -54,9 +43,9 @@ def test_symbol_layer_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Pa
     assert plan["design"] == "llama-server"
     attached = {entry["key"] for entry in plan["attached"].values()}
     assert {"runner_handler", "admit", "decode", "sample"} <= attached  # llama-server's shared libraries
-    for interval in _measured(attribution):
+    for interval in measured(attribution):
         assert interval["coverage"] >= 0.98, interval
-        _check_order_and_sums(interval)
+        check_order_and_sums(interval)
         names = [p["name"] for p in interval["phases"] if p["source"] == "ebpf"]
         firsts = [name for i, name in enumerate(names) if name not in names[:i]]
         assert [n for n in firsts if n in ROUND_TRIPS] == ROUND_TRIPS, names
@@ -70,9 +59,9 @@ def test_symbol_layer_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Pa
 def test_syscall_layer_alone_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Path) -> None:
     server = next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
     attribution = _capture(server, tmp_path / "cap", "tracer-llama:test", "--ebpf-layers", "syscall")
-    for interval in _measured(attribution):
+    for interval in measured(attribution):
         assert interval["coverage"] >= 0.85, interval
-        _check_order_and_sums(interval)
+        check_order_and_sums(interval)
         names = {p["name"] for p in interval["phases"] if p["source"] == "ebpf"}
         # Each round trip to llama-server is its own connection, so the wire alone separates it.
         assert {"server.runner_health", "server.tokenize"} <= names, names
