@@ -225,11 +225,14 @@ OLLAMA_PROMPT_EVAL_DURATION: Final = "ollama.prompt_eval_duration"
 OLLAMA_EVAL_DURATION: Final = "ollama.eval_duration"
 OLLAMA_PROMPT_EVAL_COUNT: Final = "ollama.prompt_eval_count"
 OLLAMA_EVAL_COUNT: Final = "ollama.eval_count"
+# v0.30+: the prompt tokens taken from llama-server's cache (prompt_eval_count counts them too)
+OLLAMA_PROMPT_EVAL_CACHED_COUNT: Final = "ollama.prompt_eval_cached_count"
 # The final chunk's field → its attribute.
 OLLAMA_TIMING_ATTRIBUTES: Final = {
     "total_duration": OLLAMA_TOTAL_DURATION, "load_duration": OLLAMA_LOAD_DURATION,
     "prompt_eval_duration": OLLAMA_PROMPT_EVAL_DURATION, "eval_duration": OLLAMA_EVAL_DURATION,
     "prompt_eval_count": OLLAMA_PROMPT_EVAL_COUNT, "eval_count": OLLAMA_EVAL_COUNT,
+    "prompt_eval_cached_count": OLLAMA_PROMPT_EVAL_CACHED_COUNT,
 }
 
 # -- network attributes that are not in the semantic conventions -------------------------------------------

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +17,7 @@ import requests
 from ollama_tracer.testbed.runtime import free_loopback_port
 
 from tests.conftest import REPO, check_order_and_sums, heal_testbed, measured, run_tracer_healing
+from tests.relays import measure_injected_delay
 
 pytestmark = pytest.mark.integration
 
@@ -143,72 +140,15 @@ def test_stripped_binary_symbols_from_gopclntab(stripped: StrippedOllama, tmp_pa
         assert "server.model_lookup" in names and "runner.prefill+sample" in names
 
 
-class DelayProxy:
-    """A loopback TCP proxy that holds each client→server chunk for ``delay_s``: a known delay
-    on the wire between the client and the server (this kernel has no netem). It measures how
-    long it really held each request (``held_ns``): on a busy machine a sleep overshoots, and the
-    ground truth is what was injected, not what was asked for."""
-
-    def __init__(self, upstream_port: int, delay_s: float) -> None:
-        self.delay_s = delay_s
-        self.upstream_port = upstream_port
-        self.held_ns: list[int] = []  # per POST /api/generate: its bytes received → sent on
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            for a, b, delay in ((client, upstream, self.delay_s), (upstream, client, 0.0)):
-                threading.Thread(target=self._pump, args=(a, b, delay), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
-        try:
-            while data := src.recv(65536):
-                received = time.monotonic_ns()
-                if delay:
-                    time.sleep(delay)
-                dst.sendall(data)
-                if data.startswith(b"POST /api/generate"):
-                    self.held_ns.append(time.monotonic_ns() - received)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_an_injected_delay_lands_in_the_right_phase(testbed: dict[str, Any], tmp_path: Path) -> None:
     host = testbed["ollama_host"]
-    port = int(host.rsplit(":", 1)[1])
-    delay_ms = 40.0
-    medians, held = {}, {}
-    for label, delay in (("baseline", 0.0), ("delayed", delay_ms / 1000)):
-        proxy = DelayProxy(port, delay)
-        try:
-            attribution = _capture(host, tmp_path / label, f"http://127.0.0.1:{proxy.port}", "tracer-llama:test",
-                                   iterations=5, healing=testbed)
-        finally:
-            proxy.close()
-        intervals = measured(attribution)
-        per_interval = [sum(p["duration_ms"] for p in iv["phases"] if p["name"] == "server.receive")
-                        for iv in intervals]
-        medians[label] = statistics.median(per_interval)
-        # The second stage of each measured iteration: its request's hold (the last 2 per iteration
-        # are the first and second stage; warm-up first).
-        held[label] = statistics.median(ns / 1e6 for ns in proxy.held_ns[-2 * len(intervals) + 1::2])
-    added, injected = medians["delayed"] - medians["baseline"], held["delayed"] - held["baseline"]
-    assert held["delayed"] >= delay_ms  # a sleep never ends early
-    assert abs(added - injected) <= max(1.0, 0.05 * injected), (medians, held)
+
+    def capture(out: Path, bench_host: str) -> dict[str, Any]:
+        return _capture(host, out, bench_host, "tracer-llama:test", iterations=5, healing=testbed)
+
+    added, injected, held = measure_injected_delay(capture, int(host.rsplit(":", 1)[1]), tmp_path)
+    assert held >= 40.0  # a sleep never ends early
+    assert abs(added - injected) <= max(1.0, 0.05 * injected), (added, injected)
 
 
 def _run_healing(testbed: dict[str, Any], argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -12,6 +12,7 @@ import pytest
 from ollama_tracer.collectors.ebpf_plan import plan_probes
 
 from tests.conftest import check_order_and_sums, measured, run_tracer
+from tests.relays import measure_injected_delay
 
 pytestmark = pytest.mark.integration
 
@@ -21,11 +22,13 @@ ROUND_TRIPS = ["server.receive", "server.decode", "server.model_lookup", "server
                "runner.admit", "runner.prefill", "runner.sample", "server.stream"]
 
 
-def _capture(server: dict[str, Any], out: Path, model: str, *extra: str) -> dict[str, Any]:
+def _capture(server: dict[str, Any], out: Path, model: str, *extra: str, bench_host: str | None = None,
+             iterations: int = 3) -> dict[str, Any]:
     host = server["host"]
     proc = run_tracer("capture", "-o", str(out), "--force", "--ollama-host", host, *extra, "--",
-                      sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", host, "--model", model,
-                      "--iterations", "3", "--interrupt-after-ms", "300", "--request-timeout", "30", timeout=400)
+                      sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", bench_host or host,
+                      "--model", model, "--iterations", str(iterations), "--interrupt-after-ms", "300",
+                      "--request-timeout", "30", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(json.loads((out / "attribution.json").read_text()))
 
@@ -77,3 +80,16 @@ def test_the_stripped_release_build_keeps_every_probe(testbed_v034: dict[str, An
     assert release.symbol_source == "gopclntab" and with_symbols.symbol_source == "symtab"
     assert set(release.attached) == set(with_symbols.attached) and len(release.attached) >= 20
     assert release.targets == with_symbols.targets  # the libraries are the same files
+
+
+def test_an_injected_delay_lands_in_the_right_phase_on_llama_server(testbed_v034: dict[str, Any],
+                                                                   tmp_path: Path) -> None:
+    """Ground truth on v0.34: 40 ms held on the request's way in grows server.receive by what was held."""
+    server = next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
+
+    def capture(out: Path, bench_host: str) -> dict[str, Any]:
+        return _capture(server, out, "tracer-llama:test", bench_host=bench_host, iterations=5)
+
+    added, injected, held = measure_injected_delay(capture, int(server["host"].rsplit(":", 1)[1]), tmp_path)
+    assert held >= 40.0
+    assert abs(added - injected) <= max(1.0, 0.05 * injected), (added, injected)

@@ -116,3 +116,24 @@ def test_findings_come_largest_first() -> None:
         interval["phases"][0]["end_ns"] = interval["phases"][0]["start_ns"] + 10 * MS
         interval["phases"][0]["duration_ms"] = 10.0
     assert [f["cause"] for f in diagnose({"intervals": both}, {})] == ["gguf_metadata_scans", "late_close"]
+
+
+def test_prompt_cache_miss_on_llama_server_reads_the_responses_cached_count() -> None:
+    """v0.30+: the final chunk's prompt_eval_cached_count says what llama-server took from its cache."""
+
+    def prefilling(index: int) -> dict[str, Any]:
+        base = index * 10_000
+        return _interval(index, [_phase("runner.admit", base, base + 1), _phase("runner.prefill", base + 1, base + 81)])
+
+    def request(index: int, cached: int) -> dict[str, Any]:
+        return {"startTimeUnixNano": (index * 10_000 + 0.5) * MS,
+                "attributes": {"ollama.prompt_eval_count": 400, "ollama.prompt_eval_cached_count": cached}}
+
+    slots = cache_slots([], [request(0, 3), request(1, 3), request(2, 3)])
+    assert [(s["prompt"], s["used"], s["source"]) for s in slots] == [(400, 3, "response")] * 3
+    findings = diagnose({"intervals": [prefilling(i) for i in range(3)]}, {"cache_slots": slots})
+    assert [f["cause"] for f in findings] == ["prompt_cache_miss"]
+    assert findings[0]["evidence"][0].startswith("response: prompt_eval_count, prompt_eval_cached_count: prompt 400")
+    reused = cache_slots([], [request(i, 396) for i in range(3)])  # the prefix came from the cache
+    assert _causes([prefilling(i) for i in range(3)], cache_slots=reused) == []
+    assert cache_slots([], [{"startTimeUnixNano": 0, "attributes": {"ollama.prompt_eval_count": 400}}]) == []

@@ -164,7 +164,7 @@ def compute(directory: Path) -> ExportData:
     attribution["diagnosis"] = diagnose(attribution, {
         "ollama_version": records.ollama_version,
         "num_parallel": ((meta.get("ollama") or {}).get("settings") or {}).get("OLLAMA_NUM_PARALLEL"),
-        "cache_slots": cache_slots(log.events if log else []),
+        "cache_slots": cache_slots(log.events if log else [], records.spans),
     })
     return ExportData(meta=meta, attribution=attribution, spans=spans, evidence=evidence,
                       ollama_version=records.ollama_version)

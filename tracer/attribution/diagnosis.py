@@ -20,6 +20,8 @@ from typing import Any
 from ollama_tracer.units import format_ms
 from ollama_tracer.vocabulary import (
     CLIENT_INTERRUPT,
+    OLLAMA_PROMPT_EVAL_CACHED_COUNT,
+    OLLAMA_PROMPT_EVAL_COUNT,
     RUNNER_ADMIT,
     SERVER_CANCEL,
     SERVER_MODEL_LOAD,
@@ -187,9 +189,13 @@ def slot_wait(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Findi
     }
 
 
+WHERE_SAID = {"log": "server log 'loading cache slot'",
+              "response": "response: prompt_eval_count, prompt_eval_cached_count"}
+
+
 def prompt_cache_miss(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
     slots: list[dict[str, Any]] = context.get("cache_slots") or []
-    hits: list[tuple[int, int, int, float]] = []  # (interval, prompt tokens, reused, prefill ms)
+    hits: list[tuple[int, int, int, float, str]] = []  # (interval, prompt tokens, reused, prefill ms, source)
     for iv in intervals:
         slot = next((s for s in slots if iv["start_ns"] - 1_000_000 <= s["time_ns"] <= iv["end_ns"] + 1_000_000),
                     None)
@@ -197,7 +203,7 @@ def prompt_cache_miss(intervals: list[dict[str, Any]], context: dict[str, Any]) 
             continue
         prefill = sum(p["duration_ms"] for p in _phases(iv, "prefill"))
         if slot["prompt"] - slot["used"] >= CACHE_MISS_TOKENS and slot["used"] * 2 < slot["prompt"]:
-            hits.append((iv["index"], slot["prompt"], slot["used"], prefill))
+            hits.append((iv["index"], slot["prompt"], slot["used"], prefill, slot.get("source", "log")))
     if not _enough(len(hits), len(intervals)):
         return None
     impact = statistics.median(h[3] for h in hits)
@@ -207,7 +213,7 @@ def prompt_cache_miss(intervals: list[dict[str, Any]], context: dict[str, Any]) 
         "cause": "prompt_cache_miss", "title": "Most of the prompt is evaluated again: little comes from the cache",
         "summary": (f"In {len(hits)} of {len(intervals)} intervals the runner took less than half of the prompt "
                     f"from its cache and evaluated the rest; prefill took {_ms(impact)} (median)."),
-        "evidence": [f"server log 'loading cache slot': prompt {h[1]} tokens, reused {h[2]}, evaluated {h[1] - h[2]} "
+        "evidence": [f"{WHERE_SAID[h[4]]}: prompt {h[1]} tokens, reused {h[2]}, evaluated {h[1] - h[2]} "
                      f"(interval {h[0]})" for h in hits[:3]],
         "remedy": ("If consecutive requests share a prefix (system prompt, template, earlier turns), keep it "
                    "byte-identical and the num_ctx the same, and avoid truncation, so the runner reuses it; with "
@@ -242,17 +248,25 @@ RULES: tuple[Callable[[list[dict[str, Any]], dict[str, Any]], Finding | None], .
     gguf_scans, model_reload, cold_load, slot_wait, prompt_cache_miss, late_close)
 
 
-def cache_slots(log_events: Iterable[Any]) -> list[dict[str, Any]]:
-    """The runner's 'loading cache slot' lines: how many prompt tokens it reused from its cache."""
+def cache_slots(log_events: Iterable[Any], spans: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """How many prompt tokens the runner reused from its cache, per request: the v0.13 runner's
+    'loading cache slot' lines, or the v0.30+ response's prompt_eval_cached_count (llama-server's
+    own lines say it too, but carry no time to tie them to a request)."""
     out = []
     for event in log_events:
         if getattr(event, "msg", "") != "loading cache slot":
             continue
         try:
             out.append({"time_ns": int(event.time_ns), "prompt": int(event.attrs["prompt"]),
-                        "used": int(event.attrs["used"])})
+                        "used": int(event.attrs["used"]), "source": "log"})
         except (KeyError, ValueError, TypeError):
             continue
+    for span in spans:
+        attributes = span.get("attributes") or {}
+        prompt, cached = attributes.get(OLLAMA_PROMPT_EVAL_COUNT), attributes.get(OLLAMA_PROMPT_EVAL_CACHED_COUNT)
+        if isinstance(prompt, int) and isinstance(cached, int):
+            out.append({"time_ns": int(span["startTimeUnixNano"]), "prompt": prompt, "used": cached,
+                        "source": "response"})
     return out
 
 

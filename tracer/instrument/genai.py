@@ -69,7 +69,7 @@ PROVIDER = PROVIDER_OLLAMA
 OPERATIONS = {"/api/generate": "text_completion", "/api/chat": "chat"}
 TIMING_FIELDS = (
     "total_duration", "load_duration", "prompt_eval_duration", "eval_duration",
-    "prompt_eval_count", "eval_count",
+    "prompt_eval_count", "eval_count", "prompt_eval_cached_count",
 )
 
 
