@@ -3,9 +3,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +122,24 @@ def check_order_and_sums(interval: dict[str, Any]) -> None:
         assert a["end_ns"] <= b["start_ns"], f"{a['name']} overlaps {b['name']}"
     total = sum(p["duration_ms"] for p in phases) + interval["unattributed_ms"]
     assert abs(total - interval["duration_ms"]) < 0.01
+
+
+def attach_while_script_runs(host: str, out: Path, model: str = "tracer-llama:test") -> tuple[int, str]:
+    """`tracer attach` around an unmodified script; (the script's exit code, attach's stderr)."""
+    port = host.rsplit(":", 1)[1]
+    attach = subprocess.Popen([sys.executable, "-m", "ollama_tracer", "attach", "--ollama-port", port, "-o", str(out),
+                               "--force"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "raw" / "ebpf_meta.json").exists():  # the probes are live once the meta is written
+            assert attach.poll() is None and time.monotonic() < deadline, attach.communicate()
+            time.sleep(0.1)
+        script = Path(REPO) / "tests" / "targets" / "interrupt_then_busy.py"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRACER_"))}
+        env.update(OLLAMA_HOST=host, TARGET_ITERATIONS="3", TARGET_TIMEOUT_S="20")
+        code = subprocess.run([sys.executable, str(script), model], env=env, timeout=120, check=False).returncode
+    finally:
+        attach.send_signal(signal.SIGINT)  # Ctrl-C ends the window cleanly
+        _stdout, stderr = attach.communicate(timeout=120)
+    assert attach.returncode == 0, stderr
+    return code, stderr

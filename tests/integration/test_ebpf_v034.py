@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from ollama_tracer.collectors.ebpf_plan import plan_probes
 
-from tests.conftest import check_order_and_sums, measured, run_tracer
+from tests.conftest import attach_while_script_runs, check_order_and_sums, measured, run_tracer
+from tests.integration.test_proxy import curl_interrupts
 from tests.relays import measure_injected_delay
 
 pytestmark = pytest.mark.integration
@@ -37,7 +38,7 @@ def _capture(server: dict[str, Any], out: Path, model: str, *extra: str, bench_h
 
 @pytest.mark.parametrize("model", ["tracer-llama:test", "tracer-gemma3:test"])
 def test_symbol_layer_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Path, model: str) -> None:
-    server = next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
+    server = _v034(testbed_v034)
     attribution = _capture(server, tmp_path / "cap", model)
     meta = json.loads((tmp_path / "cap" / "capture.json").read_text())
     ebpf = meta["collectors"]["ebpf"]
@@ -60,7 +61,7 @@ def test_symbol_layer_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Pa
 
 
 def test_syscall_layer_alone_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Path) -> None:
-    server = next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
+    server = _v034(testbed_v034)
     attribution = _capture(server, tmp_path / "cap", "tracer-llama:test", "--ebpf-layers", "syscall")
     for interval in measured(attribution):
         assert interval["coverage"] >= 0.85, interval
@@ -72,7 +73,7 @@ def test_syscall_layer_alone_on_llama_server(testbed_v034: dict[str, Any], tmp_p
 
 def test_the_stripped_release_build_keeps_every_probe(testbed_v034: dict[str, Any]) -> None:
     """Go functions from .gopclntab, llama-server's from its libraries' .dynsym: the same plan."""
-    server = next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
+    server = _v034(testbed_v034)
     binary = Path(server["binary"])
     stripped = binary.with_name("ollama-stripped") if binary.name == "ollama" else binary
     with_symbols = plan_probes(stripped.with_name("ollama"), "0.34.4")
@@ -85,7 +86,7 @@ def test_the_stripped_release_build_keeps_every_probe(testbed_v034: dict[str, An
 def test_an_injected_delay_lands_in_the_right_phase_on_llama_server(testbed_v034: dict[str, Any],
                                                                    tmp_path: Path) -> None:
     """Ground truth on v0.34: 40 ms held on the request's way in grows server.receive by what was held."""
-    server = next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
+    server = _v034(testbed_v034)
 
     def capture(out: Path, bench_host: str) -> dict[str, Any]:
         return _capture(server, out, "tracer-llama:test", bench_host=bench_host, iterations=5)
@@ -93,3 +94,34 @@ def test_an_injected_delay_lands_in_the_right_phase_on_llama_server(testbed_v034
     added, injected, held = measure_injected_delay(capture, int(server["host"].rsplit(":", 1)[1]), tmp_path)
     assert held >= 40.0
     assert abs(added - injected) <= max(1.0, 0.05 * injected), (added, injected)
+
+
+def _v034(testbed_v034: dict[str, Any]) -> dict[str, Any]:
+    return next(s for s in testbed_v034["servers"] if s["version"].startswith("0.34"))
+
+
+def test_attach_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Path) -> None:
+    """An unmodified script's interrupts, found from the server side alone (eBPF), on v0.34."""
+    out = tmp_path / "attach"
+    code, stderr = attach_while_script_runs(_v034(testbed_v034)["host"], out)
+    assert code == 0, stderr
+    attribution = json.loads((out / "attribution.json").read_text())
+    interrupts = [iv for iv in attribution["intervals"] if iv["kind"] == "interrupt"]
+    assert len(interrupts) >= 2, [(iv["kind"], iv["duration_ms"]) for iv in attribution["intervals"]]
+    for interval in interrupts:
+        check_order_and_sums(interval)
+        names = {p["name"] for p in interval["phases"]}
+        assert {"server.model_lookup", "server.runner_health", "runner.prefill"} <= names, names
+    assert attribution["ebpf_matching"]["unmatched"] == []
+
+
+def test_curl_through_the_proxy_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "proxy"
+    answered, code, _stdout, stderr = curl_interrupts(_v034(testbed_v034)["host"], out)
+    assert answered and code == 0, stderr
+    attribution = json.loads((out / "attribution.json").read_text())
+    interrupts = [iv for iv in attribution["intervals"] if iv["kind"] == "interrupt"]
+    assert len(interrupts) == 3, [iv["kind"] for iv in attribution["intervals"]]
+    names = {p["name"] for iv in interrupts for p in iv["phases"]}
+    assert {"proxy.request", "proxy.first_token", "server.tokenize", "runner.prefill"} <= names, names
+    assert all(iv["coverage"] > 0.9 for iv in interrupts)

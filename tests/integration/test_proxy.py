@@ -20,7 +20,7 @@ import pytest
 import requests
 from ollama_tracer.testbed.runtime import free_loopback_port
 
-from tests.conftest import REPO, heal_testbed, run_tracer
+from tests.conftest import REPO, attach_while_script_runs, heal_testbed, run_tracer
 
 pytestmark = pytest.mark.integration
 LLAMA = "tracer-llama:test"
@@ -75,10 +75,10 @@ def _curl(url: str, body: dict[str, Any], *, max_time: float | None = None) -> s
     return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 
 
-def _curl_interrupts(testbed: dict[str, Any], out: Path) -> tuple[bool, int, str, str]:
+def curl_interrupts(host: str, out: Path) -> tuple[bool, int, str, str]:
     """Three interrupts by curl through the proxy: (all answered, proxy exit code, stdout, stderr)."""
     answered = True
-    with proxy(testbed["ollama_host"], out, "--show", "stacks") as running:
+    with proxy(host, out, "--show", "stacks") as running:
         for _ in range(3):
             interrupted = _curl(running.url, {"model": LLAMA, "prompt": "go on"}, max_time=0.5)
             assert interrupted.returncode == 28  # curl's "operation timed out": the client closed early
@@ -94,12 +94,12 @@ def _curl_interrupts(testbed: dict[str, Any], out: Path) -> tuple[bool, int, str
 
 def test_curl_through_the_proxy_gets_an_attributed_interrupt(testbed: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "proxy"
-    answered, code, stdout, stderr = _curl_interrupts(testbed, out)
+    answered, code, stdout, stderr = curl_interrupts(testbed["ollama_host"], out)
     if not answered:
         print("\nNOTE: Ollama stalled behind the proxy (v0.13 interrupt deadlock); healing and retrying",
               file=sys.stderr)
         heal_testbed(testbed)
-        answered, code, stdout, stderr = _curl_interrupts(testbed, out)
+        answered, code, stdout, stderr = curl_interrupts(testbed["ollama_host"], out)
     assert answered and code == 0, stderr
     attribution = json.loads((out / "attribution.json").read_text())
     interrupts = [iv for iv in attribution["intervals"] if iv["kind"] == "interrupt"]
@@ -237,35 +237,14 @@ def test_proxy_soak_memory_stays_flat(testbed: dict[str, Any], tmp_path: Path) -
     assert max(rss[1:], default=rss[0]) - rss[0] < 8 * 1024, rss
 
 
-def _attach_while_script_runs(testbed: dict[str, Any], out: Path) -> tuple[int, str]:
-    """`tracer attach` around an unmodified script; (the script's exit code, attach's stderr)."""
-    port = testbed["ollama_host"].rsplit(":", 1)[1]
-    attach = subprocess.Popen([sys.executable, "-m", "ollama_tracer", "attach", "--ollama-port", port, "-o", str(out),
-                               "--force"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "raw" / "ebpf_meta.json").exists():  # the probes are live once the meta is written
-            assert attach.poll() is None and time.monotonic() < deadline, attach.communicate()
-            time.sleep(0.1)
-        script = Path(REPO) / "tests" / "targets" / "interrupt_then_busy.py"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRACER_"))}
-        env.update(OLLAMA_HOST=testbed["ollama_host"], TARGET_ITERATIONS="3", TARGET_TIMEOUT_S="20")
-        code = subprocess.run([sys.executable, str(script), LLAMA], env=env, timeout=120, check=False).returncode
-    finally:
-        attach.send_signal(signal.SIGINT)  # Ctrl-C ends the window cleanly
-        _stdout, stderr = attach.communicate(timeout=120)
-    assert attach.returncode == 0, stderr
-    return code, stderr
-
-
 def test_attach_to_a_running_ollama_while_a_plain_script_interrupts(testbed: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "attach"
-    code, _ = _attach_while_script_runs(testbed, out)
+    code, _ = attach_while_script_runs(testbed["ollama_host"], out)
     if code != 0:  # the script timed out: Ollama v0.13's interrupt deadlock (README); heal and retry once
         print("\nNOTE: the script stalled under attach (Ollama v0.13 interrupt deadlock); healing and retrying",
               file=sys.stderr)
         heal_testbed(testbed)
-        code, _ = _attach_while_script_runs(testbed, out)
+        code, _ = attach_while_script_runs(testbed["ollama_host"], out)
     assert code == 0
     attribution = json.loads((out / "attribution.json").read_text())
     interrupts = [iv for iv in attribution["intervals"] if iv["kind"] == "interrupt"]

@@ -137,3 +137,22 @@ def test_prompt_cache_miss_on_llama_server_reads_the_responses_cached_count() ->
     reused = cache_slots([], [request(i, 396) for i in range(3)])  # the prefix came from the cache
     assert _causes([prefilling(i) for i in range(3)], cache_slots=reused) == []
     assert cache_slots([], [{"startTimeUnixNano": 0, "attributes": {"ollama.prompt_eval_count": 400}}]) == []
+
+
+def test_round_trips_to_llama_server_are_named_when_material() -> None:
+    def v034(index: int, health_ms: float, end_ms: float = 12) -> dict[str, Any]:
+        base = index * 10_000
+        return _interval(index, [
+            _phase("server.model_lookup", base, base + 1),
+            _phase("server.runner_health", base + 1, base + 1 + health_ms),
+            _phase("server.tokenize", base + 1 + health_ms, base + 2 + health_ms),
+            _phase("server.runner_wait", base + 2 + health_ms, base + 2.2 + health_ms),
+            _phase("server.runner_health", base + 2.2 + health_ms, base + 2.2 + 2 * health_ms),
+            _phase("runner.prefill", base + 2.2 + 2 * health_ms, base + end_ms),
+        ])
+
+    findings = diagnose({"intervals": [v034(i, 1.0) for i in range(3)]}, {})
+    assert [f["cause"] for f in findings] == ["runner_round_trips"]
+    assert findings[0]["impact_ms"] == 3.2 and "4 times" in findings[0]["summary"]
+    assert _causes([v034(i, 0.01, end_ms=100) for i in range(3)]) == []  # 1.2 ms of 100: immaterial
+    assert _causes([_gemma(i, scans=0, scan_ms=0.0) for i in range(3)]) == []  # v0.13: no round trips

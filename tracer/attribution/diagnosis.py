@@ -26,6 +26,9 @@ from ollama_tracer.vocabulary import (
     SERVER_CANCEL,
     SERVER_MODEL_LOAD,
     SERVER_MODEL_LOOKUP,
+    SERVER_RUNNER_HEALTH,
+    SERVER_RUNNER_WAIT,
+    SERVER_TOKENIZE,
 )
 
 _ms = functools.partial(format_ms, digits=None, unit=True)
@@ -244,8 +247,35 @@ def late_close(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Find
     }
 
 
+ROUND_TRIPS = (SERVER_RUNNER_HEALTH, SERVER_TOKENIZE, SERVER_RUNNER_WAIT)
+
+
+def runner_round_trips(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    """v0.30+: the calls the server makes to llama-server before the completion, each on a new
+    connection, when together they are a material part of the interval."""
+    per_interval = [(iv["index"], sum(p["duration_ms"] for p in iv.get("phases", []) if p["name"] in ROUND_TRIPS),
+                     sum(1 for p in iv.get("phases", []) if p["name"] in ROUND_TRIPS)) for iv in intervals]
+    hits = [(index, ms, n) for index, ms, n in per_interval if n]
+    if not _enough(len(hits), len(intervals)):
+        return None
+    impact = statistics.median(ms for _, ms, _ in hits)
+    if not _material(impact, _median_interval(intervals)):
+        return None
+    return {
+        "cause": "runner_round_trips", "title": "The server's round trips to llama-server before each completion",
+        "summary": (f"Before the completion the server calls llama-server {statistics.median(n for *_, n in hits):g} "
+                    f"times (GET /health twice, POST /tokenize), each on a new connection: {_ms(impact)} "
+                    "per request (median)."),
+        "evidence": [f"{', '.join(ROUND_TRIPS)}: {_ms(impact)} (median) in {len(hits)} of {len(intervals)} intervals"],
+        "remedy": ("This is Ollama's v0.30+ design (no keep-alive to its runner), not a setting: it costs most on a "
+                   "loaded machine, where every new connection waits for the scheduler. Keep the machine's other load "
+                   "off the cores Ollama runs on, or talk to llama-server directly where its API is enough."),
+        "impact_ms": round(impact, 3), "intervals": [i for i, *_ in hits],
+    }
+
+
 RULES: tuple[Callable[[list[dict[str, Any]], dict[str, Any]], Finding | None], ...] = (
-    gguf_scans, model_reload, cold_load, slot_wait, prompt_cache_miss, late_close)
+    gguf_scans, model_reload, cold_load, slot_wait, prompt_cache_miss, late_close, runner_round_trips)
 
 
 def cache_slots(log_events: Iterable[Any], spans: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
