@@ -16,14 +16,28 @@ from typing import Any
 
 from ollama_tracer import capture_files
 from ollama_tracer.capture_files import OLLAMA_LOG as RAW_LOG
-from ollama_tracer.clock import ClockModel
+from ollama_tracer.clock import ClockModel, parse_created_at
 from ollama_tracer.collectors.base import SessionInfo
-from ollama_tracer.instrument.genai import parse_created_at
 
 # What the log source reads. Without --record-content only these lines (and warnings and errors)
 # are kept: at TRACE Ollama logs whole prompts, and "hit stop token" carries completion text.
 BOUNDARY_MESSAGES = ("evaluating already loaded", "completion request", "loading cache slot", "starting runner",
-                     "llama runner started", "context for request finished", "loading first model")
+                     "llama runner started", "context for request finished", "loading first model",
+                     "llama-server completion request")
+# llama-server's own lines (Ollama v0.30+ relays them into its log) have no time and no prefix. Only
+# these, which hold numbers and names but no text, are kept without --record-content; each is placed
+# at the time of the Ollama line before it (a lower bound: they say what happened, not when).
+LLAMA_SERVER_LINE = re.compile(r"^slot\s+\S+: id\s+(?P<slot>\d+) \| task (?P<task>-?\d+) \| (?P<msg>.*)$")
+LLAMA_SERVER_FACTS = {
+    "selected slot": re.compile(r"^selected slot by (?P<by>LCP similarity|LRU)\b[\w ,.=()>-]*$"),
+    "processing task": re.compile(r"^processing task, is_child = \d+$"),
+    "new prompt": re.compile(r"^new prompt, n_ctx_slot = \d+, n_keep = \d+, task\.n_tokens = (?P<prompt_tokens>\d+)$"),
+    "cached tokens": re.compile(r"^cached n_tokens = (?P<cached_tokens>\d+), memory_seq_rm \[\d+, end\)$"),
+    "prompt eval time": re.compile(r"^prompt eval time = +(?P<prompt_eval_ms>[\d.]+) ms / +(?P<evaluated>\d+) tokens"
+                                   r" \( *[\d.]+ ms per token, +[\d.]+ tokens per second\)$"),
+    "stop processing": re.compile(r"^stop processing: n_tokens = (?P<n_tokens>\d+), truncated = \d+$"),
+}
+LLAMA_SERVER = "llama-server"  # the source of such an event
 _PAIR = re.compile(r'([A-Za-z0-9_.\-]+|"[^"]*")=("(?:[^"\\]|\\.)*"|\S*)')
 
 
@@ -59,10 +73,22 @@ def parse_line(line: str) -> LogEvent | None:
     return LogEvent(when, pairs.get("level", ""), pairs.get("source", ""), pairs["msg"], attrs)
 
 
+def llama_server_fact(line: str) -> tuple[str, dict[str, str]] | None:
+    """(fact, its numbers) of one of llama-server's lines that says what it did; None for any other."""
+    match = LLAMA_SERVER_LINE.match(line.rstrip("\n"))
+    if match is None:
+        return None
+    for fact, pattern in LLAMA_SERVER_FACTS.items():
+        found = pattern.match(match["msg"].strip())
+        if found is not None:
+            return fact, {"slot": match["slot"], "task": match["task"], **found.groupdict()}
+    return None
+
+
 def keep_without_content(line: str) -> bool:
     event = parse_line(line)
     if event is None:
-        return False
+        return llama_server_fact(line) is not None
     if event.level in ("WARN", "ERROR"):
         return True
     return event.level != "TRACE" and event.msg.startswith(BOUNDARY_MESSAGES)
@@ -71,15 +97,20 @@ def keep_without_content(line: str) -> bool:
 def parse_log(text: str) -> tuple[list[LogEvent], int]:
     """Events in time order and the number of slog-looking lines that would not parse."""
     events, bad = [], 0
+    last_ns = 0  # llama-server's lines take the time of the Ollama line before them
     for line in text.splitlines():
         if not line.startswith("time="):
+            fact = llama_server_fact(line)
+            if fact is not None:
+                events.append(LogEvent(last_ns, "", LLAMA_SERVER, fact[0], fact[1]))
             continue
         event = parse_line(line)
         if event is None:
             bad += 1
         else:
             events.append(event)
-    events.sort(key=lambda e: e.time_ns)
+            last_ns = event.time_ns
+    events.sort(key=lambda e: e.time_ns)  # stable: a llama-server line stays after the line it follows
     return events, bad
 
 

@@ -13,9 +13,11 @@ what that can miss: how far each checkpoint lies from the line through its neigh
 from __future__ import annotations
 
 import bisect
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 _CLOCKS = {"boottime": time.CLOCK_BOOTTIME, "monotonic": time.CLOCK_MONOTONIC}
@@ -142,3 +144,18 @@ class ClockTicker:
             self.points.append({name: measure_offset(name, samples=20) for name in _CLOCKS})
             if len(self.points) >= self.limit:
                 self.points = self.points[::2]
+
+
+_RFC3339 = re.compile(r"^(?P<base>[^.Zz+-]+(?:-[^.Zz+-]+)*T[\d:]+)(?:\.(?P<frac>\d+))?(?P<zone>[Zz]|[+-]\d\d:\d\d)?$")
+
+
+def parse_created_at(value: str) -> int:
+    """Ollama's RFC3339Nano ``created_at`` as epoch ns (Python's parser keeps only µs)."""
+    match = _RFC3339.match(value.strip())
+    if match is None:
+        raise ValueError(f"not an RFC3339 timestamp: {value!r}")
+    zone = match["zone"] or "+00:00"
+    zone = "+00:00" if zone in ("Z", "z") else zone
+    seconds = int(datetime.fromisoformat(match["base"] + zone).timestamp())
+    nanos = int((match["frac"] or "0").ljust(9, "0")[:9])
+    return seconds * 1_000_000_000 + nanos

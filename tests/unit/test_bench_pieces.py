@@ -9,7 +9,8 @@ import pytest
 from ollama_tracer import netstat
 from ollama_tracer.attribution.response import ResponseTimings, response_phases
 from ollama_tracer.bench.interrupt import summarize
-from ollama_tracer.instrument.genai import StreamRecorder, parse_created_at
+from ollama_tracer.clock import parse_created_at
+from ollama_tracer.instrument.genai import StreamRecorder
 from opentelemetry import trace
 
 

@@ -94,3 +94,37 @@ def test_an_answer_is_taken_only_from_its_own_connection() -> None:
     events.append(_io("R", 7.2, SERVER, 99, "HTTP/1.1 200 OK"))
     events.sort(key=lambda e: e.time_ns)
     assert ("server.runner_health", 7.0, 7.6) in _phases(events)
+
+
+LLAMA_SERVER_LOG = """\
+time=1970-01-01T00:00:00.001Z level=DEBUG source=llama_server.go:1624 msg="llama-server completion request" \
+media=0 prompt_len=77
+slot get_availabl: id  0 | task -1 | selected slot by LCP similarity, f_sim_best = 1.000 (> 0.100 thold), \
+f_keep = 0.860
+slot launch_slot_: id  0 | task 7 | processing task, is_child = 0
+slot   operator(): id  0 | task 7 | new prompt, n_ctx_slot = 4096, n_keep = 4, task.n_tokens = 69
+slot   operator(): id  0 | task 7 | cached n_tokens = 68, memory_seq_rm [68, end)
+slot launch_slot_: id  0 | task 7 | prompt: Tell me a secret
+slot print_timing: id  0 | task 7 | prompt eval time =       0.61 ms /     1 tokens \
+(    0.61 ms per token,  1628.66 tokens per second)
+"""
+
+
+def test_llama_servers_own_lines_say_what_happened_to_the_request() -> None:
+    from ollama_tracer.collectors.ollama_log import LogRecords, keep_without_content, parse_log
+
+    kept = [line for line in LLAMA_SERVER_LOG.splitlines() if keep_without_content(line)]
+    assert not any("secret" in line for line in kept)  # text is never kept without --record-content
+    events, bad = parse_log("\n".join(kept))
+    assert bad == 0 and {e.time_ns for e in events} == {1 * MS}  # the Ollama line's time: a lower bound
+    ebpf = EbpfRecords(events=_request(), meta={"plan": {"design": "llama-server"}},
+                       roles={SERVER: "server", RUNNER: "runner"})
+    records = CaptureRecords(spans=[], loaded={EbpfRecords: ebpf, LogRecords: LogRecords(events)})
+    interval = Interval(index=0, kind="request", start_ns=0, end_ns=30 * MS, trace_id="t",
+                        request={"startTimeUnixNano": 0, "attributes": {}})
+    phases = {p.name: p.attributes for p in EbpfSource().phases(interval, records)}
+    assert phases["runner.admit"]["slot_selected_by"] == "LCP similarity"
+    assert phases["runner.admit"]["runner_task"] == 7
+    assert (phases["runner.prefill"]["prompt_tokens"], phases["runner.prefill"]["cached_tokens"],
+            phases["runner.prefill"]["evaluated_tokens"]) == (69, 68, 1)
+    assert phases["runner.prefill"]["runner_prompt_eval_ms"] == 0.61

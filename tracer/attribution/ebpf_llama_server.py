@@ -34,8 +34,10 @@ SW        —                                         server writes the response
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
+from ollama_tracer.collectors.ollama_log import LLAMA_SERVER, LogRecords
 from ollama_tracer.vocabulary import (
     PROCESS_RUNNER,
     PROCESS_SERVER,
@@ -149,3 +151,33 @@ def boundaries(window: list[ProbeEvent], roles: Roles, keys: dict[str, tuple[str
         if key == "R":
             client_fd = hit.fd
     return found
+
+
+def what_it_said(log: LogRecords | None, read: ProbeEvent | None, answered: ProbeEvent | None
+                 ) -> dict[str, dict[str, Any]]:
+    """llama-server's own lines about this request's task, by the phase they describe: the slot it
+    chose and how (``runner.admit``), the prompt tokens it took from its cache and the ones it
+    evaluated, and its own prompt-eval timing (``runner.prefill``). Its lines have no time, so the
+    task is the one it started to process between the request's read and its first answer."""
+    if log is None or read is None or answered is None:
+        return {}
+    lines = [e for e in log.events if e.source == LLAMA_SERVER]
+    started = [e for e in lines if e.msg == "processing task" and read.time_ns <= e.time_ns <= answered.time_ns]
+    if not started:
+        return {}
+    task = started[-1].attrs["task"]
+    index = lines.index(started[-1])
+    chosen = next((e for e in reversed(lines[:index]) if e.msg == "selected slot"), None)
+    facts = {e.msg: e.attrs for e in lines if e.attrs.get("task") == task}  # the last of each kind
+    admit: dict[str, Any] = {"runner_slot": int(started[-1].attrs["slot"]), "runner_task": int(task),
+                             "runner_log": "llama-server's lines: what it did, not when"}
+    if chosen is not None:
+        admit["slot_selected_by"] = chosen.attrs.get("by")
+    prefill: dict[str, Any] = {}
+    if "new prompt" in facts:
+        prompt = int(facts["new prompt"]["prompt_tokens"])
+        cached = int(facts.get("cached tokens", {}).get("cached_tokens", 0))
+        prefill.update({"prompt_tokens": prompt, "cached_tokens": cached, "evaluated_tokens": prompt - cached})
+    if "prompt eval time" in facts:
+        prefill["runner_prompt_eval_ms"] = float(facts["prompt eval time"]["prompt_eval_ms"])
+    return {RUNNER_ADMIT: admit, **({RUNNER_PREFILL: prefill} if prefill else {})}

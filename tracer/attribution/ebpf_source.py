@@ -42,6 +42,7 @@ from ollama_tracer.attribution.request_chain import Broken, Chain, other_sequenc
 from ollama_tracer.attribution.sources import Found
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.collectors.ebpf_events import EbpfRecords, ProbeEvent, Roles
+from ollama_tracer.collectors.ollama_log import LogRecords
 from ollama_tracer.model import Phase
 from ollama_tracer.vocabulary import (
     PROCESS_RUNNER,
@@ -156,7 +157,7 @@ class EbpfSource:
         window = [e for e in events if built <= e.time_ns <= interval.end_ns]
         client_fd = connection_of(interval.request, events, roles)
         if (ebpf.meta.get("plan") or {}).get("design") == "llama-server":
-            return self._find_llama_server(interval, ebpf, window, client_fd)
+            return self._find_llama_server(interval, ebpf, window, client_fd, records.get(LogRecords))
         found = self._boundaries(window, roles, client_fd)
         matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
         others = concurrent_requests(events, roles, found)
@@ -229,7 +230,7 @@ class EbpfSource:
         return Found(phases, matching)
 
     def _find_llama_server(self, interval: Interval, ebpf: EbpfRecords, window: list[ProbeEvent],
-                           client_fd: int | None) -> Found:
+                           client_fd: int | None, records_log: LogRecords | None = None) -> Found:
         """Ollama v0.30+: the round trips to llama-server, found on the wire, and its exported functions."""
         found = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd)
         matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
@@ -252,6 +253,7 @@ class EbpfSource:
             evidence["syscall_events"] = sum(1 for e in window if e.kind != "U" and r <= e.time_ns <= sw)
         reason = ("reload: the loaded runner did not fit the request (options such as num_ctx changed, "
                   "or its health check failed)" if "H1" in found else "cold load: no runner was loaded")
+        said = ebpf_llama_server.what_it_said(records_log, found.get("R"), found.get("SW"))
         out = []
         for phase in phases:
             extra: dict[str, Any] = {}
@@ -259,6 +261,9 @@ class EbpfSource:
                 extra = evidence
             if SERVER_MODEL_LOAD.split(".", 1)[1] in phase.name:
                 extra = {"reason": reason}
+            for part, facts in said.items():  # llama-server's own account, attached where it belongs
+                if part in phase.name:
+                    extra = {**extra, **facts}
             out.append(Phase(phase.name, phase.start_ns, phase.end_ns, phase.source, phase.process,
                              {**phase.attributes, **extra}) if extra else phase)
         return Found(out, matching)

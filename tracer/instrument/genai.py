@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
-from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from ollama_tracer.clock import parse_created_at
 from ollama_tracer.vocabulary import (
     CLIENT_FIRST_TOKEN,
     CLIENT_REQUEST,
@@ -83,21 +82,6 @@ def operation_for_path(path: str) -> str | None:
         if path.rstrip("/").endswith(suffix):
             return operation
     return None
-
-
-_RFC3339 = re.compile(r"^(?P<base>[^.Zz+-]+(?:-[^.Zz+-]+)*T[\d:]+)(?:\.(?P<frac>\d+))?(?P<zone>[Zz]|[+-]\d\d:\d\d)?$")
-
-
-def parse_created_at(value: str) -> int:
-    """Ollama's RFC3339Nano ``created_at`` as epoch ns (Python's parser keeps only µs)."""
-    match = _RFC3339.match(value.strip())
-    if match is None:
-        raise ValueError(f"not an RFC3339 timestamp: {value!r}")
-    zone = match["zone"] or "+00:00"
-    zone = "+00:00" if zone in ("Z", "z") else zone
-    seconds = int(datetime.fromisoformat(match["base"] + zone).timestamp())
-    nanos = int((match["frac"] or "0").ljust(9, "0")[:9])
-    return seconds * 1_000_000_000 + nanos
 
 
 class StreamRecorder:
