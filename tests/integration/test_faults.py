@@ -182,6 +182,8 @@ def test_disk_full_while_writing(testbed: dict[str, Any], small_disk: Path, tmp_
         _wait_for(lambda: _spans_of_iterations(out) >= 3, proc)  # spans land within 0.2 s of ending
         _fill(small_disk)  # the disk fills mid-capture
         _, stderr = proc.communicate(timeout=300)
+        if "accepted a request and then sent nothing" in stderr:  # the benchmark met the v0.13 deadlock too
+            raise Stalled(stderr[-500:])
         assert proc.returncode == 13, (proc.returncode, stderr[-2000:])
 
     _retrying_after_a_stall(testbed, attempt)

@@ -80,12 +80,13 @@ class ClientSource(Source):
 
     def phases(self, interval: Interval, records: CaptureRecords) -> list[Phase]:
         phases = []
+        closed = interval.interrupt if interval.interrupt is not None else interval.cancelled
         if interval.interrupt is not None:
             phases.append(_span_phase(interval.interrupt, CLIENT_INTERRUPT, self.name, PROCESS_CLIENT))
-        elif interval.cancelled is not None:
-            # No client.interrupt span (an uninstrumented interrupt): the client's own time between
-            # closing the stream and starting the next request is still the client's.
-            gap_start, gap_end = int(interval.cancelled["endTimeUnixNano"]), int(interval.request["startTimeUnixNano"])
+        if closed is not None:
+            # The client's own time between closing the stream and starting the next request (with
+            # no client.interrupt span, an uninstrumented interrupt, that is all of it) is the client's.
+            gap_start, gap_end = int(closed["endTimeUnixNano"]), int(interval.request["startTimeUnixNano"])
             if gap_end > gap_start:
                 phases.append(Phase(CLIENT_GAP, gap_start, gap_end, self.name, PROCESS_CLIENT))
         # Through `tracer proxy`, the spans are the proxy's: its request and first-token hops are
