@@ -215,10 +215,7 @@ class EbpfSource:
         if chain is not None:
             evidence.update({"matched_by": "chain", "concurrent_requests": others, "concurrent_sequences": sequences,
                              **chain.to_json()})
-        if "R" in found and "SW" in found:
-            r, sw = found["R"].time_ns, found["SW"].time_ns
-            evidence["uprobe_hits"] = sum(1 for e in window if e.kind == "U" and r <= e.time_ns <= sw)
-            evidence["syscall_events"] = sum(1 for e in window if e.kind != "U" and r <= e.time_ns <= sw)
+        evidence.update(_probe_counts(window, found))
         if phases:
             for i, phase in enumerate(phases):
                 if "model_lookup" in phase.name:
@@ -247,10 +244,7 @@ class EbpfSource:
         phases = self._phases(found, LLAMA_SERVER_BOUNDARIES)
         evidence = blob_scans(window, ebpf.roles, found.get("R"), found.get("SW"),
                               set(ebpf.meta.get("model_blobs", [])))
-        if "R" in found and "SW" in found:
-            r, sw = found["R"].time_ns, found["SW"].time_ns
-            evidence["uprobe_hits"] = sum(1 for e in window if e.kind == "U" and r <= e.time_ns <= sw)
-            evidence["syscall_events"] = sum(1 for e in window if e.kind != "U" and r <= e.time_ns <= sw)
+        evidence.update(_probe_counts(window, found))
         reason = ("reload: the loaded runner did not fit the request (options such as num_ctx changed, "
                   "or its health check failed)" if "H1" in found else "cold load: no runner was loaded")
         said = ebpf_llama_server.what_it_said(records_log, found.get("R"), found.get("SW"))
@@ -449,6 +443,16 @@ def blob_scans(window: list[ProbeEvent], roles: Roles, start: ProbeEvent | None,
 def _peer_gone(event: ProbeEvent) -> bool:
     """A read that returned EOF, or an error other than EAGAIN (-11): e.g. -ECONNRESET after an RST."""
     return event.value == 0 or (event.value < 0 and event.value != -11)
+
+
+def _probe_counts(window: list[ProbeEvent], found: dict[str, ProbeEvent]) -> dict[str, int]:
+    """How many uprobe hits and syscall events the request caused, its read to its first answer."""
+    if "R" not in found or "SW" not in found:
+        return {}
+    r, sw = found["R"].time_ns, found["SW"].time_ns
+    inside = [e for e in window if r <= e.time_ns <= sw]
+    return {"uprobe_hits": sum(1 for e in inside if e.kind == "U"),
+            "syscall_events": sum(1 for e in inside if e.kind != "U")}
 
 
 @functools.cache
