@@ -53,7 +53,7 @@ from ollama_tracer.collectors.ebpf_plan import (
 )
 from ollama_tracer.collectors.probe_catalogue import DESIGN_NOTES
 from ollama_tracer.errors import ExitCode, TracerError
-from ollama_tracer.vocabulary import SOURCE_EBPF
+from ollama_tracer.vocabulary import PROCESS_OTHER, SOURCE_EBPF
 
 RAW_STDERR = capture_files.EBPF_STDERR
 HARMLESS_STDERR = re.compile(r"couldn't set RLIMIT_MEMLOCK|Attaching \d+ probes?|WARNING: Addrspace mismatch|"
@@ -99,6 +99,7 @@ class EbpfCollector:
         self._out: Any = None  # the raw events file (a capture_files.RawWriter)
         self._meta: dict[str, Any] = {}
         self._pids: set[int] = set()
+        self._parents: dict[int, int | None] = {}
 
     def available(self) -> tuple[bool, str]:
         """The same checks as `tracer doctor`, in the same words: what is missing, then the fix."""
@@ -160,6 +161,8 @@ class EbpfCollector:
         capture_files.write_json(self._directory / capture_files.EBPF_META, self._meta)
 
     def _read(self, proc: subprocess.Popen[str], out_path: Path, ready: threading.Event) -> None:
+        from ollama_tracer.process_discovery import parent_pid
+
         assert proc.stdout is not None
         out = capture_files.RawWriter(out_path)
         self._out = out
@@ -179,6 +182,7 @@ class EbpfCollector:
                     pid = int(fields[2])
                     if pid not in self._pids:
                         self._pids.add(pid)
+                        self._parents[pid] = parent_pid(pid)  # whose process it is: this server's, or another's
                         # While it runs: a runner may be gone by the time the capture stops.
                         self._maps[pid] = ebpf_profile.read_maps(pid)
                     if line.startswith("P "):
@@ -224,10 +228,12 @@ class EbpfCollector:
         if self._meta and self._directory is not None:
             from ollama_tracer.process_discovery import role_of
 
-            # Roles now, while the runners still run: a runner's argv says "runner".
+            # Roles now, while the runners still run: a runner's argv says "runner". The comm filter
+            # also records another Ollama server on this machine and its runners: "other".
             server = int(self._meta["pid"])
-            self._meta["roles"] = {str(pid): role_of(pid, server) for pid in sorted(self._pids)}
-            self._meta["model_blobs"] = sorted(runner_models(self._pids))
+            roles = {pid: role_of(pid, server, self._parents.get(pid)) for pid in sorted(self._pids)}
+            self._meta["roles"] = {str(pid): role for pid, role in roles.items()}
+            self._meta["model_blobs"] = sorted(runner_models({p for p, r in roles.items() if r != PROCESS_OTHER}))
             self._meta["profile_hz"] = self.profile_hz
             self._write_meta()
             if self.profile_hz and self._clock is not None:

@@ -16,6 +16,7 @@ from ollama_tracer import capture_files
 from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors import ebpf_profile
 from ollama_tracer.errors import ExitCode, TracerError
+from ollama_tracer.vocabulary import PROCESS_OTHER
 
 RAW_EVENTS = capture_files.EBPF_EVENTS
 
@@ -146,9 +147,16 @@ def load(directory: Path, clock: ClockModel | None) -> EbpfRecords | None:
     from ollama_tracer.process_discovery import role_of
 
     roles = {pid: recorded.get(str(pid)) or role_of(pid, server_pid) for pid in {e.pid for e in events}}
+    # Another server's processes (same comm, so recorded too) are not this capture's: left out.
+    others = {pid for pid, role in roles.items() if role == PROCESS_OTHER}
+    if others:
+        events = [e for e in events if e.pid not in others]
+        roles = {pid: role for pid, role in roles.items() if pid not in others}
+        meta["other_pids"] = sorted(others)
     records = EbpfRecords(events, meta, roles, unreadable={capture_files.EBPF_EVENTS: bad})
     if meta.get("profile_hz"):
         records.native_stacks, bad_stacks = ebpf_profile.load_samples(directory, clock)
+        records.native_stacks = [s for s in records.native_stacks if s.pid not in others]
         records.unreadable[f"{capture_files.EBPF_EVENTS} (stacks)"] = bad_stacks
     return records
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import requests
 from ollama_tracer.netstat import LISTEN, socket_fds, tcp_rows
 from ollama_tracer.ollama_host import host_and_port
-from ollama_tracer.vocabulary import PROCESS_RUNNER, PROCESS_SERVER
+from ollama_tracer.vocabulary import PROCESS_OTHER, PROCESS_RUNNER, PROCESS_SERVER
 
 
 def pid_listening_on(port: int) -> int | None:
@@ -63,10 +63,24 @@ def process_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
 
 
-def role_of(pid: int, server_pid: int) -> str:
-    """``server`` or ``runner`` (one binary serves both; the runner's argv says ``runner``)."""
+def parent_pid(pid: int) -> int | None:
+    """The parent of ``pid`` (None once it has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
+def role_of(pid: int, server_pid: int, parent: int | None = None) -> str:
+    """``server`` or ``runner`` (one binary serves both; the runner's argv says ``runner``), or
+    ``other`` for an Ollama process that is not this server's: ``parent`` (when known) is not the
+    server, so it is another server, its runner, or an ``ollama`` CLI command."""
     if pid == server_pid:
         return PROCESS_SERVER
+    if parent is not None and parent != server_pid:
+        return PROCESS_OTHER
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:

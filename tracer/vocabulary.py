@@ -107,6 +107,9 @@ PROCESS_CLIENT: Final = "client"
 PROCESS_SERVER: Final = "server"
 PROCESS_RUNNER: Final = "runner"
 PROCESS_PROXY: Final = "proxy"
+# An Ollama process of another server on the same machine (same comm, not this server's tree):
+# its events are recorded by the comm filter and left out when the capture is read.
+PROCESS_OTHER: Final = "other"
 PROCESSES: Final = (PROCESS_CLIENT, PROCESS_PROXY, PROCESS_SERVER, PROCESS_RUNNER)
 
 # -- sources (a phase's ``source``: what measured it) ------------------------------------------------

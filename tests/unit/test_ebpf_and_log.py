@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,24 @@ def test_a_slewed_realtime_is_followed_between_checkpoints() -> None:
     assert model.error_ns("boottime") == 100 + 1_250_000
     assert ClockModel(start=points[0], end=points[-1]).error_ns("boottime") == 100 + 10_000_000
     assert ClockModel.from_json(model.to_json()) == model
+
+
+def test_another_servers_processes_are_left_out(tmp_path: Path) -> None:
+    """The comm filter records every `ollama` process; only this server's tree is the capture's."""
+    from ollama_tracer import capture_files
+    from ollama_tracer.collectors.ebpf_events import load
+    from ollama_tracer.process_discovery import role_of
+
+    assert role_of(10, 10) == "server" and role_of(12, 10, parent=10) != "other"
+    assert role_of(20, 10, parent=1) == "other" and role_of(21, 10, parent=20) == "other"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    meta = {"pid": 10, "probe_index": {}, "roles": {"10": "server", "20": "other", "21": "other"},
+            "model_blobs": [], "plan": {"goroutines": {}}, "sockets_at_start": []}
+    (tmp_path / capture_files.EBPF_META).write_text(json.dumps(meta))
+    (tmp_path / capture_files.EBPF_EVENTS).write_text(
+        "R 5000 10 11 8 238 POST\nR 5001 20 22 8 238 POST\nX 5002 21 23 9 0\nX 5003 10 11 8 0\n")
+    records = load(tmp_path, CLOCK)
+    assert records is not None
+    assert [e.pid for e in records.events] == [10, 10]
+    assert set(records.roles) == {10} and records.meta["other_pids"] == [20, 21]

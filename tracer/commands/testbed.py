@@ -181,10 +181,11 @@ def _server_up(state: runtime.TestbedState, state_path: Path, directory: Path, v
     port = existing.port if existing is not None else None
     if reusable and existing is not None and existing.models and not runtime.models_respond(existing.host,
                                                                                            existing.models):
-        # Ollama v0.13's interrupt deadlock leaves a model that never answers again: restart,
-        # on the same port so that clients holding the address keep working.
+        # The interrupt stall (v0.13's runner deadlock, v0.34's llama-server stall; README) leaves a
+        # model that never answers again: restart, on the same port so that clients holding the
+        # address keep working.
         progress(f"ollama serve {version} (pid {existing.process.pid}) has a model that no longer "
-                 "answers (the v0.13 interrupt deadlock); restarting it")
+                 "answers (the interrupt stall); restarting it")
         reusable = False
     log, models_dir = runtime.server_files(directory, version)
     if reusable and existing is not None:
