@@ -72,6 +72,12 @@ def test_symbol_layer_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Pa
         firsts = [name for i, name in enumerate(names) if name not in names[:i]]
         assert [n for n in firsts if n in ROUND_TRIPS] == ROUND_TRIPS, names
         assert names.count("server.runner_health") == 2  # needsReload's, and Completion's own
+    # The interrupted request's teardown, off the critical path: the client's EOF until llama-server
+    # reads EOF on that request's own /completion connection.
+    cancels = [p for iv in measured(attribution) for p in iv.get("off_critical_path", [])
+               if p["name"] == "server.cancel"]
+    assert len(cancels) >= len(measured(attribution)) - 1, [iv.get("off_critical_path") for iv in measured(attribution)]
+    assert all(p["attributes"]["end"].startswith("llama-server saw the request's /completion") for p in cancels)
     # v0.34 keeps model metadata in a sidecar: no warm request opens the model's GGUF blob.
     scans = meta["evidence"]["gguf_scans_per_request"]
     assert scans and all(s["blob_opens"] == 0 for s in scans), scans

@@ -128,3 +128,22 @@ def test_llama_servers_own_lines_say_what_happened_to_the_request() -> None:
     assert (phases["runner.prefill"]["prompt_tokens"], phases["runner.prefill"]["cached_tokens"],
             phases["runner.prefill"]["evaluated_tokens"]) == (69, 68, 1)
     assert phases["runner.prefill"]["runner_prompt_eval_ms"] == 0.61
+
+
+def test_the_cancel_ends_on_the_interrupted_requests_own_completion_connection() -> None:
+    """server.cancel: the client's EOF, then llama-server reading EOF on that request's /completion
+    socket (the one that read the bytes the server posted), not the first connection to close."""
+    from ollama_tracer.attribution.ebpf_llama_server import completion_closed
+
+    roles = {SERVER: "server", RUNNER: "runner"}
+    events = [
+        _io("W", 1.0, SERVER, 23, "POST /completion H", 486), _io("R", 1.1, RUNNER, 4, "POST /health HTT", 121),
+        _io("R", 1.2, RUNNER, 5, "POST /completion H", 486),
+        _io("R", 50.0, SERVER, 8, "", 0),  # the client closed its stream
+        _io("R", 51.0, RUNNER, 4, "", 0),  # another connection's close comes first
+        _io("R", 57.5, RUNNER, 5, "", -104),
+    ]
+    closed = completion_closed(events, roles, events[3])
+    assert closed is not None and closed.time_ns == 57.5 * MS and closed.fd == 5
+    # Without llama-server's read of the posted bytes the link is missing: no end, not a guess.
+    assert completion_closed([e for e in events if e is not events[2]], roles, events[3]) is None

@@ -56,6 +56,8 @@ from ollama_tracer.vocabulary import (
     SERVER_TOKENIZE,
 )
 
+EAGAIN = -11  # a non-blocking read with nothing to read: not the peer going away
+
 # (key, the phase that starts there, optional, the boundary whose connection it answers)
 Rule = tuple[str, "str | None", bool, "str | None"]
 BOUNDARIES: tuple[Rule, ...] = (
@@ -181,3 +183,30 @@ def what_it_said(log: LogRecords | None, read: ProbeEvent | None, answered: Prob
     if "prompt eval time" in facts:
         prefill["runner_prompt_eval_ms"] = float(facts["prompt eval time"]["prompt_eval_ms"])
     return {RUNNER_ADMIT: admit, **({RUNNER_PREFILL: prefill} if prefill else {})}
+
+
+def completion_closed(events: list[ProbeEvent], roles: Roles, eof: ProbeEvent) -> ProbeEvent | None:
+    """llama-server reading EOF on the interrupted request's own ``/completion`` connection, after
+    the server read the client's EOF ``eof``: the end of ``server.cancel`` on this design.
+
+    The connection is followed by its bytes, not by time alone: the last ``POST /completion`` the
+    server wrote before ``eof`` (alone in the server, that is the interrupted request's), and the
+    read of that many bytes of ``POST /completion`` by llama-server right after it, whose socket it
+    is. (llama-server accepts without asking for the peer's address, so the port cannot link them.)
+    Any link missing: None, never another connection's close (each ``/health`` and ``/tokenize``
+    call also closes one).
+    """
+    posted = None
+    for e in events:
+        if e.time_ns > eof.time_ns:
+            break
+        if e.pid == eof.pid and e.kind == "W" and e.text.startswith("POST /completion"):
+            posted = e
+    if posted is None:
+        return None
+    read = next((e for e in events if posted.time_ns <= e.time_ns <= eof.time_ns and roles.get(e.pid) == PROCESS_RUNNER
+                 and e.kind == "R" and e.value == posted.value and e.text.startswith("POST /completion")), None)
+    if read is None:
+        return None
+    return next((e for e in events if e.time_ns >= eof.time_ns and e.pid == read.pid and e.fd == read.fd
+                 and e.kind == "R" and (e.value == 0 or (e.value < 0 and e.value != EAGAIN))), None)

@@ -260,6 +260,11 @@ class EbpfSource:
                     extra = {**extra, **facts}
             out.append(Phase(phase.name, phase.start_ns, phase.end_ns, phase.source, phase.process,
                              {**phase.attributes, **extra}) if extra else phase)
+        # The interrupted request's teardown: the server reads the client's EOF, then llama-server
+        # sees Ollama close that request's /completion connection.
+        cancel = self._cancel(ebpf.events, ebpf.roles, interval, meta=ebpf.meta)
+        if cancel is not None:
+            out.append(cancel)
         return Found(out, matching)
 
     @staticmethod
@@ -365,7 +370,10 @@ class EbpfSource:
         if eof is None:
             return None
         keys = _symbol_keys()
-        if concurrent and interval.cancelled is not None:
+        if (meta or {}).get("plan", {}).get("design") == "llama-server":
+            removed = ebpf_llama_server.completion_closed(events, roles, eof)
+            end_note = "llama-server saw the request's /completion connection close"
+        elif concurrent and interval.cancelled is not None:
             # The runner removes sequences on its batch goroutine, shared by all: follow the
             # cancelled request's own runner connection instead, and time its close there.
             try:
