@@ -238,3 +238,37 @@ def test_curl_through_the_proxy_on_llama_server(testbed_v034: dict[str, Any], tm
     names = {p["name"] for iv in interrupts for p in iv["phases"]}
     assert {"proxy.request", "proxy.first_token", "server.tokenize", "runner.prefill"} <= names, names
     assert all(iv["coverage"] > 0.9 for iv in interrupts)
+
+
+@pytest.mark.parametrize("version", ["0.13.5", "0.34.4"])
+def test_a_cold_start_inside_the_interrupt_interval(testbed_v034: dict[str, Any], tmp_path: Path,
+                                                    version: str) -> None:
+    """Ground truth: a request with keep_alive 0 unloads its model when interrupted, so the next
+    request starts a runner from scratch. That time is server.model_load (a cold load), with the
+    diagnosis naming it, on both designs (v0.34: load, startLlamaServer and WaitUntilRunning's
+    health polls before useLoadedRunner)."""
+    server = next(s for s in testbed_v034["servers"] if s["version"] == version)
+    out = tmp_path / "cap"
+    target = str(Path(REPO) / "tests" / "targets" / "cold_then_interrupt.py")
+
+    def attempt() -> None:
+        proc = run_tracer("capture", "-o", str(out), "--force", "--ollama-host", server["host"], "--",
+                          sys.executable, target, "tracer-llama:test",
+                          env={"OLLAMA_HOST": server["host"], "TARGET_TIMEOUT_S": "60"}, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    retry_after_stall(server, attempt)
+    attribution = json.loads((out / "attribution.json").read_text())
+    interrupts = [iv for iv in attribution["intervals"] if iv["kind"] == "interrupt"]
+    assert len(interrupts) == 2, [(iv["kind"], iv["duration_ms"]) for iv in attribution["intervals"]]
+    for interval in interrupts:
+        check_order_and_sums(interval)
+        assert interval["coverage"] >= 0.98, interval
+        loads = [p for p in interval["phases"] if p["name"].startswith("server.model_load")]
+        assert len(loads) == 1 and loads[0]["attributes"]["reason"].startswith("cold load"), interval["phases"]
+        # Starting a runner takes hundreds of ms here (a warm interval ~10 ms): the load phase, not
+        # the schedule before it, holds that time, and no other server phase comes close.
+        server_phases = [p for p in interval["phases"] if p["process"] == "server" and p is not loads[0]]
+        assert loads[0]["duration_ms"] >= 100, interval["phases"]
+        assert all(p["duration_ms"] < loads[0]["duration_ms"] / 2 for p in server_phases), interval["phases"]
+    assert "cold_load" in {f["cause"] for f in attribution["diagnosis"]}

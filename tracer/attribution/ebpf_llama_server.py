@@ -65,8 +65,9 @@ BOUNDARIES: tuple[Rule, ...] = (
     ("GH", SERVER_DECODE, False, None),
     ("GE", SERVER_MODEL_LOOKUP, False, None),
     ("SR", SERVER_SCHEDULE, False, None),
-    ("H1", SERVER_RUNNER_HEALTH, False, None),
-    ("H1R", SERVER_SCHEDULE, False, "H1"),
+    # needsReload's health check runs only when a runner is loaded: absent on a cold start.
+    ("H1", SERVER_RUNNER_HEALTH, True, None),
+    ("H1R", SERVER_SCHEDULE, True, "H1"),
     ("LD", SERVER_MODEL_LOAD, True, None),
     ("UL", SERVER_HANDOFF, False, None),
     ("TK", SERVER_TOKENIZE, False, None),
@@ -148,11 +149,19 @@ def boundaries(window: list[ProbeEvent], roles: Roles, keys: dict[str, tuple[str
             continue
         if key == "LD" and "UL" in found:
             continue
+        if key in ("H1", "H1R") and _loads_before(window, after, hit.time_ns, rules["LD"][0]):
+            # A cold start: no runner to check, so the first GET /health is WaitUntilRunning's
+            # poll of the llama-server being started, after the load began.
+            continue
         found[key] = hit
         after = hit.time_ns
         if key == "R":
             client_fd = hit.fd
     return found
+
+
+def _loads_before(window: list[ProbeEvent], after_ns: int, before_ns: int, load: Match) -> bool:
+    return any(after_ns <= e.time_ns < before_ns and load(e) for e in window)
 
 
 def what_it_said(log: LogRecords | None, read: ProbeEvent | None, answered: ProbeEvent | None

@@ -203,8 +203,9 @@ class EbpfSource:
         if "LD" in found:
             # needsReload ran first: a runner was loaded but unusable for this request (different
             # options such as num_ctx, or a failed health check). Otherwise nothing was loaded.
+            reloaded = "NR" in found and found["NR"].text not in _symbol_keys()["get_runner"]
             reason = ("reload: the loaded runner did not fit the request (options such as num_ctx changed, "
-                      "or its health check failed)" if "NR" in found else "cold load: no runner was loaded")
+                      "or its health check failed)" if reloaded else "cold load: no runner was loaded")
             phases = [Phase(p.name, p.start_ns, p.end_ns, p.source, p.process, {**p.attributes, "reason": reason})
                       if "model_load" in p.name else p for p in phases]
         if not others:  # alone in the server: every open of the model blob in the window is this request's
@@ -325,6 +326,16 @@ class EbpfSource:
                 continue
             if boundary.key == "LD" and "UL" in found:
                 continue
+            if boundary.key == "NR":
+                load = next((e for e in window if after <= e.time_ns < hit.time_ns and rules["LD"][0](e)), None)
+                if load is not None:
+                    # A cold start: no loaded runner to check, so that GET /health was the new
+                    # runner's start-up poll, after the load began. The schedule then starts
+                    # where GetRunner was called, if that was seen.
+                    get_runner = probe(*keys["get_runner"])
+                    hit = next((e for e in window if after <= e.time_ns < load.time_ns and get_runner(e)), None)
+                    if hit is None:
+                        continue
             found[boundary.key] = hit
             after = hit.time_ns
             if boundary.key == "R":

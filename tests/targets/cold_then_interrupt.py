@@ -1,0 +1,30 @@
+"""A user's script, unmodified by tracer: stream with ``keep_alive: 0``, interrupt, ask again.
+
+``keep_alive: 0`` unloads the model as soon as its request ends (Ollama's documented way to
+free memory), and an interrupted request ends at the interrupt: the next request starts the
+runner from scratch, inside the interrupt interval (a cold start).
+"""
+
+import os
+import sys
+import time
+
+import ollama
+
+
+def main() -> None:
+    model = sys.argv[1] if len(sys.argv) > 1 else "tracer-llama:test"
+    client = ollama.Client(timeout=float(os.environ.get("TARGET_TIMEOUT_S", "60")))
+    for _ in range(int(os.environ.get("TARGET_ITERATIONS", "2"))):
+        stream = client.generate(model=model, prompt="tell me a story", stream=True, keep_alive=0)
+        started = time.monotonic()
+        for _part in stream:
+            if time.monotonic() - started > 0.3:
+                break
+        stream.close()  # type: ignore[attr-defined]
+        for _part in client.generate(model=model, prompt="and another", stream=True, options={"num_predict": 4}):
+            pass
+
+
+if __name__ == "__main__":
+    main()
