@@ -157,23 +157,28 @@ def _run_all(options: BenchOptions, results: list[Iteration], version: str | Non
     return None
 
 
-# What a stall after interrupts is known to be on each design (README, "The interrupt stall").
+# What a stall after interrupts is known to be on each design (README, "The interrupt stall"). It is
+# one Go-side bug on both: the stream's consumer stops reading when the client goes, and the
+# producer's send blocks for good inside Completion, which holds the runner's only semaphore slot.
 _STALLS = {
-    "go-runners": "on Ollama v0.13.x this is the known interrupt deadlock (a cancelled stream's callback blocks on "
+    "go-runners": "on Ollama v0.13.x this is the known interrupt stall (a cancelled stream's callback blocks on "
                   "`ch <- res` in GenerateHandler while holding the runner semaphore)",
-    "llama-server": "Ollama v0.30+ (llama-server) was also seen to stall after many interrupts, with llama-server's "
-                    "main loop in timed waits and an HTTP thread waiting for its stream session",
+    "llama-server": "on Ollama v0.30+ this is the same interrupt stall as on v0.13 (GenerateHandler's callback blocks "
+                    "on `ch <- res` inside llamaServerRunner.Completion, which holds the runner semaphore; "
+                    "llama-server itself is idle and never sees the request)",
 }
+# The way out: a new runner has a new semaphore (tried on v0.34.4: the next request answered).
+_REMEDIES = {"llama-server": "unload the model (a request with keep_alive 0, or `ollama stop MODEL`) or restart Ollama"}
 
 
 def _as_tracer_error(err: Exception, options: BenchOptions, version: str | None = None) -> TracerError:
     name = type(err).__name__
     text = str(err)
     if "Timeout" in name or "timed out" in text:
-        known = _STALLS.get(design_for(version), "on Ollama v0.13.x this is the known interrupt deadlock")
+        known = _STALLS.get(design_for(version), "on Ollama v0.13.x this is the known interrupt stall")
         return TracerError(
             f"Ollama {version or '(version unknown)'} at {options.host} accepted a request and then sent nothing "
-            f"for {options.request_timeout_s:g} s; {known}: restart Ollama.",
+            f"for {options.request_timeout_s:g} s; {known}: {_REMEDIES.get(design_for(version), 'restart Ollama')}.",
             ExitCode.SERVER_STALLED,
         )
     if "ConnectError" in name or "ConnectionError" in name or "Failed to connect" in text:
