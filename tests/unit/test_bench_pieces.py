@@ -52,6 +52,10 @@ def test_response_phases_tile_the_server_time() -> None:
     ]
     assert all(p.source == "response" for p in phases)
     assert phases[0].start_ns == t.request_written_ns and phases[-1].end_ns == t.response_start_ns
+    # v0.30+: after scheduleRunner come the round trips to llama-server and the semaphore wait;
+    # the same 8 ms carry their names, not a bare hand-off.
+    names = [p.name for p in response_phases(t, llama_server=True)]
+    assert names[2] == "server.handoff+tokenize+runner_wait+runner_health+runner.admit", names
 
 
 def test_response_phases_never_overlap_when_clocks_disagree() -> None:

@@ -153,6 +153,6 @@ def test_round_trips_to_llama_server_are_named_when_material() -> None:
 
     findings = diagnose({"intervals": [v034(i, 1.0) for i in range(3)]}, {})
     assert [f["cause"] for f in findings] == ["runner_round_trips"]
-    assert findings[0]["impact_ms"] == 3.2 and "4 times" in findings[0]["summary"]
+    assert findings[0]["impact_ms"] == 3.2 and "3 times" in findings[0]["summary"]  # health twice, tokenize
     assert _causes([v034(i, 0.01, end_ms=100) for i in range(3)]) == []  # 1.2 ms of 100: immaterial
     assert _causes([_gemma(i, scans=0, scan_ms=0.0) for i in range(3)]) == []  # v0.13: no round trips

@@ -147,3 +147,30 @@ def test_the_cancel_ends_on_the_interrupted_requests_own_completion_connection()
     assert closed is not None and closed.time_ns == 57.5 * MS and closed.fd == 5
     # Without llama-server's read of the posted bytes the link is missing: no end, not a guess.
     assert completion_closed([e for e in events if e is not events[2]], roles, events[3]) is None
+
+
+def test_an_unanswered_request_shows_the_phase_it_is_stuck_in() -> None:
+    """The interrupt stall on v0.34: the request reached Completion and never wrote to llama-server
+    again; it waited in server.runner_wait until the client gave up, and the diagnosis says so."""
+    from ollama_tracer.attribution.diagnosis import stalled_request
+    from ollama_tracer.attribution.unanswered import unanswered
+
+    stalled = [e for e in _request() if e.time_ns <= 9.4 * MS]  # up to Completion, then nothing
+    ebpf = EbpfRecords(events=stalled, meta={"plan": {"design": "llama-server"}},
+                       roles={SERVER: "server", RUNNER: "runner"})
+    span = {"traceId": "t1", "spanId": "s1", "startTimeUnixNano": 0, "endTimeUnixNano": 10_009 * MS,
+            "attributes": {"gen_ai.provider.name": "ollama", "gen_ai.request.model": "m"},
+            "status": {"code": 2, "message": "timed out"}}
+    answered = dict(span, traceId="t2", attributes={**span["attributes"], "tracer.first_token_ns": 5 * MS})
+    records = CaptureRecords(spans=[span, answered], loaded={EbpfRecords: ebpf})
+    entries = unanswered(records)
+    assert len(entries) == 1 and entries[0]["trace_id"] == "t1"
+    assert entries[0]["stuck_in"] == "server.runner_wait" and entries[0]["last_boundary"] == "CP"
+    assert abs(entries[0]["stuck_ms"] - 9_999.6) < 0.01
+    finding = stalled_request([], {"unanswered": entries})
+    assert finding is not None and "semaphore" in finding["summary"] and "keep_alive 0" in finding["remedy"]
+    # Without the evidence (no eBPF: the phase is unknown), or a fast failure: no finding.
+    unknown = unanswered(CaptureRecords(spans=[span], loaded={}))
+    assert unknown[0]["stuck_in"] is None and stalled_request([], {"unanswered": unknown}) is None
+    fast = [dict(entries[0], end_ns=entries[0]["start_ns"] + 5 * MS)]
+    assert stalled_request([], {"unanswered": fast}) is None

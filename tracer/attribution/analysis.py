@@ -13,6 +13,7 @@ from ollama_tracer.attribution import attribute
 from ollama_tracer.attribution.correlate import Evidence, correlate
 from ollama_tracer.attribution.diagnosis import cache_slots, diagnose
 from ollama_tracer.attribution.server_requests import server_request_spans
+from ollama_tracer.attribution.unanswered import unanswered
 from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.clock import ClockModel
@@ -160,11 +161,13 @@ def compute(directory: Path) -> ExportData:
     client_spans = [s for s in records.spans if s.get("attributes", {}).get(TRACER_SOURCE) != SOURCE_RESPONSE]
     spans = client_spans + phase_spans(attribution, records.spans)
     attribution["evidence"] = _evidence(attribution)
+    attribution["unanswered"] = unanswered(records)
     log = records.get(LogRecords)
     attribution["diagnosis"] = diagnose(attribution, {
         "ollama_version": records.ollama_version,
         "num_parallel": ((meta.get("ollama") or {}).get("settings") or {}).get("OLLAMA_NUM_PARALLEL"),
         "cache_slots": cache_slots(log.events if log else [], records.spans),
+        "unanswered": attribution["unanswered"],
     })
     return ExportData(meta=meta, attribution=attribution, spans=spans, evidence=evidence,
                       ollama_version=records.ollama_version)

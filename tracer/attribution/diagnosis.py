@@ -253,8 +253,9 @@ ROUND_TRIPS = (SERVER_RUNNER_HEALTH, SERVER_TOKENIZE, SERVER_RUNNER_WAIT)
 def runner_round_trips(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
     """v0.30+: the calls the server makes to llama-server before the completion, each on a new
     connection, when together they are a material part of the interval."""
+    calls = (SERVER_RUNNER_HEALTH, SERVER_TOKENIZE)  # the round trips themselves; runner_wait is their wait
     per_interval = [(iv["index"], sum(p["duration_ms"] for p in iv.get("phases", []) if p["name"] in ROUND_TRIPS),
-                     sum(1 for p in iv.get("phases", []) if p["name"] in ROUND_TRIPS)) for iv in intervals]
+                     sum(1 for p in iv.get("phases", []) if p["name"] in calls)) for iv in intervals]
     hits = [(index, ms, n) for index, ms, n in per_interval if n]
     if not _enough(len(hits), len(intervals)):
         return None
@@ -274,8 +275,36 @@ def runner_round_trips(intervals: list[dict[str, Any]], context: dict[str, Any])
     }
 
 
+def stalled_request(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    """A request that never got a first token, waiting in a known phase until the client gave up:
+    in server.runner_wait it is the interrupt stall (the runner semaphore never released)."""
+    from ollama_tracer.attribution.unanswered import stuck
+
+    hits = stuck(context.get("unanswered") or [])
+    if not hits:
+        return None
+    where = statistics.multimode(h["stuck_in"] for h in hits)[0]
+    waited = statistics.median(h["stuck_ms"] for h in hits)
+    semaphore = where == SERVER_RUNNER_WAIT
+    return {
+        "cause": "stalled_request", "title": "A request got no answer: the server is stuck",
+        "summary": (f"{len(hits)} request(s) got no first token; the server reached {where} and waited there "
+                    f"{_ms(waited)} (median) until the client gave up."
+                    + (" That is the wait for the runner's semaphore, which an earlier interrupted request still "
+                       "holds: Ollama's interrupt stall." if semaphore else "")),
+        "evidence": [f"request {h['trace_id']} ({h['model']}): last boundary {h['last_boundary']}, then "
+                     f"{_ms(h['stuck_ms'])} in {h['stuck_in']}" + (f"; the client said: {h['error']}" if h["error"]
+                                                                  else "") for h in hits[:3]],
+        "remedy": ("Unload the model (a request with keep_alive 0, or `ollama stop MODEL`) or restart Ollama; send "
+                   "requests you may interrupt with \"stream\": false to avoid it (docs/interrupt-stall.md)."
+                   if semaphore else f"Look at what the server does in {where} (native stacks: `--show stacks`)."),
+        "impact_ms": round(waited, 3), "intervals": [],
+    }
+
+
 RULES: tuple[Callable[[list[dict[str, Any]], dict[str, Any]], Finding | None], ...] = (
-    gguf_scans, model_reload, cold_load, slot_wait, prompt_cache_miss, late_close, runner_round_trips)
+    gguf_scans, model_reload, cold_load, slot_wait, prompt_cache_miss, late_close, runner_round_trips,
+    stalled_request)
 
 
 def cache_slots(log_events: Iterable[Any], spans: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
@@ -301,7 +330,8 @@ def cache_slots(log_events: Iterable[Any], spans: Iterable[dict[str, Any]] = ())
 
 
 def diagnose(attribution: dict[str, Any], context: dict[str, Any]) -> list[Finding]:
-    """The findings, largest impact first. ``context``: ollama_version, num_parallel, cache_slots."""
+    """The findings, largest impact first. ``context``: ollama_version, num_parallel, cache_slots,
+    unanswered (requests without a first token, ``attribution.unanswered``)."""
     intervals = _measured(attribution)
     findings = [f for rule in RULES if (f := rule(intervals, context)) is not None]
     return sorted(findings, key=lambda f: -(f.get("impact_ms") or 0.0))

@@ -268,6 +268,31 @@ class EbpfSource:
             out.append(cancel)
         return Found(out, matching)
 
+    def last_boundary(self, interval: Interval, records: CaptureRecords) -> tuple[Boundary, ProbeEvent] | None:
+        """How far a request that never got its first token came: the last boundary the server
+        (and runner) reached inside ``interval``, and its event. None without eBPF events, or when
+        another request was in the server at the same time (whose events are whose is unknown)."""
+        ebpf = records.get(EbpfRecords)
+        if ebpf is None or not ebpf.events:
+            return None
+        built = int(interval.request["startTimeUnixNano"])
+        window = [e for e in ebpf.events if built <= e.time_ns <= interval.end_ns]
+        client_fd = connection_of(interval.request, ebpf.events, ebpf.roles)
+        if (ebpf.meta.get("plan") or {}).get("design") == "llama-server":
+            found, order = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd), \
+                LLAMA_SERVER_BOUNDARIES
+        else:
+            found, order = self._boundaries(window, ebpf.roles, client_fd), BOUNDARIES
+        if not found or "R" not in found:
+            return None
+        # Until the client gave up, as if answered then: another request inside the server
+        # meanwhile makes the boundaries ambiguous.
+        until = found.get("SW") or ProbeEvent("W", interval.end_ns, found["R"].pid, 0, found["R"].fd, 0, "HTTP")
+        if concurrent_requests(ebpf.events, ebpf.roles, {**found, "SW": until}):
+            return None
+        last = max((b for b in order if b.key in found), key=lambda b: found[b.key].time_ns)
+        return last, found[last.key]
+
     @staticmethod
     def _chain(events: list[ProbeEvent], roles: Roles, found: dict[str, ProbeEvent], interval: Interval,
                meta: dict[str, Any]) -> Chain:

@@ -9,6 +9,11 @@ when the chunk came back from the runner, ns precision) and, on the final chunk,
 * first chunk at the server = first ``created_at``
 * prefill         = ``prompt_eval_duration``, placed to end at the first chunk at the server
 
+On Ollama v0.30+ (llama-server) ``load_duration`` still ends right after ``scheduleRunner``, but
+what follows before the prefill is longer: the ``POST /tokenize`` and ``GET /health`` round trips
+to llama-server and the wait for the runner's semaphore come before llama-server admits the task.
+The merged phase there is named with them (``llama_server=True``), never as a bare hand-off.
+
 Clock assumption: the server's wall clock is this machine's (same host). For a remote server,
 pass ``server_offset_ns`` (server clock − client clock) and every server time is shifted.
 Sampling the first token and the runner→server hop (sub-millisecond on loopback) fall between
@@ -30,8 +35,11 @@ from ollama_tracer.vocabulary import (
     SERVER_HANDOFF,
     SERVER_MODEL_LOOKUP,
     SERVER_RECEIVE,
+    SERVER_RUNNER_HEALTH,
+    SERVER_RUNNER_WAIT,
     SERVER_SCHEDULE,
     SERVER_STREAM,
+    SERVER_TOKENIZE,
     SOURCE_RESPONSE,
     merged_name,
 )
@@ -52,8 +60,10 @@ class ResponseTimings:
     prompt_eval_duration_ns: int
 
 
-def response_phases(t: ResponseTimings, server_offset_ns: int = 0) -> list[Phase]:
+def response_phases(t: ResponseTimings, server_offset_ns: int = 0, *, llama_server: bool = False) -> list[Phase]:
     """The server phases between the request leaving the client and its response arriving."""
+    after_acquired = ([SERVER_HANDOFF, SERVER_TOKENIZE, SERVER_RUNNER_WAIT, SERVER_RUNNER_HEALTH, RUNNER_ADMIT]
+                      if llama_server else [SERVER_HANDOFF, RUNNER_ADMIT])
     handler_start = t.last_created_ns - t.total_duration_ns - server_offset_ns
     acquired = handler_start + t.load_duration_ns
     first_chunk = t.first_created_ns - server_offset_ns
@@ -61,7 +71,7 @@ def response_phases(t: ResponseTimings, server_offset_ns: int = 0) -> list[Phase
     bounds = [
         (SERVER_RECEIVE, t.request_written_ns, handler_start),
         (merged_name([SERVER_DECODE, SERVER_MODEL_LOOKUP, SERVER_SCHEDULE]), handler_start, acquired),
-        (merged_name([SERVER_HANDOFF, RUNNER_ADMIT]), acquired, prefill_start),
+        (merged_name(after_acquired), acquired, prefill_start),
         (RUNNER_PREFILL, prefill_start, first_chunk),
         (SERVER_STREAM, first_chunk, t.response_start_ns),
     ]

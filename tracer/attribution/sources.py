@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.attribution.response import ResponseTimings, response_phases
 from ollama_tracer.capture.directory import CaptureRecords
+from ollama_tracer.collectors.probe_catalogue import design_for
 from ollama_tracer.model import Phase
 from ollama_tracer.vocabulary import (
     CLIENT_FIRST_TOKEN,
@@ -122,4 +123,5 @@ class ResponseSource(Source):
             prompt_eval_duration_ns=int(a.get(OLLAMA_PROMPT_EVAL_DURATION, 0)),
         )
         offset = records.server_clock_offset_ns
-        return response_phases(timings, server_offset_ns=offset)
+        return response_phases(timings, server_offset_ns=offset,
+                               llama_server=design_for(records.ollama_version) == "llama-server")
