@@ -107,6 +107,21 @@ def test_the_stripped_release_build_keeps_every_probe(testbed_v034: dict[str, An
     assert release.targets == with_symbols.targets  # the libraries are the same files
 
 
+@pytest.mark.stripped
+@pytest.mark.parametrize("model", ["tracer-llama:test", "tracer-gemma3:test"])
+def test_every_layer_on_the_stripped_release_build(second_v034: dict[str, Any], tmp_path: Path, model: str) -> None:
+    """What most users run: a release binary without symbols. The Go probes come from .gopclntab,
+    llama-server's from its libraries' .dynsym: the same phases, the same coverage."""
+    attribution = _capture(second_v034, tmp_path / "cap", model)
+    ebpf = json.loads((tmp_path / "cap" / "capture.json").read_text())["collectors"]["ebpf"]
+    assert ebpf["stats"]["symbol_source"] == "gopclntab" and not ebpf["stats"]["probes_missing"], ebpf
+    for interval in measured(attribution):
+        assert interval["coverage"] >= 0.98, interval
+        check_order_and_sums(interval)
+        names = [p["name"] for p in interval["phases"] if p["source"] == "ebpf"]
+        assert [n for i, n in enumerate(names) if n not in names[:i] and n in ROUND_TRIPS] == ROUND_TRIPS, names
+
+
 def test_an_injected_delay_lands_in_the_right_phase_on_llama_server(testbed_v034: dict[str, Any],
                                                                    tmp_path: Path) -> None:
     """Ground truth on v0.34: 40 ms held on the request's way in grows server.receive by what was held."""
@@ -128,7 +143,10 @@ def second_v034(testbed_v034: dict[str, Any], tmp_path: Path,
     server = v034_server(testbed_v034)
     marker = request.node.get_closest_marker("settings")
     _log, models_dir = server_files(Path(server["log"]).parent, server["version"])
-    managed, host = start_ollama(Path(server["binary"]), Path(server["log"]).parent, lambda _m: None,
+    binary = Path(server["binary"])
+    if request.node.get_closest_marker("stripped"):  # the release-style (-s -w) build beside it
+        binary = binary.with_name("ollama-stripped")
+    managed, host = start_ollama(binary, Path(server["log"]).parent, lambda _m: None,
                                  log=tmp_path / "ollama-second.log", models_dir=models_dir,
                                  settings=dict(marker.args[0]) if marker else None)
     try:
