@@ -174,3 +174,21 @@ def test_an_unanswered_request_shows_the_phase_it_is_stuck_in() -> None:
     assert unknown[0]["stuck_in"] is None and stalled_request([], {"unanswered": unknown}) is None
     fast = [dict(entries[0], end_ns=entries[0]["start_ns"] + 5 * MS)]
     assert stalled_request([], {"unanswered": fast}) is None
+
+
+def test_a_missing_boundary_is_reported_with_its_reason() -> None:
+    """A boundary that was not found merges its neighbours; the outcome says which and why."""
+    events = [e for e in _request() if e.text != "common_sampler_sample"]
+    ebpf = EbpfRecords(events=events, meta={"plan": {"design": "llama-server"}},
+                       roles={SERVER: "server", RUNNER: "runner"})
+    records = CaptureRecords(spans=[], loaded={EbpfRecords: ebpf})
+    interval = Interval(index=3, kind="request", start_ns=0, end_ns=30 * MS, trace_id="t",
+                        request={"startTimeUnixNano": 0, "attributes": {}})
+    found = EbpfSource().find(interval, records)
+    assert "runner.prefill+sample" in [p.name for p in found.phases]
+    assert found.outcome["missing"] == [{"interval": 3, "boundary": "SA", "phase": "runner.sample",
+                                         "why": "no hit of its probe or syscall stand-in after the boundary "
+                                                "before it"}]
+    complete = EbpfSource().find(interval, CaptureRecords(spans=[], loaded={EbpfRecords: EbpfRecords(
+        events=_request(), meta={"plan": {"design": "llama-server"}}, roles={SERVER: "server", RUNNER: "runner"})}))
+    assert complete.outcome["missing"] == []

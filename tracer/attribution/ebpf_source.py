@@ -159,6 +159,7 @@ class EbpfSource:
         if (ebpf.meta.get("plan") or {}).get("design") == "llama-server":
             return self._find_llama_server(interval, ebpf, window, client_fd, records.get(LogRecords))
         found = self._boundaries(window, roles, client_fd)
+        seen = dict(found)  # before any hit is set aside as another request's or sequence's
         matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
         others = concurrent_requests(events, roles, found)
         chain: Chain | None = None
@@ -178,6 +179,7 @@ class EbpfSource:
             # Alone in the server: the first event after each boundary is this request's own.
         whole_window = window
         sequences = 0
+        shared_until: int | None = None
         if chain is not None:
             # Shared goroutines: the runner's batch loop samples every sequence of that runner, the
             # server's scheduler loads runners for whichever request is pending. Their hits are this
@@ -200,6 +202,7 @@ class EbpfSource:
         if found:
             matching["matched"] += 1
         phases = self._phases(found)
+        matching["missing"] = _missing(interval, found, seen, BOUNDARIES, shared_until)
         if "LD" in found:
             # needsReload ran first: a runner was loaded but unusable for this request (different
             # options such as num_ctx, or a failed health check). Otherwise nothing was loaded.
@@ -243,6 +246,7 @@ class EbpfSource:
         if found:
             matching["matched"] += 1
         phases = self._phases(found, LLAMA_SERVER_BOUNDARIES)
+        matching["missing"] = _missing(interval, found, found, LLAMA_SERVER_BOUNDARIES, None)
         evidence = blob_scans(window, ebpf.roles, found.get("R"), found.get("SW"),
                               set(ebpf.meta.get("model_blobs", [])))
         evidence.update(_probe_counts(window, found))
@@ -435,6 +439,28 @@ class EbpfSource:
             return None
         return Phase(SERVER_CANCEL, eof.time_ns, removed.time_ns, SOURCE, PROCESS_SERVER,
                      {"off_critical_path": True, "end": end_note})
+
+
+def _missing(interval: Interval, found: dict[str, ProbeEvent], seen: dict[str, ProbeEvent],
+             boundaries: tuple[Boundary, ...], shared_until_ns: int | None) -> list[dict[str, Any]]:
+    """Each boundary that should have been found in this interval and was not, and why: its
+    neighbours then merge (``a+b``). ``seen``: the boundaries before hits were set aside as another
+    request's or sequence's; ``shared_until_ns``: until when another sequence shared the runner."""
+    if len(found) < 2:
+        return []  # the request was not seen at all: counted as unmatched, not as missing boundaries
+    out = []
+    for boundary in boundaries:
+        if boundary.optional or boundary.key in found or boundary.starts is None:
+            continue
+        if boundary.key in seen:
+            why = ("its hit was set aside: another sequence was in the runner's batch until "
+                   f"{(shared_until_ns or 0) / 1e6 - interval.start_ns / 1e6:.2f} ms into the interval, so a "
+                   "per-token hit before then may be that sequence's" if shared_until_ns else
+                   "its hit was set aside as another request's")
+        else:
+            why = "no hit of its probe or syscall stand-in after the boundary before it"
+        out.append({"interval": interval.index, "boundary": boundary.key, "phase": boundary.starts, "why": why})
+    return out
 
 
 def _entries(window: list[ProbeEvent], symbols: tuple[str, ...]) -> int:

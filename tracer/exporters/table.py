@@ -41,6 +41,7 @@ def render(outfile: TextIO, data: ExportData, show: tuple[str, ...] = ()) -> Non
     console = Console(file=outfile, width=140 + 40 * len(show), force_terminal=False)
     if not summary.get("intervals"):
         console.print("No intervals found: the command made no Ollama request that reached a first token.")
+        render_diagnosis(console, data.attribution.get("diagnosis") or [])  # a stalled first request, say
         return
     interval = summary["interval"]
     kinds = {iv["kind"] for iv in data.attribution["intervals"] if not iv["warmup"]}
@@ -69,6 +70,14 @@ def render(outfile: TextIO, data: ExportData, show: tuple[str, ...] = ()) -> Non
     excluded = summary.get("warmup_intervals_excluded")
     if excluded:
         console.print(f"({excluded} warm-up interval(s) excluded from the summary)")
+    matching = data.attribution.get("ebpf_matching") or {}
+    unmatched, missing = matching.get("unmatched") or [], matching.get("missing") or []
+    if unmatched or missing:
+        boundaries = sorted({m["boundary"] for m in missing})
+        console.print(f"(eBPF: {len(unmatched)} interval(s) not matched to their server events, "
+                      f"{len({m['interval'] for m in missing})} with a boundary missing"
+                      + (f" ({', '.join(boundaries)})" if boundaries else "")
+                      + ": attribution.json's ebpf_matching says why)", highlight=False)
     if "gpu" in show and not data.attribution.get("correlation", {}).get("gpu_samples"):
         console.print("(no GPU samples in this capture: see `tracer doctor` for why)")
     render_diagnosis(console, data.attribution.get("diagnosis") or [])
