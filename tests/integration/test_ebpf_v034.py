@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 from ollama_tracer.collectors.ebpf_plan import plan_probes
+from ollama_tracer.testbed.relay import REQUEST, RESPONSE, measure_injected_delay
 from ollama_tracer.testbed.runtime import server_files, start_ollama
 
 from tests.conftest import (
@@ -26,7 +27,6 @@ from tests.conftest import (
     v034_server,
 )
 from tests.integration.test_proxy import curl_interrupts
-from tests.relays import delay_bound_ms, measure_injected_delay
 
 pytestmark = pytest.mark.integration
 
@@ -122,17 +122,20 @@ def test_every_layer_on_the_stripped_release_build(second_v034: dict[str, Any], 
         assert [n for i, n in enumerate(names) if n not in names[:i] and n in ROUND_TRIPS] == ROUND_TRIPS, names
 
 
-def test_an_injected_delay_lands_in_the_right_phase_on_llama_server(testbed_v034: dict[str, Any],
-                                                                   tmp_path: Path) -> None:
-    """Ground truth on v0.34: 40 ms held on the request's way in grows server.receive by what was held."""
+@pytest.mark.parametrize(("direction", "phase"), [(REQUEST, "server.receive"), (RESPONSE, "server.stream")])
+def test_an_injected_delay_lands_in_the_right_phase_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Path,
+                                                                   direction: str, phase: str) -> None:
+    """Ground truth on v0.34: 40 ms held on the request's way in grows server.receive, on the first
+    token's way back server.stream, by what the relay really added."""
     server = v034_server(testbed_v034)
 
     def capture(out: Path, bench_host: str) -> dict[str, Any]:
         return _capture(server, out, "tracer-llama:test", bench_host=bench_host, iterations=5)
 
-    added, injected, held, noise = measure_injected_delay(capture, int(server["host"].rsplit(":", 1)[1]), tmp_path)
-    assert held >= 40.0
-    assert abs(added - injected) <= delay_bound_ms(injected, noise), (added, injected, noise)
+    case = measure_injected_delay(capture, int(server["host"].rsplit(":", 1)[1]), tmp_path, phase=phase,
+                                  direction=direction)
+    assert case.held_ms >= 40.0
+    assert abs(case.error_ms) <= case.bound_ms, case
 
 
 @pytest.fixture

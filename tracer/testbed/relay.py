@@ -1,0 +1,161 @@
+"""Loopback TCP relays that inject known delays between a client and a real server (this kernel
+has no netem): the ground truth of the accuracy harness (``benchmarks/accuracy.py``) and tests.
+
+A :class:`DelayRelay` holds the bytes of one direction for ``delay_s`` and records, per
+``POST /api/generate``, when it really sent them on: on a busy machine a sleep overshoots and the
+relay's own threads wait for the CPU too, so what is compared with the attribution is what was
+injected, measured, not what was asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REQUEST, RESPONSE = "request", "response"
+
+
+class DelayRelay:
+    """Forwards 127.0.0.1:``port`` to ``upstream_port``; holds each chunk of ``direction``
+    (``request``: client → server, ``response``: server → client) for ``delay_s``."""
+
+    def __init__(self, upstream_port: int, delay_s: float, direction: str = REQUEST) -> None:
+        if direction not in (REQUEST, RESPONSE):
+            raise ValueError(f"direction must be {REQUEST!r} or {RESPONSE!r}, not {direction!r}")
+        self.delay_s, self.direction, self.upstream_port = delay_s, direction, upstream_port
+        self.held_ns: list[int] = []  # per generate: its request (or first response chunk) received → sent on
+        self.sent_ns: list[int] = []  # per generate: when that was sent on (epoch ns)
+        self.received_ns: list[int] = []  # per generate: when the relay received it (epoch ns)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            generate = threading.Event()  # this connection's request is a generate: time its response
+            threading.Thread(target=self._pump, args=(client, upstream, REQUEST, generate), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, RESPONSE, generate), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, generate: threading.Event) -> None:
+        delay = self.delay_s if direction == self.direction else 0.0
+        try:
+            while data := src.recv(65536):
+                received_mono, received = time.monotonic_ns(), time.time_ns()
+                if direction == REQUEST and data[:5] in (b"POST ", b"GET /", b"HEAD "):
+                    (generate.set if data.startswith(b"POST /api/generate") else generate.clear)()
+                if delay:
+                    time.sleep(delay)
+                dst.sendall(data)
+                # What is timed, in the relay's own direction: the generate request itself, or
+                # the first response bytes to one (the headers with the first chunk).
+                timed = (data.startswith(b"POST /api/generate") if direction == REQUEST
+                         else data.startswith(b"HTTP/") and generate.is_set())
+                if timed and direction == self.direction:
+                    with self._lock:
+                        self.held_ns.append(time.monotonic_ns() - received_mono)
+                        self.sent_ns.append(time.time_ns())
+                        self.received_ns.append(received)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@dataclass(frozen=True)
+class InjectedDelay:
+    """One ground-truth case, in ms: how much ``phase`` grew, how much the relay really added, the
+    delayed arm's median hold, and the phase's own noise (the larger interquartile range, in either
+    arm, of the phase minus what the relay added)."""
+
+    phase: str
+    direction: str
+    grew_ms: float
+    injected_ms: float
+    held_ms: float
+    noise_ms: float
+    intervals: int
+
+    @property
+    def error_ms(self) -> float:
+        return self.grew_ms - self.injected_ms
+
+    @property
+    def bound_ms(self) -> float:
+        return delay_bound_ms(self.injected_ms, self.noise_ms)
+
+
+def measure_injected_delay(capture: Callable[[Path, str], dict[str, Any]], upstream_port: int, workdir: Path,
+                           delay_ms: float = 40.0, phase: str = "server.receive",
+                           direction: str = REQUEST) -> InjectedDelay:
+    """``capture(out, host)`` runs a captured benchmark against ``host`` and returns its
+    attribution: once through a relay with no delay, once with ``delay_ms`` on ``direction``.
+
+    What the relay really added is timed on one clock, against the client's own spans: on the
+    request path from the client's "request written" (the end of ``client.request``) to the
+    relay's send; on the response path from the relay's receipt of the first response bytes to
+    their arrival at the client (the start of ``client.first_token``). Both include the relay's
+    threads waiting for the CPU, which on a busy machine is as much the injected delay as the sleep.
+    """
+    medians, added, held, spreads, counts = {}, {}, {}, [], []
+    for label, delay in (("baseline", 0.0), ("delayed", delay_ms / 1000)):
+        relay = DelayRelay(upstream_port, delay, direction)
+        try:
+            attribution = capture(workdir / label, relay.url)
+        finally:
+            relay.close()
+        values, relayed = [], []
+        for iv in (iv for iv in attribution["intervals"] if not iv["warmup"]):
+            names = {p["name"]: p for p in iv["phases"]}
+            if direction == REQUEST:
+                if "client.request" not in names:
+                    continue
+                written = max(p["end_ns"] for p in iv["phases"] if p["name"] == "client.request")
+                sent = min((t for t in relay.sent_ns if t >= written), default=None)
+                extra = None if sent is None else sent - written
+            else:
+                if "client.first_token" not in names:
+                    continue
+                arrived = min(p["start_ns"] for p in iv["phases"] if p["name"] == "client.first_token")
+                got = max((t for t in relay.received_ns if t <= arrived), default=None)
+                extra = None if got is None else arrived - got
+            if extra is None:
+                continue
+            values.append(sum(p["duration_ms"] for p in iv["phases"] if p["name"] == phase))
+            relayed.append(extra / 1e6)
+        if len(values) < 3:
+            raise ValueError(f"{label}: only {len(values)} interval(s) matched the relay's requests")
+        medians[label], added[label] = statistics.median(values), statistics.median(relayed)
+        quartiles = statistics.quantiles([v - r for v, r in zip(values, relayed, strict=True)], n=4)
+        spreads.append(quartiles[2] - quartiles[0])
+        held[label] = statistics.median(ns / 1e6 for ns in relay.held_ns) if relay.held_ns else 0.0
+        counts.append(len(values))
+    return InjectedDelay(phase, direction, medians["delayed"] - medians["baseline"],
+                         added["delayed"] - added["baseline"], held["delayed"], max(spreads), min(counts))
+
+
+def delay_bound_ms(injected_ms: float, noise_ms: float) -> float:
+    """How far the attribution may be off: the harness's target (1 ms or 5 %, the larger), or three
+    times the phase's own noise where a loaded machine makes that larger."""
+    return max(1.0, 0.05 * injected_ms, 3 * noise_ms)
