@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ollama_tracer.vocabulary import PROCESS_CLIENT
+from ollama_tracer.vocabulary import PROCESS_CLIENT, SOURCE_RESOLUTION_MS
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Phase:
             "duration_ms": round(self.duration_ms, 6),
             "source": self.source,
             "process": self.process,
+            "resolution_ms": max((SOURCE_RESOLUTION_MS.get(part, 1.0) for part in self.source.split("+")), default=1.0),
         }
         if self.attributes:
             payload["attributes"] = self.attributes

@@ -117,6 +117,12 @@ SOURCE_CLIENT: Final = "client"
 SOURCE_EBPF: Final = "ebpf"
 SOURCE_LOG: Final = "log"
 SOURCE_RESPONSE: Final = "response"
+# How finely each source places a boundary, in ms: the client's and the response fields' clocks
+# are nanosecond wall clocks on this host (µs in practice); an eBPF boundary is a bpftrace
+# timestamp moved onto that clock (about 0.1 µs of alignment error) plus the ~10 µs a uprobe hit
+# costs; Ollama v0.13's log lines carry millisecond timestamps (llama-server's carry none and are
+# never used for time). Every phase in attribution.json says its own (``resolution_ms``).
+SOURCE_RESOLUTION_MS: Final = {"client": 0.001, "ebpf": 0.01, "log": 1.0, "response": 0.001}
 SOURCES: Final = (SOURCE_CLIENT, SOURCE_EBPF, SOURCE_LOG, SOURCE_RESPONSE)
 
 # -- services (the OTel service.name of each process's spans) -----------------------------------------

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ollama_tracer.vocabulary import CLIENT_FIRST_TOKEN, CLIENT_REQUEST, SERVER_RECEIVE
+
 REQUEST, RESPONSE = "request", "response"
 
 
@@ -107,7 +109,7 @@ class InjectedDelay:
 
 
 def measure_injected_delay(capture: Callable[[Path, str], dict[str, Any]], upstream_port: int, workdir: Path,
-                           delay_ms: float = 40.0, phase: str = "server.receive",
+                           delay_ms: float = 40.0, phase: str = SERVER_RECEIVE,
                            direction: str = REQUEST) -> InjectedDelay:
     """``capture(out, host)`` runs a captured benchmark against ``host`` and returns its
     attribution: once through a relay with no delay, once with ``delay_ms`` on ``direction``.
@@ -129,15 +131,15 @@ def measure_injected_delay(capture: Callable[[Path, str], dict[str, Any]], upstr
         for iv in (iv for iv in attribution["intervals"] if not iv["warmup"]):
             names = {p["name"]: p for p in iv["phases"]}
             if direction == REQUEST:
-                if "client.request" not in names:
+                if CLIENT_REQUEST not in names:
                     continue
-                written = max(p["end_ns"] for p in iv["phases"] if p["name"] == "client.request")
+                written = max(p["end_ns"] for p in iv["phases"] if p["name"] == CLIENT_REQUEST)
                 sent = min((t for t in relay.sent_ns if t >= written), default=None)
                 extra = None if sent is None else sent - written
             else:
-                if "client.first_token" not in names:
+                if CLIENT_FIRST_TOKEN not in names:
                     continue
-                arrived = min(p["start_ns"] for p in iv["phases"] if p["name"] == "client.first_token")
+                arrived = min(p["start_ns"] for p in iv["phases"] if p["name"] == CLIENT_FIRST_TOKEN)
                 got = max((t for t in relay.received_ns if t <= arrived), default=None)
                 extra = None if got is None else arrived - got
             if extra is None:
