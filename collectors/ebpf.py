@@ -55,6 +55,8 @@ from ollama_tracer.collectors.probe_catalogue import DESIGN_NOTES
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.vocabulary import PROCESS_OTHER, SOURCE_EBPF
 
+PATH_BYTES = 200  # bpftrace v0.17's largest string: the file paths of openat events
+
 RAW_STDERR = capture_files.EBPF_STDERR
 HARMLESS_STDERR = re.compile(r"couldn't set RLIMIT_MEMLOCK|Attaching \d+ probes?|WARNING: Addrspace mismatch|"
                              r"Could not determine instruction boundary|^\s*tracepoint:|^\s*~+\s*$")
@@ -136,7 +138,9 @@ class EbpfCollector:
             stdout=subprocess.PIPE, stderr=capture_files.open_private(session.directory / RAW_STDERR),
             text=True, start_new_session=True,
             # Stacks are symbolized after the capture, off the observed machine's hot path.
-            env={**os.environ, "BPFTRACE_NO_USER_SYMBOLS": "1"},
+            # A file path is 64 bytes by default: a models directory under a home directory then
+            # loses the blob's digest (or "/blobs/" itself), and opens cannot be told apart.
+            env={**os.environ, "BPFTRACE_NO_USER_SYMBOLS": "1", "BPFTRACE_STRLEN": str(PATH_BYTES)},
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.write(script)

@@ -139,9 +139,13 @@ def test_blob_scans_pick_the_model_blob() -> None:
     for i, path in enumerate(["/b/blobs/sha256-cfg", "/b/blobs/sha256-model", "/b/blobs/sha256-model"]):
         events += [ProbeEvent("O", (i + 1) * MS, 1, 1, 9, 0, path), ProbeEvent("X", (i + 1) * MS + 500, 1, 1, 9, 0)]
     scans = blob_scans(events, {1: "server"}, events[0], None)
-    assert (scans["blob_opens"], scans["gguf_scans"], scans["gguf_scan_ms"]) == (3, 2, 0.001)
+    assert (scans["blob_opens"], scans["other_blob_opens"], scans["gguf_scans"], scans["gguf_scan_ms"]) == (
+        2, 1, 2, 0.001)
     # the runner's --model names the blob even when another one is opened as often
     assert blob_scans(events, {1: "server"}, events[0], None, {"/b/blobs/sha256-cfg"})["gguf_scans"] == 1
+    # v0.34 reads a metadata sidecar: the config blob is opened, the runner's GGUF blob is not
+    sidecar = blob_scans(events[:3], {1: "server"}, events[0], None, {"/b/blobs/sha256-gguf"})
+    assert (sidecar["blob_opens"], sidecar["other_blob_opens"], sidecar["gguf_scans"]) == (0, 1, 0)
 
 
 def test_catalogue_by_version_and_missing_symbols(tmp_path: Path) -> None:

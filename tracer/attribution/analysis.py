@@ -209,6 +209,7 @@ def _evidence(attribution: dict[str, Any]) -> dict[str, Any]:
             attrs = phase.get("attributes", {})
             if "gguf_scans" in attrs:
                 scans.append({"interval": interval["index"], "blob_opens": attrs.get("blob_opens"),
+                              "other_blob_opens": attrs.get("other_blob_opens"),
                               "gguf_scans": attrs["gguf_scans"], "gguf_scan_ms": attrs.get("gguf_scan_ms"),
                               "uprobe_hits": attrs.get("uprobe_hits"), "syscall_events": attrs.get("syscall_events")})
                 break

@@ -477,34 +477,37 @@ def _entries(window: list[ProbeEvent], symbols: tuple[str, ...]) -> int:
 
 def blob_scans(window: list[ProbeEvent], roles: Roles, start: ProbeEvent | None,
                end: ProbeEvent | None, model_blobs: set[str] | None = None) -> dict[str, Any]:
-    """Opens of blobs by the server during the request. Each open of the model's own blob (the one
-    a runner was started with, or failing that the blob opened most often) is one GGUF metadata
-    scan: v0.13 calls ``gguf.Open`` from ``Capabilities()`` three times per request."""
+    """Opens of the model's GGUF blob by the server during the request (``blob_opens``; the blob
+    a runner was started with, or failing that the one opened most often), and of its other
+    blobs (``other_blob_opens``: the small config and template layers, read on every request by
+    every version). Each open of the GGUF blob is one metadata scan: v0.13 calls ``gguf.Open`` from
+    ``Capabilities()`` three times per request; v0.34 reads its metadata sidecar instead."""
     if start is None:
-        return {"blob_opens": 0, "gguf_scans": 0}
+        return {"blob_opens": 0, "other_blob_opens": 0, "gguf_scans": 0}
     stop = end.time_ns if end is not None else window[-1].time_ns if window else start.time_ns
     opened: dict[tuple[int, int], ProbeEvent] = {}
+    opens: dict[str, int] = {}
     reads: list[tuple[str, int, int]] = []  # (path, open ns, close ns)
-    blob_opens = 0
     for e in window:
         if not (start.time_ns <= e.time_ns <= stop) or roles.get(e.pid) != PROCESS_SERVER:
             continue
         if e.kind == "O" and BLOB_MARKER in e.text and e.fd >= 0:
-            blob_opens += 1
+            opens[e.text] = opens.get(e.text, 0) + 1
             opened[(e.pid, e.fd)] = e
         elif e.kind == "X" and (e.pid, e.fd) in opened:
             o = opened.pop((e.pid, e.fd))
             reads.append((o.text, o.time_ns, e.time_ns))
-    if not reads:
-        return {"blob_opens": blob_opens, "gguf_scans": 0}
-    counts: dict[str, int] = {}
-    for path, _, _ in reads:
-        counts[path] = counts.get(path, 0) + 1
-    known = [p for p in counts if model_blobs and p in model_blobs]
-    model = known[0] if known else max(counts, key=lambda p: counts[p])
+    known = [path for path in opens if model_blobs and path in model_blobs]
+    if known:
+        model: str | None = known[0]
+    elif model_blobs:
+        model = None  # the runner's blob is known and was not opened: no scan
+    else:
+        model = max(opens, key=lambda path: opens[path]) if opens else None
     scans = [r for r in reads if r[0] == model]
     return {
-        "blob_opens": blob_opens,
+        "blob_opens": opens.get(model, 0) if model else 0,
+        "other_blob_opens": sum(opens.values()) - (opens.get(model, 0) if model else 0),
         "gguf_scans": len(scans),
         "gguf_scan_ms": round(sum(c - o for _, o, c in scans) / 1e6, 3),
     }
