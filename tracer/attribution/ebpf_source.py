@@ -250,8 +250,13 @@ class EbpfSource:
         evidence = blob_scans(window, ebpf.roles, found.get("R"), found.get("SW"),
                               set(ebpf.meta.get("model_blobs", [])))
         evidence.update(_probe_counts(window, found))
+        # A reload: needsReload ran (it asks llama-server's /health first unless the options alone
+        # decide) before the load; a cold load has no runner to ask.
+        needs_reload = _symbol_keys()["needs_reload"]
+        checked = "LD" in found and any(e.kind == "U" and e.text in needs_reload and e.time_ns <= found["LD"].time_ns
+                                        and ebpf.roles.get(e.pid) == PROCESS_SERVER for e in window)
         reason = ("reload: the loaded runner did not fit the request (options such as num_ctx changed, "
-                  "or its health check failed)" if "H1" in found else "cold load: no runner was loaded")
+                  "or its health check failed)" if "H1" in found or checked else "cold load: no runner was loaded")
         said = ebpf_llama_server.what_it_said(records_log, found.get("R"), found.get("SW"))
         out = []
         for phase in phases:
@@ -452,6 +457,8 @@ def _missing(interval: Interval, found: dict[str, ProbeEvent], seen: dict[str, P
     for boundary in boundaries:
         if boundary.optional or boundary.key in found or boundary.starts is None:
             continue
+        if boundary.key == "UL" and "LD" in found:
+            continue  # a runner just loaded is handed over without useLoadedRunner: load+handoff, expected
         if boundary.key in seen:
             why = ("its hit was set aside: another sequence was in the runner's batch until "
                    f"{(shared_until_ns or 0) / 1e6 - interval.start_ns / 1e6:.2f} ms into the interval, so a "

@@ -202,7 +202,9 @@ def run_iteration(client: BenchClient, index: int, warmup: bool, tracer: trace.T
 
         second_start = time.time_ns()
         second_num_ctx = opts.second_num_ctx if opts.second_num_ctx is not None else opts.num_ctx
-        second = client.stream(opts.second_prompt, opts.num_predict, second_num_ctx)
+        # "{iteration}" in the prompt makes each one its own: no runner prompt cache can serve it.
+        second = client.stream(opts.second_prompt.replace("{iteration}", str(index)), opts.num_predict,
+                               second_num_ctx)
         recorder = genai.LAST_RECORDER.get()
         first_token: int | None = None
         final: dict[str, Any] = {}

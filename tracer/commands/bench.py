@@ -51,7 +51,8 @@ class BenchCommand:
         p.add_argument("--iterations", type=positive(int), default=4, help="measured iterations (default: 4)")
         p.add_argument("--warmup", type=non_negative, default=1, help="warm-up iterations (default: 1)")
         p.add_argument("--prompt", help="first-stage prompt (default: a long story request)")
-        p.add_argument("--second-prompt", help="second-stage prompt")
+        p.add_argument("--second-prompt", help="second-stage prompt; {iteration} in it is replaced by the iteration "
+                                               "number (a prompt no prompt cache holds)")
         p.add_argument("--num-predict", type=positive(int), default=16,
                        help="second-stage num_predict, so it runs to done with timing fields (default: 16)")
         p.add_argument("--num-ctx", type=positive(int), help="options.num_ctx for both stages")
