@@ -102,6 +102,7 @@ class EbpfCollector:
         self._meta: dict[str, Any] = {}
         self._pids: set[int] = set()
         self._parents: dict[int, int | None] = {}
+        self._bpf_lost = 0  # events bpftrace said it lost ("Lost N events")
 
     def available(self) -> tuple[bool, str]:
         """The same checks as `tracer doctor`, in the same words: what is missing, then the fix."""
@@ -140,7 +141,10 @@ class EbpfCollector:
             # Stacks are symbolized after the capture, off the observed machine's hot path.
             # A file path is 64 bytes by default: a models directory under a home directory then
             # loses the blob's digest (or "/blobs/" itself), and opens cannot be told apart.
-            env={**os.environ, "BPFTRACE_NO_USER_SYMBOLS": "1", "BPFTRACE_STRLEN": str(PATH_BYTES)},
+            # A larger perf buffer (1 MiB per CPU, not 256 KiB) rides out the bursts of a cold load
+            # and of the stack samples.
+            env={**os.environ, "BPFTRACE_NO_USER_SYMBOLS": "1", "BPFTRACE_STRLEN": str(PATH_BYTES),
+                 "BPFTRACE_PERF_RB_PAGES": "256"},
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdin.write(script)
@@ -177,6 +181,10 @@ class EbpfCollector:
                     continue
                 if line.startswith("Attaching ") and line.rstrip().endswith(("probes...", "probe...")):
                     continue  # bpftrace's own banner, on stdout: not an event
+                if line.startswith("Lost ") and line.rstrip().endswith(" events"):
+                    # bpftrace's buffer overflowed: this many events are gone, boundaries among them
+                    self._bpf_lost += int(line.split()[1]) if line.split()[1].isdigit() else 0
+                    continue
                 out.write(line)
                 if line.startswith("\t") or line == "\n":
                     continue  # a stack frame, or the end of a stack
@@ -227,6 +235,7 @@ class EbpfCollector:
             if exited_early and self._directory is not None:
                 stats["error"] = self._stderr_summary(self._directory)
         stats["events"] = self._lines
+        stats["bpftrace_lost_events"] = self._bpf_lost
         if self._out is not None:
             stats.update(self._out.stats())
         if self._meta and self._directory is not None:
@@ -239,6 +248,7 @@ class EbpfCollector:
             self._meta["roles"] = {str(pid): role for pid, role in roles.items()}
             self._meta["model_blobs"] = sorted(runner_models({p for p, r in roles.items() if r != PROCESS_OTHER}))
             self._meta["profile_hz"] = self.profile_hz
+            self._meta["bpftrace_lost_events"] = self._bpf_lost
             self._write_meta()
             if self.profile_hz and self._clock is not None:
                 stats["profile_hz"] = self.profile_hz

@@ -22,7 +22,7 @@ READY = "TRACER_EBPF_READY"  # the program prints it once its probes are live
 # The fixed part of the program. Placeholders: {F} the process filter, {PRIMED} the sockets held at
 # start, {READY} the ready marker, {PROBES} the plan's probes (profile, uprobes), one per line.
 PROGRAM = Path(__file__).with_name("ebpf_program.bt")
-_PLACEHOLDER = re.compile(r"\{(F|PRIMED|READY|PROBES)\}")
+_PLACEHOLDER = re.compile(r"\{(F|PRIMED|READY|PROBES|CLEAR_SEEN)\}")
 
 
 LLAMA_SERVER = "llama-server"  # the runner of Ollama v0.30+, a process of its own
@@ -218,11 +218,22 @@ def build_script(plan: ProbePlan, profile_hz: int = 0, held: list[HeldSocket] | 
     # With the goroutine layer every uprobe also says which goroutine it ran on, and which started it.
     ids = (f' %llu %llu\\n", nsecs, pid, tid, *(uint64*)(reg("r14") + {go.g_goid}), '
            f'*(uint64*)(reg("r14") + {go.g_parent_goid})') if go else '\\n", nsecs, pid, tid'
-    for index, (symbol, (_spec, address)) in enumerate(sorted(plan.attached.items(), key=lambda i: i[1][1])):
+    for index, (symbol, (spec, address)) in enumerate(sorted(plan.attached.items(), key=lambda i: i[1][1])):
         target = plan.targets.get(symbol) or f"{plan.binary}:{address:#x}"
         # A runner library's probe fires in every process that maps it: ours only.
-        only = f" /{filt}/" if symbol in plan.targets else ""
-        lines.append(f'uprobe:{target}{only} {{ printf("U %llu %d %d {index}{ids}); }}')
+        only = f"{filt}" if symbol in plan.targets else ""
+        if spec.per_token:
+            # A per-token function fires thousands of times a second while a stream runs; only
+            # the first hit after any other event of that process is a boundary. Printing every
+            # hit overflowed bpftrace's buffer under load ("Lost N events"), and what was lost
+            # was as likely a boundary as a repeat.
+            first = f"@seen[pid, {index}] != @gen[pid]"
+            cond = f" /{only} && {first}/" if only else f" /{first}/"
+            lines.append(f'uprobe:{target}{cond} {{ @seen[pid, {index}] = @gen[pid]; '
+                         f'printf("U %llu %d %d {index}{ids}); }}')
+        else:
+            cond = f" /{only}/" if only else ""
+            lines.append(f'uprobe:{target}{cond} {{ @gen[pid]++; printf("U %llu %d %d {index}{ids}); }}')
     if go:
         goid = f'*(uint64*)(reg("r14") + {go.g_goid})'
         serve_fd = go.fd_of_conn_iface(f'reg("ax") + {go.http_conn_rwc}')
@@ -230,7 +241,9 @@ def build_script(plan: ProbePlan, profile_hz: int = 0, held: list[HeldSocket] | 
         for kind, key, fd in (("G", "serve", serve_fd), ("T", "round_trip", trip_fd)):
             lines.append(f'uprobe:{plan.binary}:{plan.goroutine_probes[key]:#x} '
                          f'{{ printf("{kind} %llu %d %d %lld %llu\\n", nsecs, pid, tid, {fd}, {goid}); }}')
-    values = {"F": filt, "PRIMED": primed, "READY": READY, "PROBES": "".join(f"{line}\n" for line in lines)}
+    values = {"F": filt, "PRIMED": primed, "READY": READY, "PROBES": "".join(f"{line}\n" for line in lines),
+              # a map no probe uses is an error to bpftrace: @seen exists only with per-token probes
+              "CLEAR_SEEN": "clear(@seen); " if any(spec.per_token for spec, _ in plan.attached.values()) else ""}
     # One pass, so that nothing filled in (a binary's path, say) is itself taken for a placeholder.
     return _PLACEHOLDER.sub(lambda found: values[found.group(1)], PROGRAM.read_text(encoding="utf-8"))
 

@@ -93,7 +93,10 @@ V0_30 = (
     ProbeSpec("completion", _L + "(*llamaServerRunner).Completion", PROCESS_SERVER, "go"),
     # llama-server: the HTTP thread takes the request, the main loop admits it into a slot.
     ProbeSpec("runner_handler", "server_routes::handle_completions_impl", PROCESS_RUNNER, "c++", library=_IMPL),
-    ProbeSpec("admit", "server_context_impl::process_single_task", PROCESS_RUNNER, "c++", library=_IMPL),
+    # process_single_task runs for every task the main loop takes, one per token while a stream
+    # runs: per token, though its first hit after the request arrives is the admission.
+    ProbeSpec("admit", "server_context_impl::process_single_task", PROCESS_RUNNER, "c++", per_token=True,
+              library=_IMPL),
     ProbeSpec("slot", "server_context_impl::launch_slot_with_task", PROCESS_RUNNER, "c++", library=_IMPL),
     # llama_decode is never called by llama-server; llama_process is its batch entry (prefill, then a decode
     # per token).

@@ -202,7 +202,8 @@ class EbpfSource:
         if found:
             matching["matched"] += 1
         phases = self._phases(found)
-        matching["missing"] = _missing(interval, found, seen, BOUNDARIES, shared_until)
+        matching["missing"] = _missing(interval, found, seen, BOUNDARIES, shared_until,
+                                       int(ebpf.meta.get("bpftrace_lost_events") or 0))
         if "LD" in found:
             # needsReload ran first: a runner was loaded but unusable for this request (different
             # options such as num_ctx, or a failed health check). Otherwise nothing was loaded.
@@ -246,7 +247,8 @@ class EbpfSource:
         if found:
             matching["matched"] += 1
         phases = self._phases(found, LLAMA_SERVER_BOUNDARIES)
-        matching["missing"] = _missing(interval, found, found, LLAMA_SERVER_BOUNDARIES, None)
+        matching["missing"] = _missing(interval, found, found, LLAMA_SERVER_BOUNDARIES, None,
+                                       int(ebpf.meta.get("bpftrace_lost_events") or 0))
         evidence = blob_scans(window, ebpf.roles, found.get("R"), found.get("SW"),
                               set(ebpf.meta.get("model_blobs", [])))
         evidence.update(_probe_counts(window, found))
@@ -447,7 +449,7 @@ class EbpfSource:
 
 
 def _missing(interval: Interval, found: dict[str, ProbeEvent], seen: dict[str, ProbeEvent],
-             boundaries: tuple[Boundary, ...], shared_until_ns: int | None) -> list[dict[str, Any]]:
+             boundaries: tuple[Boundary, ...], shared_until_ns: int | None, lost: int = 0) -> list[dict[str, Any]]:
     """Each boundary that should have been found in this interval and was not, and why: its
     neighbours then merge (``a+b``). ``seen``: the boundaries before hits were set aside as another
     request's or sequence's; ``shared_until_ns``: until when another sequence shared the runner."""
@@ -466,6 +468,8 @@ def _missing(interval: Interval, found: dict[str, ProbeEvent], seen: dict[str, P
                    "its hit was set aside as another request's")
         else:
             why = "no hit of its probe or syscall stand-in after the boundary before it"
+            if lost:
+                why += f" (bpftrace lost {lost} events in this capture: it may be among them)"
         out.append({"interval": interval.index, "boundary": boundary.key, "phase": boundary.starts, "why": why})
     return out
 
