@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 from ollama_tracer import __version__
 from ollama_tracer.attribution.analysis import ExportData
+from ollama_tracer.units import accuracy_statement
 from ollama_tracer.units import format_ms as _ms
 from ollama_tracer.vocabulary import PROCESS_CLIENT, PROCESS_PROXY, PROCESS_RUNNER, PROCESS_SERVER
 
@@ -300,7 +301,10 @@ def _summary(attribution: dict[str, Any]) -> str:
     caption = (f"{_e(summary['intervals'])} interval(s), median {_ms(interval.get('median_ms'))} ms, "
                f"coverage {_percent(summary.get('coverage'))}"
                + (f"; {_e(excluded)} warm-up interval(s) excluded" if excluded else ""))
-    return ("<section id='summary'>\n<h2>Summary</h2>\n<table class='summary'>"
+    statement = accuracy_statement()
+    return ("<section id='summary'>\n<h2>Summary</h2>\n"
+            + (f"<p class='muted'>{_e(statement)}</p>\n" if statement else "")
+            + "<table class='summary'>"
             f"<caption class='muted'>{caption}</caption><tr><th>phase</th><th>process</th><th>source</th>"
             "<th class='num'>median ms</th><th class='num'>p95 ms</th><th class='num'>share</th></tr>"
             + "".join(rows) + "</table>\n</section>\n")

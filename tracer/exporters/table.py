@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from ollama_tracer.attribution.analysis import ExportData
+from ollama_tracer.units import accuracy_statement
 from ollama_tracer.units import format_ms as _ms
 from rich.console import Console
 from rich.table import Table
@@ -67,6 +68,9 @@ def render(outfile: TextIO, data: ExportData, show: tuple[str, ...] = ()) -> Non
     table.add_row("interval", "", "", _ms(interval["median_ms"]), _ms(interval["p95_ms"]), "100.0 %", *blanks,
                   style="bold")
     console.print(table)
+    statement = accuracy_statement()
+    if statement:
+        console.print(f"({statement})", highlight=False)
     excluded = summary.get("warmup_intervals_excluded")
     if excluded:
         console.print(f"({excluded} warm-up interval(s) excluded from the summary)")
