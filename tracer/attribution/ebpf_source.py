@@ -417,7 +417,7 @@ class EbpfSource:
         if eof is None:
             return None
         keys = _symbol_keys()
-        if (meta or {}).get("plan", {}).get("design") == "llama-server":
+        if ((meta or {}).get("plan") or {}).get("design") == "llama-server":
             removed = ebpf_llama_server.completion_closed(events, roles, eof)
             end_note = "llama-server saw the request's /completion connection close"
         elif concurrent and interval.cancelled is not None:
