@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.conftest import run_tracer
+from tests.conftest import heal_testbed, run_tracer
 
 pytestmark = pytest.mark.integration
 
@@ -86,11 +88,21 @@ def relay(testbed: dict[str, Any]) -> Iterator[StallingRelay]:
     relay.close()
 
 
-def test_a_stall_keeps_the_iterations_measured_before_it(relay: StallingRelay, tmp_path: Path) -> None:
+def test_a_stall_keeps_the_iterations_measured_before_it(relay: StallingRelay, testbed: dict[str, Any],
+                                                          tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = run_tracer("bench", "interrupt", "--host", f"http://127.0.0.1:{relay.port}", "--model", MODEL,
-                      "--client", "http", "--warmup", "1", "--iterations", "4", "--interrupt-after-ms", "200",
-                      "--request-timeout", "5", "--json", str(out), timeout=180)
+
+    def bench() -> subprocess.CompletedProcess[str]:
+        return run_tracer("bench", "interrupt", "--host", f"http://127.0.0.1:{relay.port}", "--model", MODEL,
+                          "--client", "http", "--warmup", "1", "--iterations", "4", "--interrupt-after-ms", "200",
+                          "--request-timeout", "5", "--json", str(out), timeout=180)
+
+    proc = bench()
+    if relay.generates < relay.stall_at:  # Ollama's own interrupt stall came first (README): heal, once more
+        print(f"\nNOTE: Ollama stalled before the injected stall: {proc.stderr.strip()[-200:]}", file=sys.stderr)
+        heal_testbed(testbed)
+        relay.generates = 0
+        proc = bench()
     assert proc.returncode == 11, proc.stderr  # SERVER_STALLED
     assert "accepted a request and then sent nothing for 5 s" in proc.stderr
     assert "Ollama 0.13.5 at" in proc.stderr and "v0.13.x" in proc.stderr  # what is known of this version's stalls
