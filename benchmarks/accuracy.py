@@ -8,19 +8,35 @@ Each case causes one thing in one place and checks the phase it must land in:
   send, on one clock);
 * ``response path``: the relay holds the first response bytes for 40 ms → ``server.stream`` grows
   by what it added (the relay's receipt of them → their arrival at the client);
+* ``inside the client``: the user's own httpx transport holds each response's first body chunk for
+  40 ms after it arrived (``tests/targets/slow_delivery.py``) → ``client.first_token`` grows by
+  what the script measured around its sleep;
 * ``prefill``: a second prompt about 700 tokens longer → ``runner.prefill`` grows by what the
   runner itself says it spent on the extra tokens (``prompt_eval_duration`` of the answered
   requests: the per-token cost measured, not assumed; the one case whose truth is the server's
   own clock, not ours);
-* ``reload (options)``: the second request asks for another ``num_ctx`` → every interval has
-  ``server.model_load`` with the reason "reload", and the diagnosis names it;
-* ``cold load``: the interrupted request has ``keep_alive: 0`` → every interval has
-  ``server.model_load`` with the reason "cold load".
+* ``slot wait``: the relay holds the client's close of the interrupted stream for 40 ms, on a
+  server with two slots and on one with one (``OLLAMA_NUM_PARALLEL=1``), where the cancelled
+  request keeps the only slot that long and the next request waits for it → the wait phases
+  (``server.runner_wait``, the server's own per-runner semaphore, and ``runner.admit``, v0.13's
+  runner's) grow by what the whole interval grew on the client's clock;
+* ``model loads``, each named with its reason in every interval where the truth says one
+  happened, and timed against the interval's growth on the client's clock over a warm baseline
+  of the same script:
+  ``reload (options)`` (the second request asks for another ``num_ctx``; the reload waits for the
+  interrupted request's teardown), ``expired`` (the interrupted request has ``keep_alive: 0``),
+  ``cold`` and ``evicted`` (``OLLAMA_MAX_LOADED_MODELS=1``, the second request on the other
+  model: it evicts the interrupted one's runner while that request is torn down; its own was
+  evicted a round before; the eviction's wait is scheduling, so there the truth is
+  ``server.schedule`` + ``server.model_load``);
+* ``several clients``: two clients at once (``OLLAMA_NUM_PARALLEL=2``), one through a relay
+  holding its requests for 40 ms → that client's ``server.receive`` grows by what the relay added,
+  the other's does not.
 
 Target: every timed case within 1 ms or 5 % (the larger), or three times the phase's own noise on
 a loaded machine (printed as the bound). Prints one table per version.
 
-    python3 benchmarks/accuracy.py --versions 0.13.5,0.34.4 [--record]
+    python3 benchmarks/accuracy.py --versions 0.13.5,0.34.4 [--record] [--cases request,slot]
 
 ``--record`` writes the summary every report's header quotes (``tracer/accuracy.json``).
 """
@@ -28,22 +44,42 @@ a loaded machine (printed as the bound). Prints one table per version.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ollama_tracer.testbed.relay import REQUEST, RESPONSE, delay_bound_ms, measure_injected_delay
+from ollama_tracer.capture.directory import load_capture_meta, load_records
+from ollama_tracer.collectors.ebpf_events import EbpfRecords
+from ollama_tracer.testbed.relay import CLOSE, REQUEST, RESPONSE, DelayRelay, delay_bound_ms, measure_injected_delay
+from ollama_tracer.testbed.runtime import models_respond, server_files, start_ollama
+from ollama_tracer.vocabulary import (
+    CLIENT_FIRST_TOKEN,
+    CLIENT_REQUEST,
+    RUNNER_ADMIT,
+    RUNNER_PREFILL,
+    SERVER_MODEL_LOAD,
+    SERVER_RECEIVE,
+    SERVER_RUNNER_WAIT,
+    SERVER_SCHEDULE,
+    SERVER_STREAM,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = "tracer-llama:test"
+TARGETS = REPO / "tests" / "targets"
+MODEL, OTHER_MODEL = "tracer-llama:test", "tracer-gemma3:test"
+DELAY_MS = 40.0
 # ~700 tokens more, different in every iteration from its first token: llama-server's prompt
 # cache (v0.34) would otherwise serve it from the second iteration on.
 LONG_PROMPT = "{iteration} " + " ".join(["the quick brown fox jumps over the lazy dog"] * 80)
+
+Server = dict[str, Any]  # version, host; "restart": how to get a fresh one after a stall
 
 
 def _tracer(*args: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -51,34 +87,114 @@ def _tracer(*args: str, timeout: float = 900, env: dict[str, str] | None = None)
                           timeout=timeout, check=False, cwd=REPO, env=dict(os.environ, **(env or {})))
 
 
-def _server(version: str) -> dict[str, Any]:
+def _server(version: str) -> Server:
     proc = _tracer("testbed", "up", "--ollama", version, "--json", timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"testbed up --ollama {version} failed: {proc.stderr.strip()[-500:]}")
-    return next(s for s in json.loads(proc.stdout)["servers"] if s["version"] == version)
+    server = next(s for s in json.loads(proc.stdout)["servers"] if s["version"] == version)
+    return {**server, "restart": lambda: _server(version)}
 
 
-def _capture(server: dict[str, Any], out: Path, *bench: str, host: str | None = None,
-             iterations: int = 8) -> dict[str, Any]:
-    """A capture of `tracer bench interrupt`, run once more on a fresh server after a stall."""
-    args = ["capture", "-o", str(out), "--force", "--ollama-host", server["host"], "--", sys.executable, "-m",
-            "ollama_tracer", "bench", "interrupt", "--host", host or server["host"], "--model", MODEL,
-            "--iterations", str(iterations), "--interrupt-after-ms", "300", "--request-timeout", "30", *bench]
-    proc = _tracer(*args)
-    if proc.returncode == 11:  # the interrupt stall (docs/interrupt-stall.md): a fresh server, once
-        _server(server["version"])
-        proc = _tracer(*args)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the capture failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+@contextlib.contextmanager
+def _own_server(testbed: Server, work: Path, settings: dict[str, str]) -> Iterator[Server]:
+    """A server of the testbed's version and models with its own OLLAMA_* ``settings``."""
+    directory = Path(testbed["log"]).parent
+    _log, models_dir = server_files(directory, testbed["version"])
+    log = work / f"ollama-{'-'.join(f'{k}={v}' for k, v in settings.items())}.log"
+    current: dict[str, Any] = {}
+
+    def start() -> Server:
+        if current.get("managed") is not None:
+            current["managed"].stop()
+        managed, host = start_ollama(Path(testbed["binary"]), directory, lambda _m: None, log=log,
+                                     models_dir=models_dir, settings=settings)
+        current.update(managed=managed, server={**testbed, "host": host, "pid": managed.pid, "log": str(log),
+                                                "restart": start})
+        return dict(current["server"])
+
+    try:
+        yield start()
+    finally:
+        current["managed"].stop()
+
+
+def _attribution(out: Path) -> dict[str, Any]:
     return dict(json.loads((out / "attribution.json").read_text()))
 
 
+def _capture(server: Server, out: Path, *bench: str, host: str | None = None,
+             iterations: int = 8) -> dict[str, Any]:
+    """A capture of `tracer bench interrupt`, run once more on a fresh server after a stall."""
+    def args() -> list[str]:
+        return ["capture", "-o", str(out), "--force", "--ollama-host", server["host"], "--", sys.executable, "-m",
+                "ollama_tracer", "bench", "interrupt", "--host", host or server["host"], "--model", MODEL,
+                "--iterations", str(iterations), "--interrupt-after-ms", "300", "--request-timeout", "30", *bench]
+    proc = _tracer(*args())
+    if proc.returncode == 11 and server.get("restart"):  # the interrupt stall (docs/interrupt-stall.md): once more
+        server.update(server["restart"]())
+        proc = _tracer(*args())
+    if proc.returncode != 0:
+        raise RuntimeError(f"the capture failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+    return _attribution(out)
+
+
+def _capture_target(server: Server, out: Path, target: str, *argv: str, **env: str) -> dict[str, Any]:
+    """A capture of one of the unmodified scripts in tests/targets; once more on a fresh server when
+    it failed because the server stalled (docs/interrupt-stall.md)."""
+    def once() -> subprocess.CompletedProcess[str]:
+        return _tracer("capture", "-o", str(out), "--force", "--ollama-host", server["host"], "--", sys.executable,
+                       str(TARGETS / target), *argv,
+                       env={"OLLAMA_HOST": server["host"], "TARGET_TIMEOUT_S": "30", **env})
+    proc = once()
+    if proc.returncode != 0 and server.get("restart") and not models_respond(server["host"], [MODEL], timeout_s=15):
+        server.update(server["restart"]())
+        proc = once()
+    if proc.returncode != 0:
+        raise RuntimeError(f"the capture of {target} failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+    return _attribution(out)
+
+
 def _measured(attribution: dict[str, Any]) -> list[dict[str, Any]]:
-    return [iv for iv in attribution["intervals"] if not iv["warmup"]]
+    return [iv for iv in attribution["intervals"] if not iv["warmup"] and iv["kind"] == "interrupt"]
 
 
-def _phase_ms(interval: dict[str, Any], name: str) -> float:
-    return sum(p["duration_ms"] for p in interval["phases"] if p["name"] == name)
+def _names_in(name: str) -> list[str]:
+    """The phases a (possibly merged) phase name stands for: ``server.model_load+handoff`` →
+    ``server.model_load``, ``server.handoff``."""
+    head, *rest = name.split("+")
+    prefix = head.split(".", 1)[0]
+    return [head, *(part if "." in part else f"{prefix}.{part}" for part in rest)]
+
+
+def _phase_ms(interval: dict[str, Any], *names: str) -> float:
+    """The time of the phases ``names``, merged ones included (a merge holds what its parts would)."""
+    return sum(p["duration_ms"] for p in interval["phases"] if set(_names_in(p["name"])) & set(names))
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    quartiles = statistics.quantiles(values, n=4)
+    return quartiles[2] - quartiles[0]
+
+
+def _grew_most(baseline: list[dict[str, Any]], changed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The phase whose median grew most from ``baseline`` to ``changed``: what the attribution
+    itself says the injected time became, whatever the case expects."""
+    def medians(intervals: list[dict[str, Any]]) -> dict[str, float]:
+        names = {p["name"] for iv in intervals for p in iv["phases"]}
+        return {name: statistics.median(sum(p["duration_ms"] for p in iv["phases"] if p["name"] == name)
+                                        for iv in intervals) for name in names}
+    before, after = medians(baseline), medians(changed)
+    growth = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in set(before) | set(after)}
+    name = max(growth, key=lambda n: growth[n], default="")
+    return {"grew_most": name, "grew_most_ms": round(growth.get(name, 0.0), 3)}
+
+
+def _row(case: str, phase: str, injected: float, grew: float, noise: float, **extra: Any) -> dict[str, Any]:
+    bound = delay_bound_ms(injected, noise)
+    return {"case": case, "phase": phase, "injected_ms": injected, "grew_ms": grew, "error_ms": grew - injected,
+            "bound_ms": bound, "ok": abs(grew - injected) <= bound, **extra}
 
 
 def _prompt_eval_ms(out: Path) -> list[float]:
@@ -91,69 +207,234 @@ def _prompt_eval_ms(out: Path) -> list[float]:
     return values
 
 
-def relay_case(server: dict[str, Any], work: Path, direction: str, phase: str) -> dict[str, Any]:
+def relay_case(server: Server, work: Path, direction: str, phase: str) -> dict[str, Any]:
     def capture(out: Path, host: str) -> dict[str, Any]:
         return _capture(server, out, host=host, iterations=6)
 
     case = measure_injected_delay(capture, int(server["host"].rsplit(":", 1)[1]), work, phase=phase,
                                   direction=direction)
+    arms = [_measured(_attribution(work / label)) for label in ("baseline", "delayed")]
     return {"case": f"{direction} path (relay, 40 ms)", "phase": phase, "injected_ms": case.injected_ms,
             "grew_ms": case.grew_ms, "error_ms": case.error_ms, "bound_ms": case.bound_ms,
-            "ok": abs(case.error_ms) <= case.bound_ms}
+            "ok": abs(case.error_ms) <= case.bound_ms, **_grew_most(*arms)}
 
 
-def prefill_case(server: dict[str, Any], work: Path) -> dict[str, Any]:
-    prefill, runner_says, spreads = {}, {}, []
+def client_case(server: Server, work: Path) -> dict[str, Any]:
+    """The user's HTTP layer holds the first chunk: client.first_token grows by the held time."""
+    medians, truth, spreads, arms = {}, {}, [], []
+    for label, delay in (("baseline", "0"), ("delayed", str(DELAY_MS))):
+        out, held = work / f"client-{label}", work / f"client-{label}.truth"
+        attribution = _capture_target(server, out, "slow_delivery.py", MODEL, TARGET_ITERATIONS="6",
+                                      TARGET_DELIVERY_DELAY_MS=delay, TARGET_TRUTH=str(held))
+        arms.append(_measured(attribution))
+        values = [_phase_ms(iv, CLIENT_FIRST_TOKEN) for iv in arms[-1]]
+        if len(values) < 3:
+            raise ValueError(f"{label}: only {len(values)} interrupt interval(s)")
+        medians[label], spreads = statistics.median(values), [*spreads, _iqr(values)]
+        sleeps = [int(line) / 1e6 for line in held.read_text().split()] if held.exists() else []
+        truth[label] = statistics.median(sleeps) if sleeps else 0.0
+    return _row("inside the client (first chunk, 40 ms)", CLIENT_FIRST_TOKEN, truth["delayed"] - truth["baseline"],
+                medians["delayed"] - medians["baseline"], max(spreads), **_grew_most(*arms))
+
+
+def prefill_case(server: Server, work: Path) -> dict[str, Any]:
+    prefill, runner_says, spreads, arms = {}, {}, [], []
     for label, prompt in (("short", "{iteration} and again"), ("long", LONG_PROMPT)):
         out = work / f"prefill-{label}"
-        values = [_phase_ms(iv, "runner.prefill") for iv in _measured(_capture(server, out, "--second-prompt", prompt))]
+        arms.append(_measured(_capture(server, out, "--second-prompt", prompt)))
+        values = [_phase_ms(iv, RUNNER_PREFILL) for iv in arms[-1]]
         prefill[label], runner_says[label] = statistics.median(values), statistics.median(_prompt_eval_ms(out))
-        quartiles = statistics.quantiles(values, n=4)
-        spreads.append(quartiles[2] - quartiles[0])
-    grew, injected = prefill["long"] - prefill["short"], runner_says["long"] - runner_says["short"]
-    bound = delay_bound_ms(injected, max(spreads))
-    return {"case": "prefill (+~700 prompt tokens)", "phase": "runner.prefill", "injected_ms": injected,
-            "grew_ms": grew, "error_ms": grew - injected, "bound_ms": bound, "ok": abs(grew - injected) <= bound}
+        spreads.append(_iqr(values))
+    return _row("prefill (+~700 prompt tokens)", RUNNER_PREFILL, runner_says["long"] - runner_says["short"],
+                prefill["long"] - prefill["short"], max(spreads), **_grew_most(*arms))
 
 
-def load_case(server: dict[str, Any], work: Path, kind: str) -> dict[str, Any]:
-    out = work / f"load-{kind}"
-    if kind == "reload":
-        attribution = _capture(server, out, "--num-ctx", "2048", "--second-num-ctx", "4096", iterations=4)
-        want = "reload"
-    else:
-        target = str(REPO / "tests" / "targets" / "cold_then_interrupt.py")
-        proc = _tracer("capture", "-o", str(out), "--force", "--ollama-host", server["host"], "--", sys.executable,
-                       target, MODEL, env={"OLLAMA_HOST": server["host"], "TARGET_ITERATIONS": "4"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"the cold-load capture failed: {proc.stderr.strip()[-400:]}")
-        attribution = json.loads((out / "attribution.json").read_text())
-        want = "cold load"
-    intervals = [iv for iv in _measured(attribution) if iv["kind"] == "interrupt"]
-    loads = [next((p for p in iv["phases"] if p["name"].startswith("server.model_load")), None) for iv in intervals]
-    named = [p for p in loads if p is not None and p.get("attributes", {}).get("reason", "").startswith(want)]
-    causes = {f["cause"] for f in attribution.get("diagnosis", [])}
-    cause = "model_reload" if kind == "reload" else "cold_load"
-    return {"case": f"model load ({want})", "phase": "server.model_load",
-            "injected_ms": None, "grew_ms": statistics.median(p["duration_ms"] for p in named) if named else None,
-            "error_ms": None, "bound_ms": None, "named": f"{len(named)}/{len(intervals)}",
-            "ok": bool(intervals) and len(named) == len(intervals) and cause in causes}
-
-
-def run(version: str) -> list[dict[str, Any]]:
-    server = _server(version)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        for name, step in (("request", lambda: relay_case(server, work / "req", REQUEST, "server.receive")),
-                           ("response", lambda: relay_case(server, work / "resp", RESPONSE, "server.stream")),
-                           ("prefill", lambda: prefill_case(server, work)),
-                           ("reload", lambda: load_case(server, work, "reload")),
-                           ("cold", lambda: load_case(server, work, "cold"))):
-            print(f"accuracy: {version}: {name} …", file=sys.stderr, flush=True)
+def slot_case(server: Server, work: Path) -> dict[str, Any]:
+    """The interrupt reaches the server 40 ms late (the relay holds the client's close), on two
+    servers that differ in one setting: with two slots the next request starts at once, with one
+    (OLLAMA_NUM_PARALLEL=1) it waits until the cancelled request gives its slot back. Both arms
+    have the cancelled sequence generating 40 ms longer (the same CPU contention), so what the
+    interval grew on the client's own clock is the slot wait, and the wait phases must hold it."""
+    # The server's own per-runner semaphore holds it (both versions), and on v0.13 the runner's
+    # may hold it a little longer once the server let it through: the wait is both.
+    phases = (SERVER_RUNNER_WAIT, RUNNER_ADMIT)
+    waits, totals, spreads, held, arms = {}, {}, [], [], []
+    for label, slots in (("two slots", "2"), ("one slot", "1")):
+        with _own_server(server, work, {"OLLAMA_NUM_PARALLEL": slots}) as own:
+            relay = DelayRelay(int(own["host"].rsplit(":", 1)[1]), DELAY_MS / 1000, CLOSE)
             try:
-                rows.append(step())
-            except (RuntimeError, ValueError) as err:
+                intervals = _measured(_capture(own, work / f"slot-{slots}", host=relay.url, iterations=6))
+            finally:
+                relay.close()
+        if len(intervals) < 3:
+            raise ValueError(f"{label}: only {len(intervals)} interrupt interval(s)")
+        arms.append(intervals)
+        waits[label] = statistics.median(_phase_ms(iv, *phases) for iv in intervals)
+        totals[label] = statistics.median(iv["duration_ms"] for iv in intervals)
+        spreads.append(_iqr([_phase_ms(iv, *phases) - iv["duration_ms"] for iv in intervals]))
+        held += [(sent - seen) / 1e6 for seen, sent in relay.closes_ns]
+    return _row("slot wait (1 slot vs 2, close 40 ms late)", "+".join(phases),
+                totals["one slot"] - totals["two slots"], waits["one slot"] - waits["two slots"], max(spreads),
+                close_held_ms=statistics.median(held) if held else 0.0, **_grew_most(*arms))
+
+
+def _loads(interval: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in interval["phases"] if SERVER_MODEL_LOAD in _names_in(p["name"])]
+
+
+def _teardown_overlaps(interval: dict[str, Any]) -> bool:
+    """Did the interrupted request's teardown (server.cancel) overlap the model load?"""
+    loads = _loads(interval)
+    return bool(loads) and any(c["start_ns"] < loads[0]["end_ns"] and c["end_ns"] > loads[0]["start_ns"]
+                               for c in interval.get("off_critical_path", []))
+
+
+def _load_row(case: str, want: str, cause: str, loaded: list[dict[str, Any]], warm: list[dict[str, Any]],
+              diagnosis: list[dict[str, Any]], truth_phases: tuple[str, ...] = (SERVER_MODEL_LOAD,)) -> dict[str, Any]:
+    """Every interval in ``loaded`` had a load (the case's truth) and must name it ``want``; the
+    phases ``truth_phases`` must have grown by what the interval grew over the warm baseline."""
+    named = [iv for iv in loaded if any(p.get("attributes", {}).get("reason", "").startswith(want)
+                                         for p in _loads(iv))]
+    if len(loaded) < 1 or len(warm) < 3:
+        raise ValueError(f"{case}: {len(loaded)} interval(s) with a load, {len(warm)} warm ones")
+    grew = (statistics.median(_phase_ms(iv, *truth_phases) for iv in loaded)
+            - statistics.median(_phase_ms(iv, *truth_phases) for iv in warm))
+    injected = statistics.median(iv["duration_ms"] for iv in loaded) - statistics.median(
+        iv["duration_ms"] for iv in warm)
+    noise = max(_iqr([_phase_ms(iv, *truth_phases) - iv["duration_ms"] for iv in group]) for group in (loaded, warm))
+    row = _row(f"model load ({want})", "+".join(truth_phases), injected, grew, noise,
+               named=f"{len(named)}/{len(loaded)}", overlapping_teardown=sum(map(_teardown_overlaps, loaded)),
+               **_grew_most(warm, loaded))
+    row["ok"] = row["ok"] and len(named) == len(loaded) and cause in {f["cause"] for f in diagnosis}
+    return {**row, "case": case}
+
+
+def _warm(out: Path, intervals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The baseline's intervals in which no runner started (its own first load is not warm)."""
+    return [iv for iv in intervals if not _started_runner(out, iv)]
+
+
+def reload_case(server: Server, work: Path) -> dict[str, Any]:
+    warm = _warm(work / "reload-warm", _measured(_capture(server, work / "reload-warm", "--num-ctx", "2048",
+                                                          iterations=6)))
+    attribution = _capture(server, work / "reload", "--num-ctx", "2048", "--second-num-ctx", "4096", iterations=6)
+    return _load_row("model load (reload: num_ctx)", "reload", "model_reload", _measured(attribution), warm,
+                     attribution.get("diagnosis", []))
+
+
+def expired_case(server: Server, work: Path) -> dict[str, Any]:
+    warm = _warm(work / "expired-warm", _measured(_capture_target(
+        server, work / "expired-warm", "cold_then_interrupt.py", MODEL, TARGET_ITERATIONS="6",
+        TARGET_KEEP_ALIVE="5m")))
+    attribution = _capture_target(server, work / "expired", "cold_then_interrupt.py", MODEL, TARGET_ITERATIONS="6")
+    # keep_alive 0 unloads when the interrupted request ends; a next request that arrives before
+    # that finds the runner still loaded. The truth: a runner started inside the interval.
+    loaded = [iv for iv in _measured(attribution) if _started_runner(work / "expired", iv)]
+    return _load_row("model load (expired: keep_alive 0)", "expired", "model_expired", loaded, warm,
+                     attribution.get("diagnosis", []))
+
+
+def _started_runner(out: Path, interval: dict[str, Any]) -> bool:
+    """Ground truth from the capture's own eBPF events, not the attribution: a runner process was
+    first seen inside the interval."""
+    ebpf = load_records(out, load_capture_meta(out)).get(EbpfRecords)
+    if ebpf is None:
+        return False
+    first: dict[int, int] = {}
+    for event in ebpf.events:
+        first.setdefault(event.pid, event.time_ns)
+    return any(interval["start_ns"] <= t <= interval["end_ns"] for pid, t in first.items()
+               if ebpf.roles.get(pid) == "runner")
+
+
+def evicted_cases(server: Server, work: Path) -> list[dict[str, Any]]:
+    models = f"{MODEL},{OTHER_MODEL}"
+    warm = _warm(work / "evict-warm", _measured(_capture_target(server, work / "evict-warm", "alternate_models.py",
+                                                                models, TARGET_ITERATIONS="7")))
+    with _own_server(server, work, {"OLLAMA_MAX_LOADED_MODELS": "1"}) as single:
+        attribution = _capture_target(single, work / "evict", "alternate_models.py", models, TARGET_ITERATIONS="7")
+    intervals, diagnosis = _measured(attribution), attribution.get("diagnosis", [])
+    # Per model: the second request's model alternates, and so does the cost of loading it.
+    rows = []
+    first = [iv for iv in intervals if iv["model"] == intervals[0]["model"]][:1] if intervals else []
+    cold_warm = [iv for iv in warm if iv["model"] == (first[0]["model"] if first else None)]
+    rows.append(_load_row("model load (cold: first in the capture)", "cold", "cold_load", first, cold_warm,
+                          diagnosis, truth_phases=(SERVER_SCHEDULE, SERVER_MODEL_LOAD)))
+    for model in (MODEL, OTHER_MODEL):  # each model's runner is evicted by the other's, a round before
+        later = [iv for iv in intervals if iv["model"] == model and iv not in first]
+        rows.append(_load_row(f"model load (evicted: {model.split(':')[0]})", "evicted", "model_evicted", later,
+                              [iv for iv in warm if iv["model"] == model], diagnosis,
+                              truth_phases=(SERVER_SCHEDULE, SERVER_MODEL_LOAD)))
+    return rows
+
+
+def clients_cases(server: Server, work: Path) -> list[dict[str, Any]]:
+    """Two clients at once, on a two-slot server; the first through a relay holding its requests."""
+    rows: dict[str, dict[str, list[Any]]] = {}
+    with _own_server(server, work, {"OLLAMA_NUM_PARALLEL": "2", "OLLAMA_MAX_LOADED_MODELS": "2"}) as two:
+        port = int(two["host"].rsplit(":", 1)[1])
+        for label, delay in (("baseline", 0.0), ("delayed", DELAY_MS / 1000)):
+            relay, truth = DelayRelay(port, delay, REQUEST), work / f"clients-{label}.truth"
+            try:
+                attribution = _capture_target(two, work / f"clients-{label}", "concurrent_interrupts.py",
+                                              f"{MODEL},{MODEL}", TARGET_ROUNDS="6", TARGET_TRUTH=str(truth),
+                                              TARGET_HOSTS=f"{relay.url},{two['host']}")
+            finally:
+                relay.close()
+            relayed_threads = {int(line.split()[0]) for line in truth.read_text().splitlines()
+                               if line.split()[1:] == [relay.url]}
+            for iv in _measured(attribution):
+                who = "relayed" if iv.get("client", {}).get("thread") in relayed_threads else "direct"
+                slot = rows.setdefault(f"{who}-{label}", {"phase": [], "added": [], "noise": [], "intervals": []})
+                added = 0.0
+                if who == "relayed":
+                    written = max((p["end_ns"] for p in iv["phases"] if p["name"] == CLIENT_REQUEST), default=None)
+                    sent = min((t for t in relay.sent_ns if written is not None and t >= written), default=None)
+                    if written is None or sent is None:
+                        continue
+                    added = (sent - written) / 1e6
+                slot["intervals"].append(iv)
+                slot["phase"].append(_phase_ms(iv, SERVER_RECEIVE))
+                slot["added"].append(added)
+                slot["noise"].append(_phase_ms(iv, SERVER_RECEIVE) - added)
+    out = []
+    for who, case in (("relayed", "several clients: the delayed one"), ("direct", "several clients: the other one")):
+        base, delayed = rows.get(f"{who}-baseline"), rows.get(f"{who}-delayed")
+        if not base or not delayed or min(len(base["phase"]), len(delayed["phase"])) < 3:
+            raise ValueError(f"{case}: too few intervals")
+        out.append(_row(case, SERVER_RECEIVE,
+                        statistics.median(delayed["added"]) - statistics.median(base["added"]),
+                        statistics.median(delayed["phase"]) - statistics.median(base["phase"]),
+                        max(_iqr(base["noise"]), _iqr(delayed["noise"])),
+                        **_grew_most(base["intervals"], delayed["intervals"])))
+    return out
+
+
+CASES: dict[str, Callable[[Server, Path], dict[str, Any] | list[dict[str, Any]]]] = {
+    "request": lambda server, work: relay_case(server, work / "req", REQUEST, SERVER_RECEIVE),
+    "response": lambda server, work: relay_case(server, work / "resp", RESPONSE, SERVER_STREAM),
+    "client": client_case,
+    "prefill": prefill_case,
+    "slot": slot_case,
+    "reload": reload_case,
+    "expired": expired_case,
+    "evicted": evicted_cases,
+    "clients": clients_cases,
+}
+
+
+def run(version: str, cases: list[str], keep: Path | None = None) -> list[dict[str, Any]]:
+    server = _server(version)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = keep / version if keep is not None else Path(tmp)
+        for name in cases:
+            print(f"accuracy: {version}: {name} …", file=sys.stderr, flush=True)
+            (work / name).mkdir(parents=True, exist_ok=True)
+            try:
+                result = CASES[name](server, work / name)
+                rows.extend(result if isinstance(result, list) else [result])
+            except (RuntimeError, ValueError, OSError) as err:
                 rows.append({"case": name, "phase": "", "ok": False, "error": str(err)})
     return rows
 
@@ -185,14 +466,22 @@ def _fmt(value: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--versions", default="0.13.5,0.34.4", help="testbed Ollama versions, comma-separated")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"which cases, comma-separated (default: all of "
+                        f"{', '.join(CASES)})")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep every capture under DIR/VERSION/CASE (default: a temporary directory)")
     parser.add_argument("--record", action="store_true",
                         help=f"write the summary the reports quote into {RECORD.relative_to(REPO)}")
     args = parser.parse_args()
-    results = {version: run(version) for version in args.versions.split(",")}
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; the cases are {', '.join(CASES)}")
+    results = {version: run(version, cases, args.keep) for version in args.versions.split(",")}
     for version, rows in results.items():
         print(f"\nOllama {version}")
-        print(f"{'case':34} {'phase':20} {'injected ms':>12} {'grew ms':>9} {'error ms':>9} {'bound ms':>9}  result"
+        print(f"{'case':46} {'phase':34} {'injected ms':>12} {'grew ms':>9} {'error ms':>9} {'bound ms':>9}  result"
               "  (target: 1 ms or 5 %; bound: the target, or 3x the phase's own noise when larger)")
         for row in rows:
             verdict = "WRONG" if not row["ok"] else "ok"
@@ -200,8 +489,10 @@ def main() -> int:
                 target = max(1.0, 0.05 * abs(row["injected_ms"]))
                 verdict = "ok, on target" if abs(row["error_ms"]) <= target else "ok within the noise, off target"
             extra = f" (named in {row['named']} intervals)" if "named" in row else ""
+            if row.get("grew_most"):
+                extra += f"; grew most: {row['grew_most']} {row['grew_most_ms']:+.2f} ms"
             extra += f" ({row['error']})" if "error" in row else ""
-            print(f"{row['case']:34} {row['phase']:20} {_fmt(row.get('injected_ms')):>12} "
+            print(f"{row['case']:46} {row['phase']:34} {_fmt(row.get('injected_ms')):>12} "
                   f"{_fmt(row.get('grew_ms')):>9} {_fmt(row.get('error_ms')):>9} {_fmt(row.get('bound_ms')):>9}  "
                   f"{verdict}{extra}")
     if args.json:

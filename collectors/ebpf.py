@@ -62,17 +62,19 @@ HARMLESS_STDERR = re.compile(r"couldn't set RLIMIT_MEMLOCK|Attaching \d+ probes?
                              r"Could not determine instruction boundary|^\s*tracepoint:|^\s*~+\s*$")
 
 
+def runner_model(pid: int) -> str | None:
+    """The model blob a runner was started with (``runner --model BLOB``, ``llama-server --model
+    BLOB``); None for the server, a process that is gone, or one without ``--model``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    return argv[argv.index("--model") + 1] if "--model" in argv[:-1] else None
+
+
 def runner_models(pids: set[int]) -> set[str]:
-    """The model blobs the runners were started with (``runner --model BLOB``)."""
-    blobs = set()
-    for pid in pids:
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "--model" in argv[:-1]:
-            blobs.add(argv[argv.index("--model") + 1])
-    return blobs
+    """The model blobs the runners were started with."""
+    return {blob for blob in map(runner_model, pids) if blob is not None}
 
 
 def find_ollama_binary(pid: int) -> Path:
@@ -102,6 +104,7 @@ class EbpfCollector:
         self._meta: dict[str, Any] = {}
         self._pids: set[int] = set()
         self._parents: dict[int, int | None] = {}
+        self._models: dict[int, str] = {}  # runner pid -> its model blob, read at first sight
         self._bpf_lost = 0  # events bpftrace said it lost ("Lost N events")
 
     def available(self) -> tuple[bool, str]:
@@ -195,6 +198,9 @@ class EbpfCollector:
                     if pid not in self._pids:
                         self._pids.add(pid)
                         self._parents[pid] = parent_pid(pid)  # whose process it is: this server's, or another's
+                        model = runner_model(pid)  # which model a runner serves, even once it has exited
+                        if model is not None:
+                            self._models[pid] = model
                         # While it runs: a runner may be gone by the time the capture stops.
                         self._maps[pid] = ebpf_profile.read_maps(pid)
                     if line.startswith("P "):
@@ -246,7 +252,9 @@ class EbpfCollector:
             server = int(self._meta["pid"])
             roles = {pid: role_of(pid, server, self._parents.get(pid)) for pid in sorted(self._pids)}
             self._meta["roles"] = {str(pid): role for pid, role in roles.items()}
-            self._meta["model_blobs"] = sorted(runner_models({p for p, r in roles.items() if r != PROCESS_OTHER}))
+            ours = {p for p, r in roles.items() if r != PROCESS_OTHER}
+            self._meta["runner_models"] = {str(p): blob for p, blob in sorted(self._models.items()) if p in ours}
+            self._meta["model_blobs"] = sorted(runner_models(ours) | set(self._meta["runner_models"].values()))
             self._meta["profile_hz"] = self.profile_hz
             self._meta["bpftrace_lost_events"] = self._bpf_lost
             self._write_meta()

@@ -151,9 +151,9 @@ CLIENT_FIRST_TOKEN: Final = "client.first_token"
 PROXY_REQUEST: Final = "proxy.request"
 PROXY_FIRST_TOKEN: Final = "proxy.first_token"
 SERVER_CANCEL: Final = "server.cancel"
-SERVER_RUNNER_HEALTH: Final = "server.runner_health"  # v0.30+: a GET /health round trip to llama-server
+SERVER_RUNNER_HEALTH: Final = "server.runner_health"  # a GET /health round trip to the runner
 SERVER_TOKENIZE: Final = "server.tokenize"  # v0.30+: the POST /tokenize round trip
-SERVER_RUNNER_WAIT: Final = "server.runner_wait"  # v0.30+: waiting for the runner's semaphore
+SERVER_RUNNER_WAIT: Final = "server.runner_wait"  # waiting for the server's per-runner semaphore
 
 # The phases of an interrupt→first-token interval in critical-path order, as docs/architecture.md lists them.
 # ``server.model_load`` (only when a runner is started) lies inside ``server.schedule``;
@@ -174,7 +174,9 @@ def merged_name(names: Sequence[str]) -> str:
     ``server.receive+decode``; ``server.handoff`` + ``runner.admit`` → ``server.handoff+runner.admit``."""
     out = names[0]
     prefix = names[0].split(".", 1)[0]
-    for name in names[1:]:
+    for i, name in enumerate(names[1:], 1):
+        if name in names[:i]:
+            continue  # a phase that comes twice (v0.30+'s two hand-off steps) is named once
         head, _, tail = name.partition(".")
         out += "+" + (tail if head == prefix else name)
     return out

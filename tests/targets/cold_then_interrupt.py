@@ -2,7 +2,8 @@
 
 ``keep_alive: 0`` unloads the model as soon as its request ends (Ollama's documented way to
 free memory), and an interrupted request ends at the interrupt: the next request starts the
-runner from scratch, inside the interrupt interval (a cold start).
+runner from scratch, inside the interrupt interval (a cold start). ``TARGET_KEEP_ALIVE`` sets
+another keep_alive (the harness's warm baseline: ``5m``).
 """
 
 import os
@@ -15,8 +16,10 @@ import ollama
 def main() -> None:
     model = sys.argv[1] if len(sys.argv) > 1 else "tracer-llama:test"
     client = ollama.Client(timeout=float(os.environ.get("TARGET_TIMEOUT_S", "60")))
+    setting = os.environ.get("TARGET_KEEP_ALIVE", "0")
+    keep_alive: int | str = int(setting) if setting.lstrip("-").isdigit() else setting
     for _ in range(int(os.environ.get("TARGET_ITERATIONS", "2"))):
-        stream = client.generate(model=model, prompt="tell me a story", stream=True, keep_alive=0)
+        stream = client.generate(model=model, prompt="tell me a story", stream=True, keep_alive=keep_alive)
         started = time.monotonic()
         for _part in stream:
             if time.monotonic() - started > 0.3:

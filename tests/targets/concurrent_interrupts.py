@@ -3,6 +3,8 @@
 Unmodified by tracer. ``argv[1]`` lists one model per client (comma-separated); every round
 all clients start their first stream together (a barrier), so their requests overlap inside
 the server: with ``OLLAMA_NUM_PARALLEL=2`` two run in one runner at the same time.
+``TARGET_HOSTS`` (comma-separated, one per client) sends each client to its own address (say,
+one through a delaying relay); by default all use ``OLLAMA_HOST``.
 """
 
 import os
@@ -13,9 +15,13 @@ import time
 import ollama
 
 
-def client(model: str, rounds: int, barrier: threading.Barrier, failures: list[BaseException]) -> None:
+def client(model: str, host: str | None, rounds: int, barrier: threading.Barrier,
+           failures: list[BaseException]) -> None:
     try:
-        session = ollama.Client(timeout=float(os.environ.get("TARGET_TIMEOUT_S", "60")))
+        if os.environ.get("TARGET_TRUTH"):  # which thread asked which address: the harness's ground truth
+            with open(os.environ["TARGET_TRUTH"], "a") as out:
+                out.write(f"{threading.get_ident()} {host or ''}\n")
+        session = ollama.Client(host=host, timeout=float(os.environ.get("TARGET_TIMEOUT_S", "60")))
         for _ in range(rounds):
             barrier.wait(timeout=120)
             stream = session.generate(model=model, prompt=f"story for {threading.get_ident()}", stream=True)
@@ -36,7 +42,9 @@ def main() -> int:
     rounds = int(os.environ.get("TARGET_ROUNDS", "3"))
     barrier = threading.Barrier(len(models))
     failures: list[BaseException] = []
-    threads = [threading.Thread(target=client, args=(m, rounds, barrier, failures)) for m in models]
+    hosts = os.environ.get("TARGET_HOSTS", "").split(",") if os.environ.get("TARGET_HOSTS") else [None] * len(models)
+    threads = [threading.Thread(target=client, args=(m, h or None, rounds, barrier, failures))
+               for m, h in zip(models, hosts, strict=True)]
     for thread in threads:
         thread.start()
     for thread in threads:

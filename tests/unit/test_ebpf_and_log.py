@@ -65,6 +65,8 @@ def test_merged_names() -> None:
         "server.receive+decode+model_lookup"
     assert merged_name(["runner.admit", "runner.prefill"]) == "runner.admit+prefill"
     assert merged_name(["server.handoff", "runner.admit"]) == "server.handoff+runner.admit"
+    # a phase that comes twice in a merge is named once
+    assert merged_name(["server.handoff", "server.runner_wait", "server.handoff"]) == "server.handoff+runner_wait"
 
 
 def _Records(events: list[ProbeEvent]) -> CaptureRecords:
@@ -92,7 +94,11 @@ def test_symbol_layer_boundaries_and_first_hit_wins() -> None:
         _u(3, 1, S + "getExistingName"),
         ProbeEvent("O", 4 * MS, 1, 1, 9, 0, "/m/blobs/sha256-aa"), ProbeEvent("X", 30 * MS, 1, 1, 9, 0),
         _u(40, 1, S + "(*runnerRef).needsReload"), _u(41, 1, S + "(*LlmRequest).useLoadedRunner"),
-        _u(43, 2, R + "(*Server).completion"), _u(44, 2, R + "(*InputCache).LoadCacheSlot"),
+        _u(42, 1, "github.com/ollama/ollama/llm.(*llmServer).Completion"),
+        # Completion's health check, after the semaphore; another connection's answer comes first
+        ProbeEvent("W", 45 * MS, 1, 1, 10, 90, "GET "), ProbeEvent("R", 45 * MS + 500, 1, 1, 11, 100, "HTTP"),
+        ProbeEvent("R", 46 * MS, 1, 1, 10, 100, "HTTP"),
+        _u(47, 2, R + "(*Server).completion"), _u(48, 2, R + "(*InputCache).LoadCacheSlot"),
         _u(60, 2, "github.com/ollama/ollama/sample.(*Sampler).Sample"),
         ProbeEvent("W", 61 * MS, 2, 2, 6, 100, "HTTP"), ProbeEvent("W", 62 * MS, 1, 1, 7, 100, "HTTP"),
         ProbeEvent("W", 63 * MS, 1, 1, 8, 100, "HTTP"),
@@ -100,8 +106,9 @@ def test_symbol_layer_boundaries_and_first_hit_wins() -> None:
     phases = EbpfSource().phases(_interval(70), _Records(events))  # type: ignore[arg-type]
     assert [(p.name, p.start_ns // MS, p.end_ns // MS) for p in phases] == [
         ("server.receive", 1, 2), ("server.decode", 2, 3), ("server.model_lookup", 3, 40),
-        ("server.schedule", 40, 41), ("server.handoff", 41, 43), ("runner.admit", 43, 44),
-        ("runner.prefill", 44, 60), ("runner.sample", 60, 61),
+        ("server.schedule", 40, 41), ("server.handoff", 41, 42), ("server.runner_wait", 42, 45),
+        ("server.runner_health", 45, 46), ("server.handoff", 46, 47), ("runner.admit", 47, 48),
+        ("runner.prefill", 48, 60), ("runner.sample", 60, 61),
         ("server.stream", 61, 63),  # the write on the client's fd (8), not another socket's (7)
     ]
     assert phases[2].attributes["gguf_scans"] == 1 and phases[2].attributes["blob_opens"] == 1
@@ -114,7 +121,10 @@ def test_syscall_layer_merges_what_it_cannot_separate() -> None:
         ProbeEvent("W", 63 * MS, 1, 1, 8, 100, "HTTP"),
     ]
     phases = EbpfSource().phases(_interval(70), _Records(events))  # type: ignore[arg-type]
-    assert [p.name for p in phases] == ["server.receive+decode+model_lookup", "server.schedule+handoff",
+    # One GET /health (needsReload's) and no symbol: the semaphore and Completion's own health
+    # check cannot be told apart from the hand-off.
+    assert [p.name for p in phases] == ["server.receive+decode+model_lookup",
+                                        "server.schedule+handoff+runner_wait+runner_health",
                                         "runner.admit+prefill+sample", "server.stream"]
 
 
@@ -128,7 +138,7 @@ def test_model_load_reason() -> None:
     phases = EbpfSource().phases(_interval(920), _Records(events))  # type: ignore[arg-type]
     names = [p.name for p in phases]
     assert names[:5] == ["server.receive", "server.decode", "server.model_lookup+schedule", "server.model_load",
-                         "server.handoff"]
+                         "server.handoff+runner_wait+runner_health"]
     load = phases[3]
     assert (load.start_ns, load.end_ns) == (5 * MS, 900 * MS)
     assert load.attributes["reason"].startswith("cold load")
@@ -221,3 +231,19 @@ def test_another_servers_processes_are_left_out(tmp_path: Path) -> None:
     assert records is not None
     assert [e.pid for e in records.events] == [10, 10]
     assert set(records.roles) == {10} and records.meta["other_pids"] == [20, 21]
+
+
+def test_an_unknown_connection_with_another_request_in_its_interval_is_not_guessed() -> None:
+    """Through a proxy (or a relay) the server accepted the proxy's connection, so the client's
+    port names none: the first request read in the interval may be another client's."""
+    events = [
+        ProbeEvent("R", 1 * MS, 1, 1, 8, 200, "POST"), _u(2, 1, S + "(*Server).GenerateHandler"),
+        _u(3, 1, S + "getExistingName"), ProbeEvent("R", 30 * MS, 1, 1, 9, 200, "POST"),  # the other client's
+        ProbeEvent("W", 61 * MS, 1, 1, 8, 100, "HTTP"), ProbeEvent("W", 63 * MS, 1, 1, 9, 100, "HTTP"),
+    ]
+    found = EbpfSource().find(_interval(70), _Records(events))  # type: ignore[arg-type]
+    assert found.phases == []
+    assert "client connection is unknown" in found.outcome["unmatched"][0]["reason"], found.outcome
+    # alone in its interval, the same request is matched as before
+    alone = [e for e in events if e.fd != 9]
+    assert EbpfSource().phases(_interval(70), _Records(alone))  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ollama_tracer.collectors.probe_catalogue import design_for
 from ollama_tracer.units import format_ms
 from ollama_tracer.vocabulary import (
     CLIENT_INTERRUPT,
@@ -157,18 +158,47 @@ def cold_load(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Findi
     })
 
 
+def expired_load(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    return _load_finding(intervals, "expired", lambda n, impact: {
+        "cause": "model_expired", "title": "The model had been unloaded: its keep_alive ran out",
+        "summary": (f"In {n} of {len(intervals)} intervals the model's runner had exited before the request "
+                    f"(keep_alive), and a new one was started: {_ms(impact)} (median)."),
+        "evidence": [f"{SERVER_MODEL_LOAD} after this model's previous runner exited, with no other model "
+                     f"started in its place, in {n} of {len(intervals)} intervals, median {_ms(impact)}"],
+        "remedy": ("Keep the model loaded between requests: a longer keep_alive on the request (never 0 for a model "
+                   "you use again) or OLLAMA_KEEP_ALIVE (default 5m; -1 keeps it loaded)."),
+    })
+
+
+def evicted_load(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
+    return _load_finding(intervals, "evicted", lambda n, impact: {
+        "cause": "model_evicted", "title": "The model was evicted to make room for another",
+        "summary": (f"In {n} of {len(intervals)} intervals the model's runner had been stopped to load another "
+                    f"model, and was started again: {_ms(impact)} (median)."),
+        "evidence": [f"{SERVER_MODEL_LOAD} after this model's previous runner exited and another model's runner "
+                     f"started right after it, in {n} of {len(intervals)} intervals, median {_ms(impact)}"],
+        "remedy": ("Let both models stay loaded: raise OLLAMA_MAX_LOADED_MODELS (default 3 per GPU, 3 on CPU) if "
+                   "memory allows, use smaller models or a smaller num_ctx, or group the requests by model."),
+    })
+
+
 def slot_wait(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
-    hits: list[tuple[int, float, float | None]] = []  # (interval, admit ms, ms it ended after the teardown)
+    hits: list[tuple[int, float, float | None]] = []  # (interval, wait ms, ms it ended after the teardown)
+    names: set[str] = set()
     for iv in intervals:
-        admits = [p for p in iv.get("phases", []) if p["name"] == RUNNER_ADMIT]
+        # Two semaphores hold a new request while the interrupted one keeps its slot: the server's
+        # own per-runner one before it posts the completion (server.runner_wait; v0.13 and v0.30+)
+        # and, on v0.13, the runner's (runner.admit).
+        admits = [p for p in iv.get("phases", []) if p["name"] in (RUNNER_ADMIT, SERVER_RUNNER_WAIT)]
         cancels = [p for p in iv.get("off_critical_path", []) if p["name"] == SERVER_CANCEL]
         if not admits:
             continue
-        admit = admits[0]
+        names.update(p["name"] for p in admits)
+        start, end = min(p["start_ns"] for p in admits), max(p["end_ns"] for p in admits)
         after = None
-        if cancels and cancels[0]["end_ns"] >= admit["start_ns"]:
-            after = (admit["end_ns"] - cancels[0]["end_ns"]) / 1e6
-        hits.append((iv["index"], admit["duration_ms"], after))
+        if cancels and cancels[0]["end_ns"] >= start:
+            after = (end - cancels[0]["end_ns"]) / 1e6
+        hits.append((iv["index"], sum(p["duration_ms"] for p in admits), after))
     waits = [h for h in hits if h[2] is not None and h[2] >= -1.0]  # admitted once the old sequence was gone
     if not _enough(len(waits), len(intervals)):
         return None
@@ -176,14 +206,15 @@ def slot_wait(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Findi
     if not _material(impact, _median_interval(intervals)):
         return None
     parallel = context.get("num_parallel")
+    waited = " + ".join(sorted(names, reverse=True))
     return {
         "cause": "slot_wait", "title": "The new request waits for the interrupted one's slot",
-        "summary": (f"{RUNNER_ADMIT} waited {_ms(impact)} (median) until the runner removed the interrupted sequence "
+        "summary": (f"{waited} waited {_ms(impact)} (median) until the runner removed the interrupted sequence "
                     "and freed its slot."),
-        "evidence": [f"in {len(waits)} of {len(intervals)} intervals {RUNNER_ADMIT} overlapped {SERVER_CANCEL} (the "
+        "evidence": [f"in {len(waits)} of {len(intervals)} intervals {waited} overlapped {SERVER_CANCEL} (the "
                      "interrupted request's teardown) and ended "
                      f"{_ms(max(0.0, statistics.median(h[2] or 0.0 for h in waits)))} after it (median)",
-                     f"{RUNNER_ADMIT} median {_ms(impact)}"
+                     f"{waited} median {_ms(impact)}"
                      + (f"; OLLAMA_NUM_PARALLEL={parallel}" if parallel else "")],
         "remedy": ("Give the runner a second slot (OLLAMA_NUM_PARALLEL=2, at the cost of KV-cache memory) so the next "
                    "request does not wait for the cancelled one to be torn down, or close the first stream earlier "
@@ -247,13 +278,16 @@ def late_close(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Find
     }
 
 
-ROUND_TRIPS = (SERVER_RUNNER_HEALTH, SERVER_TOKENIZE, SERVER_RUNNER_WAIT)
+ROUND_TRIPS = (SERVER_RUNNER_HEALTH, SERVER_TOKENIZE)  # the semaphore wait before them is slot_wait's
 
 
 def runner_round_trips(intervals: list[dict[str, Any]], context: dict[str, Any]) -> Finding | None:
     """v0.30+: the calls the server makes to llama-server before the completion, each on a new
     connection, when together they are a material part of the interval."""
-    calls = (SERVER_RUNNER_HEALTH, SERVER_TOKENIZE)  # the round trips themselves; runner_wait is their wait
+    version = context.get("ollama_version")
+    if version and design_for(str(version)) != "llama-server":
+        return None  # v0.13's one GET /health per completion goes over a kept-alive connection
+    calls = ROUND_TRIPS
     per_interval = [(iv["index"], sum(p["duration_ms"] for p in iv.get("phases", []) if p["name"] in ROUND_TRIPS),
                      sum(1 for p in iv.get("phases", []) if p["name"] in calls)) for iv in intervals]
     hits = [(index, ms, n) for index, ms, n in per_interval if n]
@@ -303,8 +337,8 @@ def stalled_request(intervals: list[dict[str, Any]], context: dict[str, Any]) ->
 
 
 RULES: tuple[Callable[[list[dict[str, Any]], dict[str, Any]], Finding | None], ...] = (
-    gguf_scans, model_reload, cold_load, slot_wait, prompt_cache_miss, late_close, runner_round_trips,
-    stalled_request)
+    gguf_scans, model_reload, cold_load, expired_load, evicted_load, slot_wait, prompt_cache_miss, late_close,
+    runner_round_trips, stalled_request)
 
 
 def cache_slots(log_events: Iterable[Any], spans: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:

@@ -14,6 +14,10 @@ GE        getExistingName                     —
 NR        (*runnerRef).needsReload            server writes the /health ping ("GET ")
 LD        (*Scheduler).load (only on a load)  —
 UL        useLoadedRunner                     —
+CP        (*llmServer).Completion             —
+H2        —                                   server writes Completion's GET /health
+                                              (after its semaphore: the wait for a slot)
+H2R       —                                   server reads that health check's answer
 RC        runner (*Server).completion         runner reads the POST /completion (or the
                                               server writes it: the same loopback hop)
 LC        (*InputCache).LoadCacheSlot         —
@@ -36,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ollama_tracer.attribution import ebpf_llama_server
+from ollama_tracer.attribution import ebpf_llama_server, model_loads
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.attribution.request_chain import Broken, Chain, other_sequences, own_events, resolve
 from ollama_tracer.attribution.sources import Found
@@ -57,6 +61,8 @@ from ollama_tracer.vocabulary import (
     SERVER_MODEL_LOAD,
     SERVER_MODEL_LOOKUP,
     SERVER_RECEIVE,
+    SERVER_RUNNER_HEALTH,
+    SERVER_RUNNER_WAIT,
     SERVER_SCHEDULE,
     SERVER_STREAM,
     SOURCE_EBPF,
@@ -86,6 +92,11 @@ BOUNDARIES: tuple[Boundary, ...] = (
     Boundary("NR", SERVER_SCHEDULE),
     Boundary("LD", SERVER_MODEL_LOAD, optional=True),
     Boundary("UL", SERVER_HANDOFF),
+    # llmServer.Completion: the server's own per-runner semaphore (weight OLLAMA_NUM_PARALLEL),
+    # held by an interrupted request until the server has seen it go, then a GET /health.
+    Boundary("CP", SERVER_RUNNER_WAIT),
+    Boundary("H2", SERVER_RUNNER_HEALTH),
+    Boundary("H2R", SERVER_HANDOFF),
     Boundary("RC", RUNNER_ADMIT),
     Boundary("LC", RUNNER_PREFILL),
     Boundary("SA", RUNNER_SAMPLE),
@@ -141,6 +152,18 @@ def concurrent_requests(events: list[ProbeEvent], roles: Roles, found: dict[str,
     return len(overlapping)
 
 
+def unknown_connection_others(window: list[ProbeEvent], roles: Roles, client_fd: int | None) -> int:
+    """With the client's connection unknown (a proxy or relay in between, whose connection the
+    server accepted, or no local port recorded), the first request read in the interval may be
+    another client's: how many other requests the server read in it (0 when the connection is
+    known, or only one request arrived)."""
+    if client_fd is not None:
+        return 0
+    posts = sum(1 for e in window if e.kind == "R" and e.value > 0 and e.text.startswith("POST")
+                and roles.get(e.pid) == PROCESS_SERVER)
+    return max(0, posts - 1)
+
+
 class EbpfSource:
     name = SOURCE
     rank = 10
@@ -161,7 +184,7 @@ class EbpfSource:
         found = self._boundaries(window, roles, client_fd)
         seen = dict(found)  # before any hit is set aside as another request's or sequence's
         matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
-        others = concurrent_requests(events, roles, found)
+        others = concurrent_requests(events, roles, found) or unknown_connection_others(window, roles, client_fd)
         chain: Chain | None = None
         try:
             # Follow the request by identity (connection, goroutine, runner connection) when the
@@ -169,7 +192,8 @@ class EbpfSource:
             # that is the only way: the first event after a boundary may be the other's, and
             # time order is never used to pick.
             if client_fd is None and others:
-                raise Broken("its client connection is unknown (the client recorded no local port)")
+                raise Broken("its client connection is unknown (a proxy or relay in between, or the client "
+                             "recorded no local port), and another request reached the server meanwhile")
             chain = self._chain(events, roles, found, interval, ebpf.meta)
         except Broken as why:
             if others:
@@ -208,9 +232,8 @@ class EbpfSource:
             # needsReload ran first: a runner was loaded but unusable for this request (different
             # options such as num_ctx, or a failed health check). Otherwise nothing was loaded.
             reloaded = "NR" in found and found["NR"].text not in _symbol_keys()["get_runner"]
-            reason = ("reload: the loaded runner did not fit the request (options such as num_ctx changed, "
-                      "or its health check failed)" if reloaded else "cold load: no runner was loaded")
-            phases = [Phase(p.name, p.start_ns, p.end_ns, p.source, p.process, {**p.attributes, "reason": reason})
+            load_facts = model_loads.load_reason(ebpf, found["LD"].time_ns, interval.end_ns, reloaded=reloaded)
+            phases = [Phase(p.name, p.start_ns, p.end_ns, p.source, p.process, {**p.attributes, **load_facts})
                       if "model_load" in p.name else p for p in phases]
         if not others:  # alone in the server: every open of the model blob in the window is this request's
             evidence = blob_scans(whole_window, roles, found.get("R"), found.get("SW"),
@@ -236,13 +259,16 @@ class EbpfSource:
         """Ollama v0.30+: the round trips to llama-server, found on the wire, and its exported functions."""
         found = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd)
         matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
-        others = concurrent_requests(ebpf.events, ebpf.roles, found)
+        others = (concurrent_requests(ebpf.events, ebpf.roles, found)
+                  or unknown_connection_others(window, ebpf.roles, client_fd))
         if others:
             # The first event after a boundary may be the other request's: no guess is made.
             matching["unmatched"].append({
                 "interval": interval.index, "concurrent_requests": others, "connection_matched": client_fd is not None,
                 "reason": "another request was in the server at the same time, and on the llama-server design "
-                          "requests are not followed by goroutine and connection yet"})
+                          "requests are not followed by goroutine and connection yet" if client_fd is not None else
+                          "its client connection is unknown (a proxy or relay in between, or the client recorded no "
+                          "local port), and another request reached the server meanwhile"})
             return Found([], matching)
         if found:
             matching["matched"] += 1
@@ -257,8 +283,9 @@ class EbpfSource:
         needs_reload = _symbol_keys()["needs_reload"]
         checked = "LD" in found and any(e.kind == "U" and e.text in needs_reload and e.time_ns <= found["LD"].time_ns
                                         and ebpf.roles.get(e.pid) == PROCESS_SERVER for e in window)
-        reason = ("reload: the loaded runner did not fit the request (options such as num_ctx changed, "
-                  "or its health check failed)" if "H1" in found or checked else "cold load: no runner was loaded")
+        load_facts = (model_loads.load_reason(ebpf, found["LD"].time_ns, interval.end_ns,
+                                              reloaded="H1" in found or checked)
+                      if "LD" in found else {"reason": model_loads.COLD})
         said = ebpf_llama_server.what_it_said(records_log, found.get("R"), found.get("SW"))
         out = []
         for phase in phases:
@@ -266,7 +293,7 @@ class EbpfSource:
             if SERVER_MODEL_LOOKUP in phase.name.split("+") or phase.name.startswith(SERVER_MODEL_LOOKUP):
                 extra = evidence
             if SERVER_MODEL_LOAD.split(".", 1)[1] in phase.name:
-                extra = {"reason": reason}
+                extra = load_facts
             for part, facts in said.items():  # llama-server's own account, attached where it belongs
                 if part in phase.name:
                     extra = {**extra, **facts}
@@ -299,7 +326,8 @@ class EbpfSource:
         # Until the client gave up, as if answered then: another request inside the server
         # meanwhile makes the boundaries ambiguous.
         until = found.get("SW") or ProbeEvent("W", interval.end_ns, found["R"].pid, 0, found["R"].fd, 0, "HTTP")
-        if concurrent_requests(ebpf.events, ebpf.roles, {**found, "SW": until}):
+        if (concurrent_requests(ebpf.events, ebpf.roles, {**found, "SW": until})
+                or unknown_connection_others(window, ebpf.roles, client_fd)):
             return None
         last = max((b for b in order if b.key in found), key=lambda b: found[b.key].time_ns)
         return last, found[last.key]
@@ -328,6 +356,7 @@ class EbpfSource:
             return lambda e: e.kind == "U" and e.text in keys and proc(e)
 
         keys = _symbol_keys()
+        found: dict[str, ProbeEvent] = {}  # filled in below, in order; H2R's rule reads H2 from it
         rules: dict[str, list[Match]] = {
             "R": [lambda e: server(e) and e.kind == "R" and e.value > 0 and e.text.startswith("POST")],
             "GH": [probe(*keys["handler"])],
@@ -336,6 +365,10 @@ class EbpfSource:
                    lambda e: server(e) and e.kind == "W" and e.text.startswith("GET ")],
             "LD": [probe(*keys["load"])],
             "UL": [probe(*keys["acquired"])],
+            "CP": [probe(*keys["completion"])],
+            "H2": [lambda e: server(e) and e.kind == "W" and e.text.startswith("GET ")],
+            "H2R": [lambda e: server(e) and e.kind == "R" and e.value > 0 and e.text.startswith("HTTP")
+                    and "H2" in found and (e.pid, e.fd) == (found["H2"].pid, found["H2"].fd)],
             "RC": [probe(*keys["runner_handler"], proc=runner),
                    lambda e: runner(e) and e.kind == "R" and e.value > 0 and e.text.startswith("POST"),
                    # the other end of the same hop, sub-millisecond earlier on loopback
@@ -345,13 +378,14 @@ class EbpfSource:
             "RW": [lambda e: runner(e) and e.kind == "W" and e.text.startswith("HTTP")],
             "SW": [lambda e: server(e) and e.kind == "W" and e.text.startswith("HTTP")],
         }
-        found: dict[str, ProbeEvent] = {}
         after = 0
         client_fd: int | None = None
         for boundary in BOUNDARIES:
             hit: ProbeEvent | None = None
             for rule in rules[boundary.key]:  # the symbol layer first; the syscall stand-in if absent
-                candidates = [e for e in window if e.time_ns >= after and rule(e)]
+                # (an event is one boundary at most: the needsReload ping is not Completion's)
+                candidates = [e for e in window if e.time_ns >= after and rule(e)
+                              and not any(e is used for used in found.values())]
                 fd = client_fd if client_fd is not None else known_fd
                 if boundary.key in ("R", "SW") and fd is not None:
                     candidates = [e for e in candidates if e.fd == fd]

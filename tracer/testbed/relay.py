@@ -22,19 +22,23 @@ from typing import Any
 from ollama_tracer.vocabulary import CLIENT_FIRST_TOKEN, CLIENT_REQUEST, SERVER_RECEIVE
 
 REQUEST, RESPONSE = "request", "response"
+CLOSE = "close"  # the client's end of a connection (EOF or reset), held before the server sees it
 
 
 class DelayRelay:
     """Forwards 127.0.0.1:``port`` to ``upstream_port``; holds each chunk of ``direction``
-    (``request``: client → server, ``response``: server → client) for ``delay_s``."""
+    (``request``: client → server, ``response``: server → client) for ``delay_s``; or, with
+    ``close``, the client's closing of a connection: the server goes on streaming into the relay
+    (which drops it) and learns of the interrupt ``delay_s`` late."""
 
     def __init__(self, upstream_port: int, delay_s: float, direction: str = REQUEST) -> None:
-        if direction not in (REQUEST, RESPONSE):
-            raise ValueError(f"direction must be {REQUEST!r} or {RESPONSE!r}, not {direction!r}")
+        if direction not in (REQUEST, RESPONSE, CLOSE):
+            raise ValueError(f"direction must be {REQUEST!r}, {RESPONSE!r} or {CLOSE!r}, not {direction!r}")
         self.delay_s, self.direction, self.upstream_port = delay_s, direction, upstream_port
         self.held_ns: list[int] = []  # per generate: its request (or first response chunk) received → sent on
         self.sent_ns: list[int] = []  # per generate: when that was sent on (epoch ns)
         self.received_ns: list[int] = []  # per generate: when the relay received it (epoch ns)
+        self.closes_ns: list[tuple[int, int]] = []  # close: (client's close seen, passed on), epoch ns
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -57,8 +61,13 @@ class DelayRelay:
 
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str, generate: threading.Event) -> None:
         delay = self.delay_s if direction == self.direction else 0.0
+        hold_close = self.direction == CLOSE and self.delay_s > 0
         try:
             while data := src.recv(65536):
+                if hold_close and direction == RESPONSE:
+                    with contextlib.suppress(OSError):  # the client may be gone: drain the server meanwhile
+                        dst.sendall(data)
+                    continue
                 received_mono, received = time.monotonic_ns(), time.time_ns()
                 if direction == REQUEST and data[:5] in (b"POST ", b"GET /", b"HEAD "):
                     (generate.set if data.startswith(b"POST /api/generate") else generate.clear)()
@@ -77,6 +86,11 @@ class DelayRelay:
         except OSError:
             pass
         finally:
+            if direction == REQUEST and self.direction == CLOSE:  # the client closed (EOF or reset)
+                seen = time.time_ns()
+                time.sleep(self.delay_s)
+                with self._lock:
+                    self.closes_ns.append((seen, time.time_ns()))
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
