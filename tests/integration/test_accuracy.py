@@ -1,10 +1,10 @@
 """The accuracy harness's cases (benchmarks/accuracy.py) as tests, on both Ollama versions: each
 injects something it controls into one place and checks the phase that grew, against its own
 ground truth. The bounds are the harness's (1 ms or 5 %, or three times the phase's own noise on
-a loaded machine); on top of them every test checks that the phase which grew most is the one
-the injection went into, and by at least half of what was injected, so a wide bound alone
-cannot make a wrong attribution pass. The request and response paths are in test_ebpf.py and
-test_ebpf_v034.py."""
+a loaded machine); on top of them every test checks that the phase the injection went into grew
+by at least half of what was injected, so a wide bound alone cannot make a wrong attribution
+pass, and for model loads (hundreds of ms) that no other phase grew more. The request and
+response paths are in test_ebpf.py and test_ebpf_v034.py."""
 
 from __future__ import annotations
 
@@ -33,18 +33,20 @@ def _server(testbed_v034: dict[str, Any], version: str) -> dict[str, Any]:
     return dict(next(s for s in testbed_v034["servers"] if s["version"] == version))
 
 
-def _landed(row: dict[str, Any], *phases: str) -> None:
-    """In the right phase, within the bound, and most of it there."""
+def _landed(row: dict[str, Any], *phases: str, most: bool = False) -> None:
+    """In the right phase, within the bound, and at least half of it there; with ``most``
+    (a load: hundreds of ms, far above any phase's noise) no other phase grew more."""
     assert row["ok"], row
-    assert row["grew_most"].split("+")[0] in phases or row["grew_most"] in phases, row
     assert row["grew_ms"] >= 0.5 * row["injected_ms"], row
+    if most:
+        assert row["grew_most"].split("+")[0] in phases, row
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_a_reload_by_options_is_named(testbed_v034: dict[str, Any], tmp_path: Path, version: str) -> None:
     server = _server(testbed_v034, version)
     row = retry_after_stall(server, lambda: _harness().reload_case(server, tmp_path))
-    _landed(row, "server.model_load")  # reason "reload" in every interval, and the diagnosis names it
+    _landed(row, "server.model_load", most=True)  # reason "reload" in every interval, the diagnosis names it
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -78,7 +80,7 @@ def test_a_load_after_keep_alive_0_is_named_expired(testbed_v034: dict[str, Any]
                                                     version: str) -> None:
     server = _server(testbed_v034, version)
     row = retry_after_stall(server, lambda: _harness().expired_case(server, tmp_path))
-    _landed(row, "server.model_load")
+    _landed(row, "server.model_load", most=True)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -91,7 +93,7 @@ def test_loads_that_evict_and_overlap_the_teardown_are_named(testbed_v034: dict[
     rows = retry_after_stall(server, lambda: _harness().evicted_cases(server, tmp_path))
     assert [r["case"].split(":")[0] for r in rows] == ["model load (cold", "model load (evicted", "model load (evicted"]
     for row in rows:
-        _landed(row, "server.model_load", "server.schedule")
+        _landed(row, "server.model_load", "server.schedule", most=True)
     assert sum(r["overlapping_teardown"] for r in rows) >= 1, rows
 
 

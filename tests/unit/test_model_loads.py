@@ -77,3 +77,26 @@ def test_the_diagnosis_names_each_kind_of_load() -> None:
         findings = diagnosis.diagnose({"intervals": [_interval(i, reason) for i in range(3)]}, {})
         assert [f["cause"] for f in findings] == [cause], (reason, findings)
         assert any(reason in e for e in findings[0]["evidence"]), findings[0]
+
+
+def _log(second: float, msg: str, **attrs: str) -> str:
+    pairs = " ".join(f'{k}="{v}"' if " " in v else f"{k}={v}" for k, v in attrs.items())
+    return f'time=2026-12-02T01:54:{second:06.3f}Z level=DEBUG source=sched.go:1 msg="{msg}" {pairs}'
+
+
+def test_without_ebpf_the_server_log_tells_the_reasons_apart() -> None:
+    from ollama_tracer.attribution.log_source import load_reason
+    from ollama_tracer.collectors.ollama_log import parse_line as parse_log
+
+    start = _log(9, "starting runner", cmd=f"/bin/ollama runner --model {BLOB_A} --port 1")
+    evicted = [_log(1, "max runners achieved, unloading one to make room", runner_count="1"),
+               _log(1.001, "resetting model to expire immediately to make room", **{"runner.model": BLOB_A,
+                                                                                     "runner.pid": "10"}),
+               _log(1.002, "runner expired event received", **{"runner.model": BLOB_A, "runner.pid": "10"}), start]
+    expired = [_log(1.002, "runner expired event received", **{"runner.model": BLOB_A, "runner.pid": "10"}), start]
+    other = [_log(1.002, "runner expired event received", **{"runner.model": BLOB_B, "runner.pid": "20"}), start]
+    for lines, want in ((evicted, "evicted: this model's runner (pid 10)"), (expired, "expired: this model's runner"),
+                        (other, "cold load"), ([start], "cold load")):
+        events = [e for e in map(parse_log, lines) if e is not None]
+        assert load_reason(events, events[-1], reloaded=False).startswith(want), (want, lines)
+    assert load_reason(events, events[-1], reloaded=True).startswith("reload")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.attribution.sources import Source
 from ollama_tracer.capture.directory import CaptureRecords
-from ollama_tracer.collectors.ollama_log import LogRecords
+from ollama_tracer.collectors.ollama_log import LogEvent, LogRecords
 from ollama_tracer.model import Phase
 from ollama_tracer.vocabulary import (
     OLLAMA_CREATED_AT_FIRST_NS,
@@ -32,6 +32,29 @@ from ollama_tracer.vocabulary import (
 )
 
 SOURCE = SOURCE_LOG
+# The scheduler's own words (OLLAMA_DEBUG=1) about a runner going away, each with runner.model.
+EVICTING = "resetting model to expire immediately to make room"
+EXPIRED = "runner expired event received"  # after a keep_alive timer, keep_alive 0, or an eviction
+
+
+def load_reason(events: list[LogEvent], start: LogEvent, reloaded: bool) -> str:
+    """Why the runner that ``start`` (``starting runner``) began was needed, from the server log
+    alone: what the log said last about a runner of the same model before it."""
+    if reloaded:
+        return "reload: the loaded runner did not fit the request (server log: evaluating already loaded)"
+    argv = start.attrs.get("cmd", "").split()
+    model = argv[argv.index("--model") + 1] if "--model" in argv[:-1] else None
+    before = [e for e in events if e.time_ns < start.time_ns and model and e.attrs.get("runner.model") == model]
+    gone = next((e for e in reversed(before) if e.msg == EXPIRED), None)
+    if gone is None:
+        return "cold load: no runner of this model ran earlier in the server log"
+    ago = (start.time_ns - gone.time_ns) / 1e6
+    pid = gone.attrs.get("runner.pid", "?")
+    if any(e.msg == EVICTING and e.time_ns <= gone.time_ns for e in before if gone.time_ns - e.time_ns < 1e9):
+        return (f"evicted: this model's runner (pid {pid}) was stopped {ago:g} ms before this load to make room "
+                "for another model (server log: max runners, resetting model to expire immediately)")
+    return (f"expired: this model's runner (pid {pid}) expired {ago:g} ms before this load (keep_alive; "
+            "server log: runner expired event received)")
 
 
 class LogSource(Source):
@@ -58,7 +81,8 @@ class LogSource(Source):
         if load_start is not None:
             load_end = first("llama runner started", load_start) or first("loading cache slot", load_start)
             if load_end is not None:
-                reason = "reload" if first("evaluating already loaded", handler) is not None else "cold load"
+                started = next(e for e in window if e.msg.startswith("starting runner") and e.time_ns == load_start)
+                reason = load_reason(events, started, first("evaluating already loaded", handler) is not None)
                 phases.append(Phase(SERVER_MODEL_LOAD, load_start, load_end, SOURCE, PROCESS_SERVER,
                                     {**attrs, "reason": reason}))
         evaluated = first("evaluating already loaded", handler)
