@@ -246,6 +246,10 @@ OLLAMA_TIMING_ATTRIBUTES: Final = {
     "prompt_eval_cached_count": OLLAMA_PROMPT_EVAL_CACHED_COUNT,
 }
 
+# -- keys of Ollama's own scheduler log lines (OLLAMA_DEBUG=1), read by the log source ---------------------
+OLLAMA_LOG_RUNNER_MODEL: Final = "runner.model"  # the model blob of the runner a line is about
+OLLAMA_LOG_RUNNER_PID: Final = "runner.pid"
+
 # -- network attributes that are not in the semantic conventions -------------------------------------------
 SERVER_FD: Final = "server.fd"  # the server's fd of the client connection (a request eBPF saw)
 SERVER_PID: Final = "server.pid"  # the server process of that request

@@ -267,8 +267,8 @@ def test_curl_through_the_proxy_on_llama_server(testbed_v034: dict[str, Any], tm
 def test_a_cold_start_inside_the_interrupt_interval(testbed_v034: dict[str, Any], tmp_path: Path,
                                                     version: str) -> None:
     """Ground truth: a request with keep_alive 0 unloads its model when interrupted, so the next
-    request starts a runner from scratch. That time is server.model_load (a cold load), with the
-    diagnosis naming it, on both designs (v0.34: load, startLlamaServer and WaitUntilRunning's
+    request starts a runner from scratch. That time is server.model_load (named expired: the
+    previous runner of the model exited), with the diagnosis naming it, on both designs (v0.34: load, startLlamaServer and WaitUntilRunning's
     health polls before useLoadedRunner)."""
     server = next(s for s in testbed_v034["servers"] if s["version"] == version)
     out = tmp_path / "cap"
@@ -303,7 +303,10 @@ def test_a_cold_start_inside_the_interrupt_interval(testbed_v034: dict[str, Any]
             assert loads == [], interval["phases"]  # no runner started: no load reported
             continue
         loaded += 1
-        assert len(loads) == 1 and loads[0]["attributes"]["reason"].startswith("cold load"), interval["phases"]
+        # keep_alive 0 ended the model's previous runner: the load is named for that, with its pid
+        reason = loads[0]["attributes"]["reason"]
+        assert len(loads) == 1 and reason.startswith("expired: this model's runner (pid "), interval["phases"]
+        assert loads[0]["attributes"]["previous_runner_pid"] != loads[0]["attributes"]["runner_pid"]
         # Starting a runner takes hundreds of ms here (a warm interval ~10 ms): the load phase, not
         # the schedule before it, holds that time, and no other server phase comes close.
         server_phases = [p for p in interval["phases"] if p["process"] == "server" and p is not loads[0]]
@@ -311,4 +314,4 @@ def test_a_cold_start_inside_the_interrupt_interval(testbed_v034: dict[str, Any]
         assert all(p["duration_ms"] < loads[0]["duration_ms"] / 2 for p in server_phases), interval["phases"]
     assert loaded >= 1, "keep_alive 0 never unloaded the model before the next request"
     if 2 * loaded >= len(interrupts):  # the rule's own bar: a cause in at least half the intervals
-        assert "cold_load" in {f["cause"] for f in attribution["diagnosis"]}
+        assert "model_expired" in {f["cause"] for f in attribution["diagnosis"]}

@@ -16,6 +16,8 @@ from ollama_tracer.model import Phase
 from ollama_tracer.vocabulary import (
     OLLAMA_CREATED_AT_FIRST_NS,
     OLLAMA_CREATED_AT_LAST_NS,
+    OLLAMA_LOG_RUNNER_MODEL,
+    OLLAMA_LOG_RUNNER_PID,
     OLLAMA_TOTAL_DURATION,
     PROCESS_RUNNER,
     PROCESS_SERVER,
@@ -44,12 +46,13 @@ def load_reason(events: list[LogEvent], start: LogEvent, reloaded: bool) -> str:
         return "reload: the loaded runner did not fit the request (server log: evaluating already loaded)"
     argv = start.attrs.get("cmd", "").split()
     model = argv[argv.index("--model") + 1] if "--model" in argv[:-1] else None
-    before = [e for e in events if e.time_ns < start.time_ns and model and e.attrs.get("runner.model") == model]
+    before = [e for e in events
+              if e.time_ns < start.time_ns and model and e.attrs.get(OLLAMA_LOG_RUNNER_MODEL) == model]
     gone = next((e for e in reversed(before) if e.msg == EXPIRED), None)
     if gone is None:
         return "cold load: no runner of this model ran earlier in the server log"
     ago = (start.time_ns - gone.time_ns) / 1e6
-    pid = gone.attrs.get("runner.pid", "?")
+    pid = gone.attrs.get(OLLAMA_LOG_RUNNER_PID, "?")
     if any(e.msg == EVICTING and e.time_ns <= gone.time_ns for e in before if gone.time_ns - e.time_ns < 1e9):
         return (f"evicted: this model's runner (pid {pid}) was stopped {ago:g} ms before this load to make room "
                 "for another model (server log: max runners, resetting model to expire immediately)")

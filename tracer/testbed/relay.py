@@ -1,7 +1,8 @@
 """Loopback TCP relays that inject known delays between a client and a real server (this kernel
 has no netem): the ground truth of the accuracy harness (``benchmarks/accuracy.py``) and tests.
 
-A :class:`DelayRelay` holds the bytes of one direction for ``delay_s`` and records, per
+A :class:`DelayRelay` holds the bytes of one direction for ``delay_s`` (a delay line: each chunk
+leaves that long after it arrived) and records, per
 ``POST /api/generate``, when it really sent them on: on a busy machine a sleep overshoots and the
 relay's own threads wait for the CPU too, so what is compared with the attribution is what was
 injected, measured, not what was asked for.
@@ -10,6 +11,7 @@ injected, measured, not what was asked for.
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import statistics
 import threading
@@ -36,7 +38,7 @@ class DelayRelay:
             raise ValueError(f"direction must be {REQUEST!r}, {RESPONSE!r} or {CLOSE!r}, not {direction!r}")
         self.delay_s, self.direction, self.upstream_port = delay_s, direction, upstream_port
         self.held_ns: list[int] = []  # per generate: its request (or first response chunk) received → sent on
-        self.sent_ns: list[int] = []  # per generate: when that was sent on (epoch ns)
+        self.sent_ns: list[int] = []  # per generate: when it was sent on (epoch ns; a request: its last chunk)
         self.received_ns: list[int] = []  # per generate: when the relay received it (epoch ns)
         self.closes_ns: list[tuple[int, int]] = []  # close: (client's close seen, passed on), epoch ns
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -62,30 +64,34 @@ class DelayRelay:
     def _pump(self, src: socket.socket, dst: socket.socket, direction: str, generate: threading.Event) -> None:
         delay = self.delay_s if direction == self.direction else 0.0
         hold_close = self.direction == CLOSE and self.delay_s > 0
+        # A delay line, not a sleep per chunk: every chunk leaves ``delay`` after it arrived, so
+        # a request the client wrote in two sends (headers, then body) is late once, not twice.
+        line: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()
+        state: dict[str, int] = {}  # this connection's current generate request: its index in the lists
+        sender = threading.Thread(target=self._send_later, args=(line, dst, direction, generate, delay, state),
+                                  daemon=True)
+        if delay:
+            sender.start()
         try:
             while data := src.recv(65536):
+                received_mono, received = time.monotonic_ns(), time.time_ns()
+                if direction == REQUEST and data[:5] in (b"POST ", b"GET /", b"HEAD "):
+                    (generate.set if data.startswith(b"POST /api/generate") else generate.clear)()
                 if hold_close and direction == RESPONSE:
                     with contextlib.suppress(OSError):  # the client may be gone: drain the server meanwhile
                         dst.sendall(data)
                     continue
-                received_mono, received = time.monotonic_ns(), time.time_ns()
-                if direction == REQUEST and data[:5] in (b"POST ", b"GET /", b"HEAD "):
-                    (generate.set if data.startswith(b"POST /api/generate") else generate.clear)()
                 if delay:
-                    time.sleep(delay)
+                    line.put((received_mono, received, data))
+                    continue
                 dst.sendall(data)
-                # What is timed, in the relay's own direction: the generate request itself, or
-                # the first response bytes to one (the headers with the first chunk).
-                timed = (data.startswith(b"POST /api/generate") if direction == REQUEST
-                         else data.startswith(b"HTTP/") and generate.is_set())
-                if timed and direction == self.direction:
-                    with self._lock:
-                        self.held_ns.append(time.monotonic_ns() - received_mono)
-                        self.sent_ns.append(time.time_ns())
-                        self.received_ns.append(received)
+                self._record(direction, data, generate, received_mono, received, state)
         except OSError:
             pass
         finally:
+            if delay:
+                line.put(None)
+                sender.join(timeout=10 + delay)
             if direction == REQUEST and self.direction == CLOSE:  # the client closed (EOF or reset)
                 seen = time.time_ns()
                 time.sleep(self.delay_s)
@@ -94,6 +100,36 @@ class DelayRelay:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+    def _send_later(self, line: queue.Queue[tuple[int, int, bytes] | None], dst: socket.socket, direction: str,
+                    generate: threading.Event, delay: float, state: dict[str, int]) -> None:
+        while (item := line.get()) is not None:
+            received_mono, received, data = item
+            time.sleep(max(0.0, (received_mono + delay * 1e9 - time.monotonic_ns()) / 1e9))
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+            self._record(direction, data, generate, received_mono, received, state)
+
+    def _record(self, direction: str, data: bytes, generate: threading.Event, received_mono: int,
+                received: int, state: dict[str, int]) -> None:
+        """What is timed, in the relay's own direction: the generate request itself (until its
+        last chunk, the body, is sent on), or the first response bytes to one (the headers with
+        the first chunk)."""
+        if direction != self.direction:
+            return
+        with self._lock:
+            if direction == REQUEST and not data.startswith(b"POST /api/generate"):
+                if "index" in state and generate.is_set():  # the rest of the request (its body)
+                    self.sent_ns[state["index"]] = time.time_ns()
+                return
+            if direction == RESPONSE and not (data.startswith(b"HTTP/") and generate.is_set()):
+                return
+            state["index"] = len(self.sent_ns)
+            self.held_ns.append(time.monotonic_ns() - received_mono)
+            self.sent_ns.append(time.time_ns())
+            self.received_ns.append(received)
 
     def close(self) -> None:
         self.listener.close()
