@@ -313,7 +313,9 @@ def _load_row(case: str, want: str, cause: str, loaded: list[dict[str, Any]], wa
     row = _row(f"model load ({want})", "+".join(truth_phases), injected, grew, noise,
                named=f"{len(named)}/{len(loaded)}", overlapping_teardown=sum(map(_teardown_overlaps, loaded)),
                **_grew_most(warm, loaded))
-    row["ok"] = row["ok"] and len(named) == len(loaded) and cause in {f["cause"] for f in diagnosis}
+    row["named_ok"] = len(named) == len(loaded) and cause in {f["cause"] for f in diagnosis}
+    row["load_ms"] = statistics.median(_phase_ms(iv, SERVER_MODEL_LOAD) for iv in loaded)
+    row["ok"] = row["ok"] and row["named_ok"]
     return {**row, "case": case}
 
 

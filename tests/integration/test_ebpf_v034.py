@@ -268,8 +268,8 @@ def test_a_cold_start_inside_the_interrupt_interval(testbed_v034: dict[str, Any]
                                                     version: str) -> None:
     """Ground truth: a request with keep_alive 0 unloads its model when interrupted, so the next
     request starts a runner from scratch. That time is server.model_load (named expired: the
-    previous runner of the model exited), with the diagnosis naming it, on both designs (v0.34: load, startLlamaServer and WaitUntilRunning's
-    health polls before useLoadedRunner)."""
+    previous runner of the model exited), with the diagnosis naming it, on both designs (v0.34:
+    load, startLlamaServer and WaitUntilRunning's health polls before useLoadedRunner)."""
     server = next(s for s in testbed_v034["servers"] if s["version"] == version)
     out = tmp_path / "cap"
     target = str(Path(REPO) / "tests" / "targets" / "cold_then_interrupt.py")
