@@ -106,7 +106,7 @@ def retry_after_stall(server: dict[str, Any], attempt: Any) -> Any:
     """
     try:
         return attempt()
-    except (AssertionError, subprocess.TimeoutExpired) as failure:
+    except (AssertionError, RuntimeError, subprocess.TimeoutExpired) as failure:  # RuntimeError: a failed capture
         if not heal_server(server):
             raise
         print(f"\nNOTE: retrying after the stall; the first attempt said: {str(failure)[-300:]}", file=sys.stderr)

@@ -94,15 +94,16 @@ def test_a_load_after_keep_alive_0_is_named_expired(testbed_v034: dict[str, Any]
 @pytest.mark.parametrize("version", VERSIONS)
 def test_loads_that_evict_and_overlap_the_teardown_are_named(testbed_v034: dict[str, Any], tmp_path: Path,
                                                              version: str) -> None:
-    """OLLAMA_MAX_LOADED_MODELS=1 and the second request on the other model: its load waits for
-    the interrupted request's teardown and evicts its runner; the first is cold, the rest are
-    loads of a model evicted a round before."""
+    """OLLAMA_MAX_LOADED_MODELS=1 and the second request on the other model: it waits for the
+    interrupted request's teardown, evicts that runner and loads its own; the first is cold, the
+    rest are loads of a model evicted a round before. (Whether the teardown still runs when the
+    load starts differs by version: v0.34's scheduler waits for it to end first. The harness
+    counts it, `overlapping_teardown`; it is not a property of the attribution.)"""
     server = _server(testbed_v034, version)
     rows = retry_after_stall(server, lambda: _harness().evicted_cases(server, tmp_path))
     assert [r["case"].split(":")[0] for r in rows] == ["model load (cold", "model load (evicted", "model load (evicted"]
     for row in rows:
         _load_named(row)
-    assert sum(r["overlapping_teardown"] for r in rows) >= 1, rows
 
 
 @pytest.mark.parametrize("version", VERSIONS)
