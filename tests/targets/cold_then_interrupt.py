@@ -25,8 +25,17 @@ def main() -> None:
             if time.monotonic() - started > 0.3:
                 break
         stream.close()  # type: ignore[attr-defined]
-        for _part in client.generate(model=model, prompt="and another", stream=True, options={"num_predict": 4}):
-            pass
+        try:
+            for _part in client.generate(model=model, prompt="and another", stream=True, options={"num_predict": 4}):
+                pass
+        except ollama.ResponseError as err:
+            # Ollama v0.13's own race: keep_alive 0 kills the runner while the scheduler has just
+            # handed it this request ("llama runner process no longer running", 500). Once more.
+            if "no longer running" not in str(err):
+                raise
+            print(f"target: Ollama failed the request ({err}); asking once more", file=sys.stderr)
+            for _part in client.generate(model=model, prompt="and another", stream=True, options={"num_predict": 4}):
+                pass
 
 
 if __name__ == "__main__":
