@@ -12,9 +12,9 @@ Each case causes one thing in one place and checks the phase it must land in:
   40 ms after it arrived (``tests/targets/slow_delivery.py``) → ``client.first_token`` grows by
   what the script measured around its sleep;
 * ``prefill``: a second prompt about 700 tokens longer → ``runner.prefill`` grows by what the
-  runner itself says it spent on the extra tokens (``prompt_eval_duration`` of the answered
-  requests: the per-token cost measured, not assumed; the one case whose truth is the server's
-  own clock, not ours);
+  runner itself says it spent on the extra tokens (``prompt_eval_duration`` of the same request,
+  paired per interval: the per-token cost measured, not assumed; the one case whose truth is the
+  server's own clock, not ours);
 * ``slot wait``: the relay holds the client's close of the interrupted stream for 40 ms, on a
   server with two slots and on one with one (``OLLAMA_NUM_PARALLEL=1``), where the cancelled
   request keeps the only slot that long and the next request waits for it → the wait phases
@@ -198,13 +198,14 @@ def _row(case: str, phase: str, injected: float, grew: float, noise: float, **ex
             "bound_ms": bound, "ok": abs(grew - injected) <= bound, **extra}
 
 
-def _prompt_eval_ms(out: Path) -> list[float]:
-    """The runner's own prefill time of each answered second-stage request (spans.jsonl)."""
-    values = []
+def _prompt_eval_ms(out: Path) -> dict[str, float]:
+    """The runner's own prefill time of each answered second-stage request (spans.jsonl), by trace."""
+    values = {}
     for line in (out / "spans.jsonl").read_text().splitlines():
-        attributes = json.loads(line).get("attributes", {})
+        span = json.loads(line)
+        attributes = span.get("attributes", {})
         if attributes.get("ollama.prompt_eval_duration") and not attributes.get("tracer.cancelled"):
-            values.append(attributes["ollama.prompt_eval_duration"] / 1e6)
+            values[span["traceId"]] = attributes["ollama.prompt_eval_duration"] / 1e6
     return values
 
 
@@ -239,15 +240,26 @@ def client_case(server: Server, work: Path) -> dict[str, Any]:
 
 
 def prefill_case(server: Server, work: Path) -> dict[str, Any]:
-    prefill, runner_says, spreads, arms = {}, {}, [], []
+    """Each interval's runner.prefill against the runner's own prompt_eval_duration for the same
+    request, with a short and a long second prompt: the extra tokens are the injected time, and
+    the error is how much more (or less) the phase grew than the runner's own clock says. Paired
+    per request, so a machine whose prefill times come in two clusters (a loaded one) compares
+    like with like."""
+    offsets, truth, spreads, arms = {}, {}, [], []
     for label, prompt in (("short", "{iteration} and again"), ("long", LONG_PROMPT)):
         out = work / f"prefill-{label}"
         arms.append(_measured(_capture(server, out, "--second-prompt", prompt)))
-        values = [_phase_ms(iv, RUNNER_PREFILL) for iv in arms[-1]]
-        prefill[label], runner_says[label] = statistics.median(values), statistics.median(_prompt_eval_ms(out))
-        spreads.append(_iqr(values))
-    return _row("prefill (+~700 prompt tokens)", RUNNER_PREFILL, runner_says["long"] - runner_says["short"],
-                prefill["long"] - prefill["short"], max(spreads), **_grew_most(*arms))
+        runner_says = _prompt_eval_ms(out)
+        pairs = [(_phase_ms(iv, RUNNER_PREFILL), runner_says[iv["trace_id"]]) for iv in arms[-1]
+                 if iv["trace_id"] in runner_says]
+        if len(pairs) < 3:
+            raise ValueError(f"{label}: only {len(pairs)} interval(s) with the runner's own prefill time")
+        offsets[label] = statistics.median(phase - own for phase, own in pairs)
+        truth[label] = statistics.median(own for _, own in pairs)
+        spreads.append(_iqr([phase - own for phase, own in pairs]))
+    injected = truth["long"] - truth["short"]
+    return _row("prefill (+~700 prompt tokens)", RUNNER_PREFILL, injected,
+                injected + offsets["long"] - offsets["short"], max(spreads), **_grew_most(*arms))
 
 
 def slot_case(server: Server, work: Path) -> dict[str, Any]:
