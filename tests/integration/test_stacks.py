@@ -48,13 +48,20 @@ def test_client_and_server_stacks_land_in_their_phases(testbed: dict[str, Any], 
     # ...and not in the phases after it (it had returned before the request was sent). py-spy's
     # Poisson timer sees its end one exponential lag late; after the correction for the mean lag,
     # what is left over is a sliver of a sample, never the phase's top function.
+    # A phase that starts within one sample period (10 ms at 100 Hz) plus py-spy's measured
+    # alignment error of the gap's end is inside the stacks' resolution: one late sample may be
+    # its only one (under stress-ng a 10 ms server.receive 1 ms after the gap got exactly that).
+    attribution_alignment = (attribution.get("alignment") or {}).get("pyspy") or {}
+    resolution_ns = 10_000_000 + int(attribution_alignment.get("error_ns") or 0)
     in_gaps = sum(_samples(g, "busy_spin_between_requests") for g in gaps)
     leaked = 0.0
     for interval in intervals:
+        gap_end = max((p["end_ns"] for p in interval["phases"] if p["name"] == "client.gap"), default=0)
         for phase in interval["phases"]:
             if phase["name"].startswith(("server.", "runner.")):
                 leaked += _samples(phase, "busy_spin_between_requests")
-                assert not any("busy_spin_between_requests" in f for f in _functions(phase, "client")[:1]), phase
+                if phase["start_ns"] - gap_end > resolution_ns:
+                    assert not any("busy_spin_between_requests" in f for f in _functions(phase, "client")[:1]), phase
     assert leaked < 0.15 * in_gaps, (leaked, in_gaps)
     # The server's known busy code on this model: the GGUF metadata scans of model lookup.
     lookups = [p for iv in intervals for p in iv["phases"] if p["name"] == "server.model_lookup"]
