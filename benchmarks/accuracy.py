@@ -267,7 +267,12 @@ def slot_case(server: Server, work: Path) -> dict[str, Any]:
     servers that differ in one setting: with two slots the next request starts at once, with one
     (OLLAMA_NUM_PARALLEL=1) it waits until the cancelled request gives its slot back. Both arms
     have the cancelled sequence generating 40 ms longer (the same CPU contention), so what the
-    interval grew on the client's own clock is the slot wait, and the wait phases must hold it."""
+    interval grew on the client's own clock is the slot wait, and the wait phases must hold it.
+
+    Only the interrupted stream goes through the relay (tests/targets/interrupt_late.py); the
+    next request goes straight to the server. Through the relay, its connect and forwarding were
+    in the interval too: on a busy machine they stalled (a 3.5 s connect, a 22 ms forward) and
+    the median moved by the rig's own noise, not the slot's wait."""
     # The server's own per-runner semaphore holds it (both versions), and on v0.13 the runner's
     # may hold it a little longer once the server let it through: the wait is both.
     phases = (SERVER_RUNNER_WAIT, RUNNER_ADMIT)
@@ -276,7 +281,8 @@ def slot_case(server: Server, work: Path) -> dict[str, Any]:
         with _own_server(server, work, {"OLLAMA_NUM_PARALLEL": slots}) as own:
             relay = DelayRelay(int(own["host"].rsplit(":", 1)[1]), DELAY_MS / 1000, CLOSE)
             try:
-                intervals = _measured(_capture(own, work / f"slot-{slots}", host=relay.url, iterations=6))
+                intervals = _measured(_capture_target(own, work / f"slot-{slots}", "interrupt_late.py", MODEL,
+                                                      TARGET_ITERATIONS="7", TARGET_INTERRUPT_HOST=relay.url))
             finally:
                 relay.close()
         if len(intervals) < 3:
@@ -365,8 +371,11 @@ def _started_runner(out: Path, interval: dict[str, Any]) -> bool:
     first: dict[int, int] = {}
     for event in ebpf.events:
         first.setdefault(event.pid, event.time_ns)
+    # A runner that was already running (an idle one of another model) prints its first event
+    # whenever it is next used: that is not a start.
+    running = set(ebpf.meta.get("children_at_start") or [])
     return any(interval["start_ns"] <= t <= interval["end_ns"] for pid, t in first.items()
-               if ebpf.roles.get(pid) == "runner")
+               if ebpf.roles.get(pid) == "runner" and pid not in running)
 
 
 def evicted_cases(server: Server, work: Path) -> list[dict[str, Any]]:
@@ -409,11 +418,12 @@ def clients_cases(server: Server, work: Path) -> list[dict[str, Any]]:
                 slot = rows.setdefault(f"{who}-{label}", {"phase": [], "added": [], "noise": [], "intervals": []})
                 added = 0.0
                 if who == "relayed":
-                    written = max((p["end_ns"] for p in iv["phases"] if p["name"] == CLIENT_REQUEST), default=None)
-                    sent = min((t for t in relay.sent_ns if written is not None and t >= written), default=None)
-                    if written is None or sent is None:
+                    requests = [p for p in iv["phases"] if p["name"] == CLIENT_REQUEST]
+                    extra = relay.request_added_ns(min(p["start_ns"] for p in requests),
+                                                   max(p["end_ns"] for p in requests)) if requests else None
+                    if extra is None:
                         continue
-                    added = (sent - written) / 1e6
+                    added = extra / 1e6
                 slot["intervals"].append(iv)
                 slot["phase"].append(_phase_ms(iv, SERVER_RECEIVE))
                 slot["added"].append(added)

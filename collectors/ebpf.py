@@ -162,9 +162,14 @@ class EbpfCollector:
                 message = self._stderr_summary(session.directory)
                 self._kill()
                 raise TracerError(f"bpftrace did not start ({message}).", ExitCode.PERMISSION)
+        from ollama_tracer.process_discovery import children_of
+
+        # A runner already running is older than its first event: it cannot have started inside
+        # the capture (an idle runner of another model prints nothing until it is used).
         self._meta = {"pid": pid, "binary": str(binary), "plan": self._plan.to_json(),
                       "probe_index": probe_index(self._plan), "roles": {},
-                      "sockets_at_start": [asdict(h) for h in held if h.local_port]}
+                      "sockets_at_start": [asdict(h) for h in held if h.local_port],
+                      "children_at_start": children_of(pid)}
         self._write_meta()
 
     def _write_meta(self) -> None:
@@ -208,6 +213,18 @@ class EbpfCollector:
         finally:
             out.close()
 
+    def _drain(self, quiet_s: float = 0.15, bound_s: float = 1.5) -> None:
+        """Wait until no event has arrived for ``quiet_s`` (at most ``bound_s``) before stopping:
+        events still in bpftrace's per-CPU buffers when it is interrupted are lost (once seen: a
+        whole last request of a node client, the last 0.3 s), and a client that exits the
+        moment its last answer arrives (node, curl) would lose that request's last events."""
+        deadline = time.monotonic() + bound_s
+        seen, since = self._lines, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+            time.sleep(0.03)
+            if self._lines != seen:
+                seen, since = self._lines, time.monotonic()
+
     def child_started(self, pid: int) -> None:
         pass
 
@@ -229,6 +246,7 @@ class EbpfCollector:
         if self._proc is not None:
             exited_early = self._proc.poll() is not None
             if not exited_early:
+                self._drain()
                 self._proc.send_signal(signal.SIGINT)
                 try:
                     self._proc.wait(timeout=10)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,31 @@ def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], d
                 except ParseError:
                     bad += 1
     events.sort(key=lambda e: e.time_ns)
-    return events, meta, bad
+    return join_split_reads(events), meta, bad
+
+
+def join_split_reads(events: list[ProbeEvent]) -> list[ProbeEvent]:
+    """A request whose first byte Go's background read took (1 byte, while the connection's
+    previous response was being finished) and whose rest came with the next read, as the one read
+    it is: at the first byte's time, with the rest's text after that byte. A 1-byte read not
+    followed by more of it (the peer went away) stays as it is."""
+    held: dict[tuple[int, int], int] = {}  # (pid, fd) -> index in out of its 1-byte read
+    out: list[ProbeEvent] = []
+    for e in events:
+        key = (e.pid, e.fd)
+        if e.kind == "R" and e.value == 1:
+            held[key] = len(out)
+        elif e.kind == "R" and e.value > 0 and key in held:
+            index = held.pop(key)
+            first = out[index]
+            # In the first byte's place, so the events stay in time order.
+            out[index] = replace(e, time_ns=first.time_ns, value=e.value + 1,
+                                 text=(first.text[:1] + e.text)[:len(e.text)])
+            continue
+        elif e.kind in "RX" and key in held:
+            held.pop(key)  # EOF, an error or a close: nothing more of it came
+        out.append(e)
+    return out
 
 
 Roles = Mapping[int, "str | None"]  # pid -> "server" / "runner" (None: neither, or not known)

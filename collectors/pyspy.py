@@ -46,7 +46,7 @@ from ollama_tracer.doctor_checks import check_pyspy
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.instrument.clock_marker import ENV_PYSPY_MARKER
 from ollama_tracer.instrument.clock_marker import MARKER_FRAMES as MARKER_FRAMES  # re-exported: left out of stacks
-from ollama_tracer.process_discovery import process_alive
+from ollama_tracer.process_discovery import children_of, process_alive, process_state
 
 META_SCHEMA = "tracer.pyspy/1"
 RAW_TRACE = capture_files.PYSPY_TRACE
@@ -58,6 +58,11 @@ PTRACE_FIX = ("run tracer as root, grant py-spy CAP_SYS_PTRACE (`sudo setcap cap
               "$(readlink -f $(which py-spy))`), or `sudo sysctl kernel.yama.ptrace_scope=1`")
 NATURAL_EXIT_S = 2.0  # py-spy stops by itself when its target exits; give it this long to write the file
 SIGINT_WAIT_S = 10.0
+# py-spy stops the command for each sample (ptrace; tens of µs). Stopped at every look for this
+# long, it is stuck holding the command: it is killed, which lets the kernel resume the command.
+STALL_S = 5.0
+STALL_POLL_S = 0.25
+CHILDREN_EVERY = 8  # looks: the command's children are listed again every 2 s
 RETRY_S = 0.5
 
 _SUMMARY = re.compile(r"Samples: (\d+) Errors: (\d+)")
@@ -203,6 +208,8 @@ class PySpyCollector:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._guard: threading.Thread | None = None
+        self._stalled = False  # the guard killed a py-spy that held the command stopped
 
     def available(self) -> tuple[bool, str]:
         self._binary = pyspy_binary()
@@ -241,6 +248,39 @@ class PySpyCollector:
             self._launch()
         self._watcher = threading.Thread(target=self._watch, name="pyspy-watch", daemon=True)
         self._watcher.start()
+        self._guard = threading.Thread(target=self._guard_against_stall, name="pyspy-stall-guard", daemon=True)
+        self._guard.start()
+
+    def _guard_against_stall(self) -> None:
+        """Never let py-spy hold the command: stopped by its tracer (state ``t``) at every look for
+        :data:`STALL_S`, py-spy is killed (its stacks are lost) and the command carries on."""
+        stopped_since: float | None = None
+        children: list[int] = []
+        looks = 0
+        while not self._stopping.wait(STALL_POLL_S):
+            proc, target = self._proc, self._target
+            if proc is None or target is None:
+                return
+            if proc.poll() is not None:
+                stopped_since = None
+                continue  # between attempts, or done: _watch decides
+            if looks % CHILDREN_EVERY == 0:  # py-spy samples the command's children too; a /proc scan is ~5 ms
+                children = children_of(target)
+            looks += 1
+            if not any(process_state(pid) == "t" for pid in (target, *children)):  # t: tracing stop
+                stopped_since = None
+                continue
+            now = time.monotonic()
+            stopped_since = stopped_since if stopped_since is not None else now
+            if now - stopped_since >= STALL_S:
+                with self._lock:
+                    self._stalled = True
+                    self._stopping.set()  # no relaunch
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+                return
 
     def _launch(self) -> None:
         """Start (or restart) py-spy on the target; the caller holds the lock."""
@@ -325,15 +365,19 @@ class PySpyCollector:
         if proc is None or self._session is None:
             stats["errors"] = [*self._errors, "py-spy did not run: no command was started and no pid to attach to"]
             return stats
-        stopped_by = self._finish(proc)
-        if self._watcher is not None:
-            self._watcher.join(timeout=5)
+        stopped_by = "stall" if self._stalled else self._finish(proc)
+        for thread in (self._watcher, self._guard):
+            if thread is not None:
+                thread.join(timeout=5)
         output = self._attempt_output()
         summary = _SUMMARY.search(output)
         written = self._trace_written()
         # Lost: py-spy had sampled (or may have) but wrote nothing. A command that never ran Python lost nothing.
-        lost = stopped_by == "sigkill" or (not written and _NO_PYTHON not in output)
-        if stopped_by == "sigkill":
+        lost = stopped_by in ("sigkill", "stall") or (not written and _NO_PYTHON not in output)
+        if stopped_by == "stall":
+            self._errors.append(f"py-spy held the command stopped for {STALL_S:.0f} s and was killed, so the command "
+                                "could carry on: its stacks are lost (it writes them only on exit)")
+        elif stopped_by == "sigkill":
             self._errors.append(f"py-spy did not exit {SIGINT_WAIT_S:.0f} s after SIGINT and was killed: "
                                 "its stacks are lost (it writes them only on exit)")
         elif not written:

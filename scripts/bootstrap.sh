@@ -22,4 +22,11 @@ fi
 
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[dev]'
 command -v go >/dev/null || { echo "bootstrap: Go >= 1.24 is required to build the testbed" >&2; exit 1; }
+# The Node.js client the integration tests trace (the official `ollama` npm package, pinned by
+# tests/targets/node/package-lock.json). Only the tests need it: skipped without npm.
+if command -v npm >/dev/null; then
+  npm ci --prefix tests/targets/node --no-audit --no-fund --loglevel=error >/dev/null
+else
+  echo "bootstrap: npm not found; the Node.js client tests will be skipped" >&2
+fi
 echo "bootstrap: ready ($(python3 -m ollama_tracer --version))"

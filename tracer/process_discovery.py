@@ -54,13 +54,20 @@ def server_settings(pid: int | None) -> dict[str, str]:
     return {key: pairs[key] for key in SETTINGS if key in pairs}
 
 
-def process_alive(pid: int) -> bool:
-    """Running, not a zombie (a killed child whose parent has not reaped it yet)."""
+def process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (``R``, ``S``, ``t`` tracing stop, ``Z`` zombie, ...);
+    None once the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[:1] != ["Z"]
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[0] if fields else None
+
+
+def process_alive(pid: int) -> bool:
+    """Running, not a zombie (a killed child whose parent has not reaped it yet)."""
+    return process_state(pid) not in (None, "Z")
 
 
 def parent_pid(pid: int) -> int | None:
@@ -71,6 +78,15 @@ def parent_pid(pid: int) -> int | None:
         return None
     fields = stat.rsplit(")", 1)[-1].split()
     return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` now (a server's runners), in pid order."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and parent_pid(int(entry.name)) == pid:
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def role_of(pid: int, server_pid: int, parent: int | None = None) -> str:

@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
+from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path, stream_part, streams_by_default
 from ollama_tracer.vocabulary import CLIENT_ADDRESS, PROCESS_PID, SERVICE_NAME, SERVICE_PROXY, TRACER_CLIENT_KEY
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
@@ -118,6 +118,19 @@ async def _mark_written(context: SimpleNamespace) -> None:
         holder["written_ns"] = time.time_ns()  # the last write of the request wins
 
 
+def _local_port(upstream: aiohttp.ClientResponse) -> int | None:
+    """The proxy's end of the upstream connection. A short answer read whole with its headers has
+    already given its connection back to the pool (``connection`` is None), but its protocol still
+    holds the socket: without it a reused connection's request could be matched by time alone."""
+    for holder in (upstream.connection, getattr(upstream, "_protocol", None)):
+        transport = getattr(holder, "transport", None)
+        with contextlib.suppress(Exception):
+            sockname = transport.get_extra_info("sockname") if transport is not None else None
+            if sockname:
+                return int(sockname[1])
+    return None
+
+
 class OllamaProxy:
     """The proxy's request handling; :func:`serve` runs it on a socket until told to stop."""
 
@@ -169,6 +182,14 @@ class OllamaProxy:
         try:
             upstream = await self._session.request(request.method, url, data=body or None, headers=headers,
                                                    trace_request_ctx=holder, allow_redirects=False)
+        except asyncio.CancelledError:
+            # The client went away before the server's first byte (a client timeout shorter
+            # than the time to first token): an interrupt like any other, not a lost request.
+            self.stats.cancelled += 1
+            if recorder is not None:
+                recorder.end(cancelled=True)
+                self.stats.traced += 1
+            raise
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as err:
             reason = f"upstream {self.upstream} is unreachable ({type(err).__name__})"
             self.stats.failed[reason] += 1
@@ -181,9 +202,9 @@ class OllamaProxy:
         if recorder is not None:
             recorder.request_written(written)
             recorder.response_started(headers_at)
-            with contextlib.suppress(Exception):
-                sockname = upstream.connection.transport.get_extra_info("sockname")  # type: ignore[union-attr]
-                recorder.local_port = int(sockname[1])  # the server sees this as the peer port
+            port = _local_port(upstream)
+            if port is not None:
+                recorder.local_port = port  # the server sees this as the peer port
         return await self._relay(request, upstream, recorder)
 
     def _recorder(self, request: web.Request, body: bytes, received: int) -> StreamRecorder | None:
@@ -194,7 +215,8 @@ class OllamaProxy:
         if not isinstance(parsed, dict):
             return None
         recorder = StreamRecorder(self.tracer, url=self.upstream + request.path, body=parsed,
-                                  stream=bool(parsed.get("stream", True)), record_content=self.record_content,
+                                  stream=bool(parsed.get("stream", streams_by_default(request.path))),
+                                  record_content=self.record_content,
                                   built_ns=received)
         if recorder.span is not None:
             peer = request.remote or "?"
@@ -226,6 +248,8 @@ class OllamaProxy:
                     first = False
                 if recorder is not None:
                     pending = _feed(recorder, pending + data)
+            if recorder is not None and pending.strip():  # a last line without its newline (a JSON answer)
+                pending = _feed(recorder, pending + b"\n")
             await response.write_eof()
         except (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientConnectionResetError):
             cancelled = True  # the client went away: an interrupt, not an error
@@ -234,26 +258,29 @@ class OllamaProxy:
             self.stats.failed[f"upstream stream broke ({type(err).__name__})"] += 1
         finally:
             upstream.close()  # closes the upstream connection too when cancelled: Ollama sees the interrupt
+            # A client that closes once it has the last part (an OpenAI client after `data: [DONE]`)
+            # may beat the chunked terminator: that is a finished stream, not an interrupt.
+            interrupted = cancelled and not (recorder is not None and recorder.done)
             if recorder is not None:
-                recorder.end(cancelled=cancelled, error=error)
+                recorder.end(cancelled=interrupted, error=error)
                 self.stats.traced += 1
-            self.stats.cancelled += int(cancelled)
+            self.stats.cancelled += int(interrupted)
         if cancelled:
             raise asyncio.CancelledError
         return response
 
 
 def _feed(recorder: StreamRecorder, buffer: bytes) -> bytes:
-    """Hand every complete NDJSON line to the recorder; return the incomplete rest (bounded)."""
+    """Hand every complete line (NDJSON, or SSE on the OpenAI-compatible endpoints) to the
+    recorder as a part; return the incomplete rest (bounded)."""
     *lines, rest = buffer.split(b"\n")
     for line in lines:
-        if line.strip():
-            try:
-                part = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(part, dict):
-                recorder.chunk(part)
+        try:
+            part = stream_part(line)
+        except ValueError:
+            continue
+        if part is not None:
+            recorder.chunk(part)
     return rest[-1_000_000:]
 
 

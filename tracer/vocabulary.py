@@ -154,6 +154,10 @@ SERVER_CANCEL: Final = "server.cancel"
 SERVER_RUNNER_HEALTH: Final = "server.runner_health"  # a GET /health round trip to the runner
 SERVER_TOKENIZE: Final = "server.tokenize"  # v0.30+: the POST /tokenize round trip
 SERVER_RUNNER_WAIT: Final = "server.runner_wait"  # waiting for the server's per-runner semaphore
+# A request only the server saw (an uninstrumented client): from the server reading the client's
+# close to reading its next request, the server waits on the client; the client's own time and the
+# network's are in it and cannot be told apart from the server's side. ``client.gap``'s stand-in.
+SERVER_AWAITING_CLIENT: Final = "server.awaiting_client"
 
 # The phases of an interrupt→first-token interval in critical-path order, as docs/architecture.md lists them.
 # ``server.model_load`` (only when a runner is started) lies inside ``server.schedule``;
@@ -204,6 +208,11 @@ TRACER_LOCAL_PORT: Final = "tracer.local_port"  # the client's local TCP port (t
 TRACER_CANCELLED: Final = "tracer.cancelled"  # the stream was closed early
 TRACER_CHUNKS: Final = "tracer.chunks"  # chunks received
 TRACER_CLIENT_KEY: Final = "tracer.client_key"  # which client of a proxy
+# A request only the server's side recorded (eBPF): no client span matched it, so its interval has
+# server and runner phases and no client ones. Value: SEEN_FROM_SERVER.
+TRACER_SEEN_FROM: Final = "tracer.seen_from"
+SEEN_FROM_SERVER: Final = "server"
+SEEN_FROM_CLIENT: Final = "client"
 TRACER_SOURCE: Final = "tracer.source"  # the source that measured a span or phase
 # Set by `tracer bench` on its iteration root and its response phases:
 TRACER_ITERATION_INDEX: Final = "tracer.iteration.index"
@@ -256,3 +265,8 @@ SERVER_PID: Final = "server.pid"  # the server process of that request
 
 # -- GenAI attribute values --------------------------------------------------------------------------------
 PROVIDER_OLLAMA: Final = "ollama"  # gen_ai.provider.name
+# The generation endpoints followed everywhere (instrumentations, proxy, the server-side request
+# finder), with their gen_ai.operation.name: Ollama's own API (NDJSON streams) and its
+# OpenAI-compatible one (server-sent events).
+GENERATION_ENDPOINTS: Final = {"/api/generate": "text_completion", "/api/chat": "chat",
+                               "/v1/chat/completions": "chat", "/v1/completions": "text_completion"}

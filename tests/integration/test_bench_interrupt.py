@@ -15,7 +15,7 @@ import pytest
 from ollama_tracer.autoinstrument import child_env
 from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
 
-from tests.conftest import REPO, heal_testbed, run_tracer_healing
+from tests.conftest import REPO, heal_testbed, run_tracer, run_tracer_healing
 
 pytestmark = pytest.mark.integration
 
@@ -27,18 +27,23 @@ ITERATION_KEYS = {
 STATS = {"mean", "median", "min", "max", "stdev"}
 
 
-def _bench(host: str, model: str, client: str, out: Path, *extra: str,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    args = ("bench", "interrupt", "--host", host, "--model", model, "--client", client, "--iterations", "2",
+def _bench(testbed: dict[str, Any] | None, model: str, client: str, out: Path, *extra: str,
+           host: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`tracer bench interrupt` against the testbed's server (or ``host``), healed and retried once
+    when the testbed's server stalls under it (no testbed: nothing to heal)."""
+    target = host or (testbed or {})["ollama_host"]
+    args = ("bench", "interrupt", "--host", target, "--model", model, "--client", client, "--iterations", "2",
             "--warmup", "1", "--request-timeout", "30", "--json", str(out), *extra)
-    return run_tracer_healing({"ollama_host": host, "models": MODELS}, *args, timeout=300, env=env)
+    if testbed is None:
+        return run_tracer(*args, timeout=300, env=env)
+    return run_tracer_healing(testbed, *args, timeout=300, env=env)
 
 
 @pytest.mark.parametrize("client", ["sdk", "http"])
 @pytest.mark.parametrize("model", MODELS)
 def test_bench_json_matches_schema(testbed: dict[str, Any], tmp_path: Path, model: str, client: str) -> None:
     out = tmp_path / "bench.json"
-    proc = _bench(testbed["ollama_host"], model, client, out)
+    proc = _bench(testbed, model, client, out)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["schema"] == "tracer.bench.interrupt/1"
@@ -74,7 +79,7 @@ def test_bench_spans_reach_an_otlp_receiver(testbed: dict[str, Any], tmp_path: P
         endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
                "NO_PROXY": "127.0.0.1"}
-        proc = _bench(testbed["ollama_host"], "tracer-gemma3:test", "sdk", tmp_path / "b.json", env=env)
+        proc = _bench(testbed, "tracer-gemma3:test", "sdk", tmp_path / "b.json", env=env)
         assert proc.returncode == 0, proc.stderr
         spans = receiver.spans()
     result = json.loads((tmp_path / "b.json").read_text())
@@ -173,7 +178,7 @@ def test_plain_ollama_script_is_instrumented_without_code_changes(testbed: dict[
 
 def test_unknown_model_is_a_clear_error(testbed: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    proc = _bench(testbed["ollama_host"], "no-such-model:latest", "sdk", out)
+    proc = _bench(testbed, "no-such-model:latest", "sdk", out)
     assert proc.returncode == 4
     assert "no-such-model" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -181,7 +186,7 @@ def test_unknown_model_is_a_clear_error(testbed: dict[str, Any], tmp_path: Path)
 
 def test_ollama_down_is_a_clear_error(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    proc = _bench("http://127.0.0.1:9", "tracer-llama:test", "http", out)
+    proc = _bench(None, "tracer-llama:test", "http", out, host="http://127.0.0.1:9")
     assert proc.returncode == 3
     assert "not reachable" in proc.stderr
     assert not list(tmp_path.iterdir())
@@ -189,7 +194,7 @@ def test_ollama_down_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_zero_interrupt_is_a_usage_error(tmp_path: Path) -> None:
     out = tmp_path / "b.json"
-    proc = _bench("http://127.0.0.1:9", "m", "sdk", out, "--interrupt-after-ms", "0")
+    proc = _bench(None, "m", "sdk", out, "--interrupt-after-ms", "0", host="http://127.0.0.1:9")
     assert proc.returncode == 2
     assert "--interrupt-after-ms" in proc.stderr
     assert not list(tmp_path.iterdir())

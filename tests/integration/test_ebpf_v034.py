@@ -41,9 +41,8 @@ ROUND_TRIPS = ["server.receive", "server.decode", "server.model_lookup", "server
 def _capture(server: dict[str, Any], out: Path, model: str, *extra: str, bench_host: str | None = None,
              iterations: int = 3) -> dict[str, Any]:
     """A capture of the interrupt bench; retried once on a fresh server if v0.34 stalled under it."""
-    host = server["host"]
-
     def attempt() -> dict[str, Any]:
+        host = server["host"]  # a healed server may be on a new port
         proc = run_tracer("capture", "-o", str(out), "--force", "--ollama-host", host, *extra, "--",
                           sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", bench_host or host,
                           "--model", model, "--iterations", str(iterations), "--interrupt-after-ms", "300",
@@ -151,14 +150,25 @@ def second_v034(testbed_v034: dict[str, Any], tmp_path: Path,
     binary = Path(server["binary"])
     if request.node.get_closest_marker("stripped"):  # the release-style (-s -w) build beside it
         binary = binary.with_name("ollama-stripped")
-    managed, host = start_ollama(binary, Path(server["log"]).parent, lambda _m: None,
-                                 log=tmp_path / "ollama-second.log", models_dir=models_dir,
-                                 settings=dict(marker.args[0]) if marker else None)
+    running: list[Any] = []
+
+    def start() -> dict[str, Any]:
+        """(Re)start it: after the interrupt stall, retry_after_stall heals this server, not the testbed's."""
+        for old in running:
+            old.stop()
+        running.clear()
+        managed, host = start_ollama(binary, Path(server["log"]).parent, lambda _m: None,
+                                     log=tmp_path / "ollama-second.log", models_dir=models_dir,
+                                     settings=dict(marker.args[0]) if marker else None)
+        running.append(managed)
+        return {"host": host, "pid": managed.pid}
+
     try:
-        yield {"version": server["version"], "host": host, "pid": managed.pid, "models": server["models"],
-               "log": str(tmp_path / "ollama-second.log")}
+        yield {"version": server["version"], **start(), "models": server["models"],
+               "log": str(tmp_path / "ollama-second.log"), "restart": start}
     finally:
-        managed.stop()
+        for managed in running:
+            managed.stop()
 
 
 def test_attach_on_llama_server(testbed_v034: dict[str, Any], second_v034: dict[str, Any], tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -173,6 +174,47 @@ def test_a_rolling_proxy_exports_each_segment_while_it_runs(testbed_jaeger: dict
     last = json.loads((out / kept[-1] / "raw" / "proxy_stats.json").read_text())
     assert last["requests"] == 3 and last["traced"] == 3 and last["spans_dropped"] == 0  # running totals
     assert stdout.count("Wrote ") == int(kept[-1].split("-")[1])
+
+
+def test_a_client_that_gives_up_before_the_first_byte_is_an_interrupt(tmp_path: Path) -> None:
+    """curl's time limit ends before the server's first byte (a slow first token on a loaded
+    machine): the proxy's span ends cancelled at that moment, so the next request pairs with it."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(0.0 if body.get("options") else 1.5)  # the first stage answers late
+            data = json.dumps({"model": "m", "response": "x", "done": True}).encode() + b"\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                self.wfile.write(data)
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        with proxy(f"http://127.0.0.1:{upstream.server_address[1]}", tmp_path / "proxy", "--no-ebpf") as running:
+            assert _curl(running.url, {"model": "m", "prompt": "x"}, max_time=0.3).returncode == 28
+            assert _curl(running.url, {"model": "m", "prompt": "y", "options": {"num_predict": 1}},
+                         max_time=20).returncode == 0
+            code, _stdout, stderr = running.stop()
+    finally:
+        upstream.shutdown()
+    assert code == 0, stderr
+    spans = [json.loads(line) for line in (tmp_path / "proxy" / "spans.jsonl").read_text().splitlines()]
+    first, _second = sorted((s for s in spans if s["attributes"].get("gen_ai.provider.name") == "ollama"),
+                            key=lambda s: s["startTimeUnixNano"])
+    assert first["attributes"].get("tracer.cancelled") is True
+    assert first["endTimeUnixNano"] - first["startTimeUnixNano"] < 1.2e9  # ended at the give-up, not the answer
+    attribution = json.loads((tmp_path / "proxy" / "attribution.json").read_text())
+    assert [iv["kind"] for iv in attribution["intervals"]] == ["interrupt"]
 
 
 def test_bad_upstream_and_malformed_requests_do_not_stop_the_proxy(tmp_path: Path) -> None:

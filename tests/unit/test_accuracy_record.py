@@ -37,3 +37,21 @@ def test_the_harness_summary_is_what_the_statement_reads(tmp_path: Path, monkeyp
     assert statement is not None and "2/3 injected cases" in statement and "1/2 timed" in statement
     (tmp_path / "accuracy.json").write_text("{not json")
     assert units.accuracy_statement() is None  # a broken record is left out, never a crash
+
+
+def test_the_relays_added_delay_is_its_own_requests_never_the_next_ones() -> None:
+    """An undelayed forward can come before the client's client.request span ends (the span is
+    recorded a moment after its write). Matching "the first send after the span's end" then took
+    the next request's send, and the harness once measured -2 ms injected for a 40 ms delay."""
+    from ollama_tracer.testbed.relay import DelayRelay
+
+    relay = DelayRelay(9, 0.0)  # nothing is forwarded: only the bookkeeping is used
+    try:
+        ms = 1_000_000
+        relay.received_ns[:] = [100 * ms, 500 * ms]  # two requests: received, and sent on
+        relay.sent_ns[:] = [100 * ms + 20_000, 500 * ms + 40 * ms]
+        assert relay.request_added_ns(99 * ms, 100 * ms + 50_000) == 0  # forwarded before the span ended
+        assert relay.request_added_ns(499 * ms, 500 * ms + 100_000) == 40 * ms - 100_000
+        assert relay.request_added_ns(501 * ms, 502 * ms) is None
+    finally:
+        relay.close()

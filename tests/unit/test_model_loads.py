@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ollama_tracer.attribution import diagnosis
-from ollama_tracer.attribution.model_loads import COLD, RELOAD, load_reason, runners
+from ollama_tracer.attribution.model_loads import COLD, RELOAD, load_reason, runners, scheduler_replaced
 from ollama_tracer.clock import ClockModel, ClockOffset
 from ollama_tracer.collectors.ebpf_events import EbpfRecords, ProbeEvent, parse_line
 
@@ -40,6 +40,26 @@ def test_a_first_load_is_cold_and_a_reload_is_a_reload() -> None:
     assert load_reason(ebpf, 40 * MS, 900 * MS, reloaded=True)["reason"] == RELOAD
 
 
+NEEDS_RELOAD = "github.com/ollama/ollama/server.(*runnerRef).needsReload"
+
+
+def _check(at_ms: float, goroutine: int) -> ProbeEvent:
+    return ProbeEvent("U", int(at_ms * MS), SERVER, SERVER, goroutine, 1, NEEDS_RELOAD)
+
+
+def test_a_reload_is_checked_twice_and_a_runner_on_its_way_out_once() -> None:
+    """Measured on both versions: every num_ctx reload had two needsReload hits before the load
+    (the handler's GetRunner, then processPending's recheck, which expires the runner); a request
+    that found a keep_alive-0 runner still loaded but already unloading had one (the scheduler
+    found it gone and loaded), and its old runner exited 0.3-2.3 ms after that check."""
+    window = [_check(1, 1956), _check(3, 22), ProbeEvent("U", 9 * MS, SERVER, SERVER, 22, 1, "other")]
+    assert scheduler_replaced(window, {SERVER: "server"}, {NEEDS_RELOAD}, 8 * MS) is True
+    assert scheduler_replaced(window[:1], {SERVER: "server"}, {NEEDS_RELOAD}, 8 * MS) is False
+    assert scheduler_replaced(window, {SERVER: "server"}, {NEEDS_RELOAD}, 2 * MS) is False  # the recheck came after
+    assert scheduler_replaced(window[2:], {SERVER: "server"}, {NEEDS_RELOAD}, 8 * MS) is None
+    assert scheduler_replaced(window, {SERVER: "runner"}, {NEEDS_RELOAD}, 8 * MS) is None  # not the server's
+
+
 def test_a_runner_that_exited_alone_expired() -> None:
     ebpf = _records(_life(A1, 5, 300) + _life(A2, 1_050, None), {A1: BLOB_A, A2: BLOB_A})
     why = load_reason(ebpf, 1_000 * MS, 2_000 * MS, reloaded=False)
@@ -54,6 +74,19 @@ def test_a_runner_stopped_for_another_model_was_evicted() -> None:
     why = load_reason(ebpf, 1_005 * MS, 2_000 * MS, reloaded=False)
     assert why["reason"].startswith("evicted: this model's runner (pid 10)"), why
     assert why["evicted_for_runner_pid"] == B1 and "started 3 ms after it" in why["reason"]
+
+
+def test_an_idle_runner_of_another_model_first_seen_after_the_exit_was_running_already() -> None:
+    """Measured on v0.34 under load: B's runner, loaded before the capture and idle, printed its
+    first event 2.9 s after A's keep_alive-0 exit, which read as "evicted for B". It was running
+    when the capture began (children_at_start), so A's runner expired."""
+    ebpf = _records(_life(A1, 5, 300) + _life(B1, 3_200, None) + _life(A2, 310, None),
+                    {A1: BLOB_A, B1: BLOB_B, A2: BLOB_A})
+    why = load_reason(ebpf, 305 * MS, 2_000 * MS, reloaded=False)
+    assert why["reason"].startswith("evicted: "), why  # without knowing B was running already
+    ebpf.meta["children_at_start"] = [A1, B1]
+    assert load_reason(ebpf, 305 * MS, 2_000 * MS, reloaded=False)["reason"].startswith("expired: "), why
+    assert {r.pid: r.started_ns for r in runners(ebpf)} == {A1: None, B1: None, A2: 310 * MS}
 
 
 def test_without_the_runners_model_the_reason_stays_generic() -> None:

@@ -463,6 +463,44 @@ def test_stop_without_a_command_reports_instead_of_failing(tmp_path: Path) -> No
     assert stats["attempts"] == 0 and "did not run" in stats["errors"][0]
 
 
+# A py-spy that seizes the command (PTRACE_SEIZE + PTRACE_INTERRUPT, as py-spy does for each
+# sample) and never lets go: the stall the eviction capture once hung in.
+STUCK_PYSPY = """#!{python}
+import ctypes, os, sys, time
+pid = int(sys.argv[sys.argv.index("--pid") + 1])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+if libc.ptrace(0x4206, pid, None, None) != 0 or libc.ptrace(0x4207, pid, None, None) != 0:
+    sys.exit("ptrace: " + os.strerror(ctypes.get_errno()))
+os.waitpid(pid, 0x40000000)  # __WALL: the interrupt's stop
+print("holding", pid, flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.skipif(not system.has_capability(system.CAP_SYS_PTRACE), reason="needs CAP_SYS_PTRACE (root)")
+def test_a_py_spy_that_holds_the_command_stopped_is_killed_and_the_command_carries_on(tmp_path: Path) -> None:
+    from ollama_tracer.clock import ClockModel
+    from ollama_tracer.collectors.base import SessionInfo
+
+    fake = tmp_path / "py-spy"
+    fake.write_text(STUCK_PYSPY.format(python=sys.executable))
+    fake.chmod(0o755)
+    work = "import time\nfor _ in range(20): time.sleep(0.05)\nprint('done')"
+    command = subprocess.Popen([sys.executable, "-c", work], stdout=subprocess.PIPE)
+    collector = PySpyCollector(attach_pid=command.pid)
+    collector._binary = str(fake)
+    (tmp_path / "capture" / "raw").mkdir(parents=True)
+    collector.start(SessionInfo(directory=tmp_path / "capture", clock=ClockModel.measure()))
+    # 1 s of work; held by the fake until the guard kills it, then finished.
+    out, _ = command.communicate(timeout=60)
+    stats = collector.stop()
+    assert out.strip() == b"done" and command.returncode == 0
+    assert "holding" in (tmp_path / "capture" / pyspy.RAW_STDERR).read_text()  # it did hold the command
+    assert stats["stopped_by"] == "stall" and stats["stacks_lost"], stats
+    assert any("held the command stopped for 5 s and was killed" in e for e in stats["errors"]), stats["errors"]
+
+
 # --- the marker thread --------------------------------------------------------------------
 
 

@@ -16,12 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ollama_tracer.attribution.ebpf_source import EbpfSource
-from ollama_tracer.attribution.intervals import Interval, find_intervals
+from ollama_tracer.attribution.intervals import Interval, find_intervals, seen_from_server
 from ollama_tracer.attribution.log_source import LogSource
 from ollama_tracer.attribution.sources import ClientSource, PhaseSource, ResponseSource
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.model import Phase
-from ollama_tracer.vocabulary import GEN_AI_REQUEST_MODEL, PROCESS_PID, THREAD_ID
+from ollama_tracer.vocabulary import (
+    GEN_AI_REQUEST_MODEL,
+    PROCESS_PID,
+    SEEN_FROM_CLIENT,
+    SEEN_FROM_SERVER,
+    THREAD_ID,
+)
 
 SCHEMA = "tracer.attribution/1"
 
@@ -55,6 +61,9 @@ class AttributedInterval:
             "warmup": iv.warmup,
             "model": iv.request.get("attributes", {}).get(GEN_AI_REQUEST_MODEL),
             "client": _client_of(iv.request),
+            # "client": the client's own spans (its phases measured); "server": only the server saw
+            # this request (an uninstrumented client), so the client's phases are absent, not zero.
+            "seen_from": SEEN_FROM_SERVER if seen_from_server(iv.request) else SEEN_FROM_CLIENT,
             "start_ns": iv.start_ns,
             "end_ns": iv.end_ns,
             "duration_ms": duration / 1e6,

@@ -12,7 +12,7 @@ from ollama_tracer import capture_files
 from ollama_tracer.attribution import attribute
 from ollama_tracer.attribution.correlate import Evidence, correlate
 from ollama_tracer.attribution.diagnosis import cache_slots, diagnose
-from ollama_tracer.attribution.server_requests import server_request_spans
+from ollama_tracer.attribution.server_requests import merge_server_requests, server_request_spans, untracked_requests
 from ollama_tracer.attribution.unanswered import unanswered
 from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.capture.directory import CaptureRecords
@@ -147,10 +147,24 @@ def compute(directory: Path) -> ExportData:
         raise TracerError(f"{directory} holds no recorded spans ({capture_files.CLIENT_SPANS} is missing); "
                           "the capture is incomplete.", ExitCode.BAD_CAPTURE)
     ebpf = records.get(EbpfRecords)
-    if meta.get("mode") == "attach" and ebpf is not None:
-        # No client: the requests are the ones the server read, seen through eBPF alone.
-        records.spans = server_request_spans(ebpf.events, ebpf.roles)
+    server_requests: dict[str, Any] | None = None
+    untracked: list[dict[str, Any]] = []
+    if ebpf is not None:
+        seen = server_request_spans(ebpf.events, ebpf.roles)
+        untracked = untracked_requests(ebpf.events, ebpf.roles, seen)
+        if meta.get("mode") == "attach":
+            # No client: the requests are the ones the server read, seen through eBPF alone.
+            records.spans = seen
+            server_requests = {"seen": len(seen), "server_only": len(seen)}
+        else:
+            # Every request the server read is a candidate: the ones no client span recorded
+            # (an uninstrumented client) join with their server and runner phases alone.
+            added, decided = merge_server_requests(records.spans, seen)
+            records.spans = [*records.spans, *added]
+            server_requests = {"seen": len(seen), **decided}
     attribution = attribute(records)
+    attribution["server_requests"] = server_requests  # None: no eBPF, the server's side was not seen
+    attribution["untracked_requests"] = untracked
     evidence = _evidence_of(records)
     correlate(attribution, evidence)
     attribution["alignment"] = _alignment(records)

@@ -232,6 +232,9 @@ class EbpfSource:
             # needsReload ran first: a runner was loaded but unusable for this request (different
             # options such as num_ctx, or a failed health check). Otherwise nothing was loaded.
             reloaded = "NR" in found and found["NR"].text not in _symbol_keys()["get_runner"]
+            if reloaded and not others:
+                reloaded = model_loads.scheduler_replaced(whole_window, roles, _symbol_keys()["needs_reload"],
+                                                          found["LD"].time_ns) is not False
             load_facts = model_loads.load_reason(ebpf, found["LD"].time_ns, interval.end_ns, reloaded=reloaded)
             phases = [Phase(p.name, p.start_ns, p.end_ns, p.source, p.process, {**p.attributes, **load_facts})
                       if "model_load" in p.name else p for p in phases]
@@ -280,11 +283,10 @@ class EbpfSource:
         evidence.update(_probe_counts(window, found))
         # A reload: needsReload ran (it asks llama-server's /health first unless the options alone
         # decide) before the load; a cold load has no runner to ask.
-        needs_reload = _symbol_keys()["needs_reload"]
-        checked = "LD" in found and any(e.kind == "U" and e.text in needs_reload and e.time_ns <= found["LD"].time_ns
-                                        and ebpf.roles.get(e.pid) == PROCESS_SERVER for e in window)
+        replaced = (model_loads.scheduler_replaced(window, ebpf.roles, _symbol_keys()["needs_reload"],
+                                                   found["LD"].time_ns) if "LD" in found else None)
         load_facts = (model_loads.load_reason(ebpf, found["LD"].time_ns, interval.end_ns,
-                                              reloaded="H1" in found or checked)
+                                              reloaded=replaced if replaced is not None else "H1" in found)
                       if "LD" in found else {"reason": model_loads.COLD})
         said = ebpf_llama_server.what_it_said(records_log, found.get("R"), found.get("SW"))
         out = []

@@ -20,11 +20,13 @@ from ollama_tracer.vocabulary import (
     PROVIDER_OLLAMA,
     SERVICE_INSTANCE_ID,
     SERVICE_NAME,
+    SOURCE_EBPF,
     THREAD_ID,
     TRACER_CANCELLED,
     TRACER_CLIENT_KEY,
     TRACER_FIRST_TOKEN_NS,
     TRACER_ITERATION_INDEX,
+    TRACER_SOURCE,
     TRACER_WARMUP,
     process_prefix,
 )
@@ -72,6 +74,22 @@ def _process_key(span: Span) -> tuple[Any, ...]:
             attributes.get(TRACER_CLIENT_KEY), attributes.get(THREAD_ID))
 
 
+def seen_from_server(span: Span) -> bool:
+    """A request only the server's side recorded (eBPF): ``tracer attach``'s, or one no client span had."""
+    return bool(span.get("attributes", {}).get(TRACER_SOURCE) == SOURCE_EBPF)
+
+
+def _follows(cancelled: Span, start: int) -> bool:
+    """Is a request starting at ``start`` the next one after the interrupt of ``cancelled``? Within
+    ``INTERRUPT_WINDOW_NS`` of its end. A stream only the server saw (eBPF) ends when the server
+    noticed the close, which can be after the client's next request arrived (Go notices on its
+    next failed write): then it still pairs, and the interval starts at the next request."""
+    gap = start - int(cancelled["endTimeUnixNano"])
+    if gap < 0 and seen_from_server(cancelled):
+        return int(cancelled["startTimeUnixNano"]) < start
+    return 0 <= gap <= INTERRUPT_WINDOW_NS
+
+
 def find_intervals(spans: list[Span]) -> list[Interval]:
     genai = sorted((s for s in spans if _is_genai(s)), key=lambda s: int(s["startTimeUnixNano"]))
     by_parent: dict[str, list[Span]] = {}
@@ -94,7 +112,7 @@ def find_intervals(spans: list[Span]) -> list[Interval]:
         cancelled = previous_cancelled.pop(key, None)
         interrupt_span: Span | None = None
         kind = "request"
-        if cancelled is not None and 0 <= start - int(cancelled["endTimeUnixNano"]) <= INTERRUPT_WINDOW_NS:
+        if cancelled is not None and _follows(cancelled, start):
             kind = "interrupt"
             siblings = by_parent.get(span.get("parentSpanId") or "", [])
             interrupts = [s for s in siblings if s["name"] == CLIENT_INTERRUPT and s["traceId"] == span["traceId"]]

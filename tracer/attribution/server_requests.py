@@ -1,14 +1,19 @@
-"""Requests as the server saw them, from eBPF events alone (``tracer attach``: no client spans).
+"""Requests as the server saw them, from eBPF events alone: all of them in ``tracer attach`` (no
+client spans), and in ``capture`` and ``proxy`` the ones no client span recorded (an
+uninstrumented client: node, curl, Go, plain sockets), merged with the client's by
+:func:`merge_server_requests`.
 
 Each client connection of the Ollama server (accepted sockets; not the server→runner hops) is
 followed through its syscall events:
 
-* a read that starts with ``POST /api/generate`` or ``POST /api/chat`` starts a request;
+* a read that starts with ``POST`` and a generation endpoint (``/api/generate``, ``/api/chat``,
+  ``/v1/chat/completions``, ``/v1/completions``) starts a request; any other request read
+  (another endpoint) is counted by :func:`untracked_requests`, with the reason;
 * the first response write (``HTTP/1.1 ...``) is its first token: Ollama sends the headers
-  with the first chunk;
+  with the first chunk (an NDJSON line, or on ``/v1`` the first ``data:`` event);
 * the chunked-encoding terminator (``0\\r\\n\\r\\n``) written back completes it;
-* EOF or a reset read from the client before that is the client closing a stream it had not
-  finished: an interrupt (``tracer.cancelled``);
+* EOF or a reset read from the client before that, or the server closing the connection before
+  it, is the client closing a stream it had not finished: an interrupt (``tracer.cancelled``);
 * the next request on the connection, or a close after completion, ends it normally.
 
 A non-streamed response has no terminator, so a client closing after one reads as cancelled;
@@ -28,9 +33,11 @@ from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
 from ollama_tracer.vocabulary import (
     CLIENT_PORT,
     GEN_AI_PROVIDER_NAME,
+    GENERATION_ENDPOINTS,
     PROCESS_PID,
     PROCESS_SERVER,
     PROVIDER_OLLAMA,
+    SEEN_FROM_SERVER,
     SERVER_FD,
     SERVER_PID,
     SERVICE_NAME,
@@ -39,11 +46,14 @@ from ollama_tracer.vocabulary import (
     SPAN_SERVER_REQUEST,
     TRACER_CANCELLED,
     TRACER_FIRST_TOKEN_NS,
+    TRACER_LOCAL_PORT,
     TRACER_REQUEST_INDEX,
+    TRACER_SEEN_FROM,
     TRACER_SOURCE,
 )
 
-TRACKED_PATHS = ("POST /api/generate", "POST /api/chat")
+TRACKED_PATHS = tuple(f"POST {path}" for path in GENERATION_ENDPOINTS)
+REQUEST_HEADS = ("POST ", "GET ")  # what the eBPF program prints of a read (18 bytes of it)
 _EAGAIN = -11
 TERMINATOR = ("0\\x0d\\x0a", "0\r\n")  # as bpftrace's %r prints it, or raw
 
@@ -88,6 +98,7 @@ def server_request_spans(events: list[ProbeEvent], roles: Roles) -> list[dict[st
             runner_hops.discard(key)  # the fd number may next be a client's connection
         if e.kind == "A":
             finish(key, e.time_ns, cancelled=False)  # a reused fd number: the old connection is gone
+            runner_hops.discard(key)  # ... and so is a runner hop whose close was not seen
             peers[key] = e.value
             continue
         if key in runner_hops:
@@ -113,10 +124,97 @@ def server_request_spans(events: list[ProbeEvent], roles: Roles) -> list[dict[st
         elif e.kind == "R" and key in open_requests and (e.value == 0 or (e.value < 0 and e.value != _EAGAIN)):
             finish(key, e.time_ns, cancelled=True)
         elif e.kind == "X":
-            finish(key, e.time_ns, cancelled=False)
+            # Closed before the terminator: the server gave up on a client that went away (Go
+            # notices on a failed write as often as on a read of EOF), so the stream was cut short.
+            finish(key, e.time_ns, cancelled=True)
             peers.pop(key, None)
     for key in list(open_requests):
         request = open_requests[key]
         finish(key, max(request["startTimeUnixNano"], request["attributes"].get(TRACER_FIRST_TOKEN_NS, 0)), False)
     spans.sort(key=lambda s: s["startTimeUnixNano"])
     return spans
+
+
+def _endpoint(head: str) -> str:
+    """``POST /api/embed HT`` → ``POST /api/embed``; a path cut at the 18 bytes printed ends in …."""
+    method, _, rest = head.partition(" ")
+    path, space, _ = rest.partition(" ")
+    return f"{method} {path}" + ("" if space else "…")
+
+
+def untracked_requests(events: list[ProbeEvent], roles: Roles, spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The requests the server read that give no interval, counted per endpoint and reason: other
+    endpoints (not generation), and generation requests answered with no response bytes seen."""
+    counts: dict[tuple[str, str], int] = {}
+    runner_hops: set[tuple[int, int]] = set()
+    for e in events:
+        if roles.get(e.pid) != PROCESS_SERVER:
+            continue
+        if e.kind == "C":
+            runner_hops.add((e.pid, e.fd))
+        elif e.kind == "X":
+            runner_hops.discard((e.pid, e.fd))
+        elif (e.kind == "R" and e.value > 0 and (e.pid, e.fd) not in runner_hops and e.text.startswith(REQUEST_HEADS)
+              and not _is_request(e)):
+            key = (_endpoint(e.text), "not a generation endpoint (not followed)")
+            counts[key] = counts.get(key, 0) + 1
+    for span in spans:
+        if TRACER_FIRST_TOKEN_NS not in span["attributes"]:
+            key = ("generation", "no response bytes seen (the capture ended first, or the server failed the request)")
+            counts[key] = counts.get(key, 0) + 1
+    return [{"endpoint": endpoint, "reason": reason, "count": n} for (endpoint, reason), n in sorted(counts.items())]
+
+
+# How far a server-side request may start outside its client span's time and still be its
+# (clock alignment of eBPF to epoch time is well under a millisecond; a proxy adds its hop).
+MATCH_SLACK_NS = 50_000_000
+
+
+def _client_port(span: dict[str, Any]) -> int | None:
+    port = span.get("attributes", {}).get(TRACER_LOCAL_PORT)
+    return int(port) if port else None
+
+
+def merge_server_requests(client_spans: list[dict[str, Any]],
+                          server_spans: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The server-side requests (eBPF) that no client span recorded, marked ``tracer.seen_from:
+    server``, and how each server request was decided.
+
+    A server request is a client span's when the client's local port is the peer port the server
+    accepted, and it started within the span (±``MATCH_SLACK_NS``). A client whose connection the
+    server never saw by that port (behind a relay or proxy, or on a connection accepted before
+    the capture) is matched by time alone: its span holds the server request's start. A server
+    request that some unmatched client span holds is never added, so a request is counted once
+    at most: when in doubt, the client's span wins."""
+    genai = [s for s in client_spans if s.get("attributes", {}).get(GEN_AI_PROVIDER_NAME) == PROVIDER_OLLAMA
+             and s.get("attributes", {}).get(TRACER_SOURCE) != SOURCE_EBPF]
+    server_ports = {int(s["attributes"][CLIENT_PORT]) for s in server_spans if s["attributes"].get(CLIENT_PORT)}
+    taken: set[int] = set()
+    added: list[dict[str, Any]] = []
+    counts = {"matched_by_port": 0, "matched_by_time": 0, "server_only": 0}
+
+    def holds(span: dict[str, Any], start: int) -> bool:
+        return (int(span["startTimeUnixNano"]) - MATCH_SLACK_NS <= start
+                <= int(span["endTimeUnixNano"]) + MATCH_SLACK_NS)
+
+    def best(candidates: list[int], start: int) -> int:
+        return min(candidates, key=lambda i: abs(start - int(genai[i]["startTimeUnixNano"])))
+
+    for request in server_spans:
+        start, port = int(request["startTimeUnixNano"]), request["attributes"].get(CLIENT_PORT)
+        by_port = [i for i, s in enumerate(genai) if i not in taken and port and _client_port(s) == int(port)
+                   and holds(s, start)]
+        if by_port:
+            taken.add(best(by_port, start))
+            counts["matched_by_port"] += 1
+            continue
+        by_time = [i for i, s in enumerate(genai) if i not in taken and holds(s, start)
+                   and (_client_port(s) is None or _client_port(s) not in server_ports)]
+        if by_time:
+            taken.add(best(by_time, start))
+            counts["matched_by_time"] += 1
+            continue
+        request["attributes"][TRACER_SEEN_FROM] = SEEN_FROM_SERVER
+        added.append(request)
+        counts["server_only"] += 1
+    return added, counts

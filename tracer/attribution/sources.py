@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.attribution.intervals import Interval, seen_from_server
 from ollama_tracer.attribution.response import ResponseTimings, response_phases
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.collectors.probe_catalogue import design_for
@@ -30,10 +30,13 @@ from ollama_tracer.vocabulary import (
     OLLAMA_TOTAL_DURATION,
     PROCESS_CLIENT,
     PROCESS_PROXY,
+    PROCESS_SERVER,
     PROXY_PHASE_OF,
+    SERVER_AWAITING_CLIENT,
     SERVICE_NAME,
     SERVICE_PROXY,
     SOURCE_CLIENT,
+    SOURCE_EBPF,
     SOURCE_RESPONSE,
     TRACER_FIRST_TOKEN_NS,
     TRACER_REQUEST_WRITTEN_NS,
@@ -88,7 +91,10 @@ class ClientSource(Source):
             # The client's own time between closing the stream and starting the next request (with
             # no client.interrupt span, an uninstrumented interrupt, that is all of it) is the client's.
             gap_start, gap_end = int(closed["endTimeUnixNano"]), int(interval.request["startTimeUnixNano"])
-            if gap_end > gap_start:
+            if gap_end > gap_start and seen_from_server(interval.request):
+                # No client span: the times are the server's reads, the client's own time is not known.
+                phases.append(Phase(SERVER_AWAITING_CLIENT, gap_start, gap_end, SOURCE_EBPF, PROCESS_SERVER))
+            elif gap_end > gap_start:
                 phases.append(Phase(CLIENT_GAP, gap_start, gap_end, self.name, PROCESS_CLIENT))
         # Through `tracer proxy`, the spans are the proxy's: its request and first-token hops are
         # its own added latency, shown as phases of the proxy process.

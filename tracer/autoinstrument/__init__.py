@@ -33,7 +33,8 @@ def _remove_bootstrap_from_pythonpath() -> None:
 
 
 def initialize() -> None:
-    """Install the OTel SDK (from OTEL_*) and instrument the ollama client and requests.
+    """Install the OTel SDK (from OTEL_*) and instrument the ollama client, requests and httpx
+    (with httpx2: the OpenAI SDK).
 
     Any failure is logged and swallowed: the traced program must run exactly as without us.
     """
@@ -43,6 +44,7 @@ def initialize() -> None:
     if os.environ.get(ENV_PYSPY_MARKER) == "1":
         start_clock_marker()  # first: the OTel imports below take a while, py-spy is already sampling
     try:
+        from ollama_tracer.instrument.httpx_client import HttpxInstrumentor
         from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
         from ollama_tracer.instrument.requests_client import RequestsInstrumentor
         from ollama_tracer.otel_setup import configure_from_env
@@ -51,6 +53,7 @@ def initialize() -> None:
         provider = configure_from_env(os.environ.get("OTEL_SERVICE_NAME", SERVICE_CLIENT))
         OllamaInstrumentor().instrument(record_content=record_content)
         RequestsInstrumentor().instrument(record_content=record_content)
+        HttpxInstrumentor().instrument(record_content=record_content)  # plain httpx, the OpenAI SDK
         _write_marker()
         if provider is not None:
             atexit.register(provider.shutdown)  # flush what the program traced

@@ -42,6 +42,7 @@ def render(outfile: TextIO, data: ExportData, show: tuple[str, ...] = ()) -> Non
     console = Console(file=outfile, width=140 + 40 * len(show), force_terminal=False)
     if not summary.get("intervals"):
         console.print("No intervals found: the command made no Ollama request that reached a first token.")
+        render_server_requests(console, data.attribution)
         render_diagnosis(console, data.attribution.get("diagnosis") or [])  # a stalled first request, say
         return
     interval = summary["interval"]
@@ -82,9 +83,28 @@ def render(outfile: TextIO, data: ExportData, show: tuple[str, ...] = ()) -> Non
                       f"{len({m['interval'] for m in missing})} with a boundary missing"
                       + (f" ({', '.join(boundaries)})" if boundaries else "")
                       + ": attribution.json's ebpf_matching says why)", highlight=False)
+    render_server_requests(console, data.attribution)
     if "gpu" in show and not data.attribution.get("correlation", {}).get("gpu_samples"):
         console.print("(no GPU samples in this capture: see `tracer doctor` for why)")
     render_diagnosis(console, data.attribution.get("diagnosis") or [])
+
+
+def render_server_requests(console: Console, attribution: dict[str, Any]) -> None:
+    """Requests the server saw that only it recorded, and those no interval could follow, with why."""
+    seen = attribution.get("server_requests") or {}
+    if seen.get("server_only") and attribution.get("intervals"):
+        only = sum(1 for iv in attribution["intervals"] if iv.get("seen_from") == "server")
+        console.print(f"(server side: {seen['server_only']} of {seen['seen']} request(s) had no client span "
+                      f"(an uninstrumented client); {only} interval(s) have server and runner phases only, "
+                      "no client phases)", highlight=False)
+    rows = attribution.get("untracked_requests") or []
+    others = [f"{r['endpoint']} ×{r['count']}" for r in rows if r["endpoint"] != "generation"]
+    if others:
+        console.print(f"(the server also read requests it does not generate for, not followed: {', '.join(others)})",
+                      highlight=False)
+    for row in rows:
+        if row["endpoint"] == "generation":
+            console.print(f"({row['count']} generation request(s) not followed: {row['reason']})", highlight=False)
 
 
 def render_diagnosis(console: Console, findings: list[dict[str, Any]]) -> None:

@@ -43,6 +43,7 @@ from ollama_tracer.vocabulary import (
     GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
     GEN_AI_USAGE_INPUT_TOKENS,
     GEN_AI_USAGE_OUTPUT_TOKENS,
+    GENERATION_ENDPOINTS,
     OLLAMA_CREATED_AT_FIRST_NS,
     OLLAMA_CREATED_AT_LAST_NS,
     OLLAMA_TIMING_ATTRIBUTES,
@@ -65,7 +66,11 @@ from opentelemetry.trace import Span, SpanKind
 log = logging.getLogger("tracer.instrument")
 
 PROVIDER = PROVIDER_OLLAMA
-OPERATIONS = {"/api/generate": "text_completion", "/api/chat": "chat"}
+# Ollama's own API streams NDJSON by default; its OpenAI-compatible one streams server-sent
+# events (``data: {...}``, ending ``data: [DONE]``) and only when asked to (``"stream": true``).
+OPERATIONS = GENERATION_ENDPOINTS
+OPENAI_PREFIX = "/v1/"
+SSE_DONE = "[DONE]"
 TIMING_FIELDS = (
     "total_duration", "load_duration", "prompt_eval_duration", "eval_duration",
     "prompt_eval_count", "eval_count", "prompt_eval_cached_count",
@@ -79,9 +84,75 @@ LAST_RECORDER: ContextVar[StreamRecorder | None] = ContextVar("tracer_last_recor
 
 def operation_for_path(path: str) -> str | None:
     for suffix, operation in OPERATIONS.items():
-        if path.rstrip("/").endswith(suffix):
+        if path.split("?")[0].rstrip("/").endswith(suffix):
             return operation
     return None
+
+
+def is_openai_path(path: str) -> bool:
+    return OPENAI_PREFIX in path and operation_for_path(path) is not None
+
+
+def streams_by_default(path: str) -> bool:
+    """Whether a body without ``"stream"`` is answered as a stream: Ollama's API yes, OpenAI's no."""
+    return not is_openai_path(path)
+
+
+def stream_part(line: bytes | str) -> dict[str, Any] | None:
+    """One line of a streamed answer as an object: an NDJSON line, or an SSE ``data:`` line (the
+    OpenAI-compatible endpoints). ``data: [DONE]`` is ``{"done": True}``; blank lines, SSE comments
+    and other fields are None. Raises ValueError on a line that is neither."""
+    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    text = text.strip()
+    if not text or text.startswith(":") or text.startswith(("event:", "id:", "retry:")):
+        return None
+    if text.startswith("data:"):
+        payload = text[5:].strip()
+        if payload == SSE_DONE:
+            return {"done": True}
+        part = json.loads(payload)
+        return openai_part(part) if isinstance(part, dict) else None
+    part = json.loads(text)
+    return part if isinstance(part, dict) else None
+
+
+def whole_body_parts(content: bytes) -> list[dict[str, Any]]:
+    """A body read at once: one JSON answer (a non-streamed call), or a whole stream's lines."""
+    try:
+        whole = json.loads(content)
+    except ValueError:
+        return [part for part in map(stream_part, content.splitlines()) if part is not None]
+    return [openai_part(whole)] if isinstance(whole, dict) else []
+
+
+def openai_part(part: Mapping[str, Any]) -> dict[str, Any]:
+    """An OpenAI-shaped chunk or answer in the fields the recorder reads (Ollama's names): its text
+    as ``response``, ``done`` once a choice has a finish reason, the usage as token counts."""
+    if "choices" not in part:
+        return dict(part)
+    out: dict[str, Any] = {"model": part.get("model")} if part.get("model") else {}
+    texts, reasons = [], []
+    for choice in part.get("choices") or []:
+        if not isinstance(choice, Mapping):
+            continue
+        delta = choice.get("delta") or choice.get("message") or {}
+        text = choice.get("text") if "text" in choice else (delta.get("content") if isinstance(delta, Mapping)
+                                                           else None)
+        if text:
+            texts.append(str(text))
+        if choice.get("finish_reason"):
+            reasons.append(str(choice["finish_reason"]))
+    if texts:
+        out["response"] = "".join(texts)
+    if reasons:
+        out["done"], out["done_reason"] = True, reasons[0]
+    usage = part.get("usage")
+    if isinstance(usage, Mapping):
+        for ours, theirs in (("prompt_eval_count", "prompt_tokens"), ("eval_count", "completion_tokens")):
+            if isinstance(usage.get(theirs), int):
+                out[ours] = usage[theirs]
+    out["openai"] = True
+    return out
 
 
 class StreamRecorder:
@@ -112,6 +183,7 @@ class StreamRecorder:
         self._record_content = record_content
         self._completion: list[str] = []
         self._ended = False
+        self.done = False  # the server's last part arrived: a close after it is not an interrupt
         self.span: Span | None = None
         LAST_RECORDER.set(self)
         try:
@@ -132,6 +204,8 @@ class StreamRecorder:
             }
             if isinstance(options, Mapping) and options.get("num_predict") is not None:
                 attributes[GEN_AI_REQUEST_MAX_TOKENS] = int(options["num_predict"])
+            elif body.get("max_tokens") is not None:  # the OpenAI-compatible endpoints' name for it
+                attributes[GEN_AI_REQUEST_MAX_TOKENS] = int(body["max_tokens"])
             if record_content:
                 messages = body.get("messages")
                 if messages is None:
@@ -154,10 +228,12 @@ class StreamRecorder:
             self.response_start_ns = when_ns or time.time_ns()
 
     def chunk(self, part: Mapping[str, Any]) -> None:
-        """Called with each parsed NDJSON object, just before it is handed to the caller."""
+        """Called with each parsed part (an NDJSON object, or an SSE event through
+        :func:`stream_part`), just before it is handed to the caller."""
         try:
             now = time.time_ns()
             self.chunks += 1
+            self.done = self.done or bool(part.get("done"))  # first: whatever fails below, this holds
             created = part.get("created_at")
             if isinstance(created, str) and created:
                 created_ns = parse_created_at(created)
@@ -173,7 +249,9 @@ class StreamRecorder:
                 if text:
                     self._completion.append(str(text))
             if part.get("done"):
-                self.final = {k: part[k] for k in (*TIMING_FIELDS, "done_reason", "model") if k in part}
+                # An OpenAI stream says it is done twice (a finish reason, then [DONE]): keep both's fields.
+                fields = (*TIMING_FIELDS, "done_reason", "model")
+                self.final.update({k: part[k] for k in fields if part.get(k) is not None})
         except Exception:
             log.debug("tracer: could not record a chunk", exc_info=True)
 

@@ -14,72 +14,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
+from ollama_tracer.instrument.httpx_client import async_hook, sync_hook
 from opentelemetry import trace
 
 log = logging.getLogger("tracer.instrument")
 
 _ORIGINALS: dict[str, Any] = {}
-_HEADERS_STARTED = "http11.send_request_headers.started"
-_SEND_DONE = "http11.send_request_body.complete"
-_HEADERS_DONE = "http11.receive_response_headers.complete"
-_CONNECTED = "connection.connect_tcp.complete"
-
-
-def _local_port(info: Mapping[str, Any]) -> int | None:
-    try:
-        sock = info["return_value"].get_extra_info("socket")
-        return int(sock.getsockname()[1])
-    except Exception:
-        return None
-
-
-def _pooled_local_port() -> int | None:
-    """The local port of the connection httpcore is sending on, when it reused a pooled one (no
-    connect event then). httpcore calls the trace hook from inside ``HTTP11Connection``'s methods,
-    whose ``self`` holds the network stream; look a few frames up for it."""
-    frame = sys._getframe(1)
-    for _ in range(8):
-        frame = frame.f_back  # type: ignore[assignment]
-        if frame is None:
-            return None
-        stream = getattr(frame.f_locals.get("self"), "_network_stream", None)
-        if stream is not None:
-            try:
-                return int(stream.get_extra_info("socket").getsockname()[1])
-            except Exception:
-                return None
-    return None
-
-
-def _sync_hook(recorder: StreamRecorder) -> Callable[[str, dict[str, Any]], None]:
-    def hook(event: str, info: dict[str, Any]) -> None:
-        if event == _HEADERS_STARTED:
-            if recorder.local_port is None:
-                recorder.local_port = _pooled_local_port()
-        elif event == _SEND_DONE:
-            recorder.request_written()
-        elif event == _HEADERS_DONE:
-            recorder.response_started()
-        elif event == _CONNECTED:
-            recorder.local_port = _local_port(info)
-
-    return hook
-
-
-def _async_hook(recorder: StreamRecorder) -> Callable[[str, dict[str, Any]], Any]:
-    sync = _sync_hook(recorder)
-
-    async def hook(event: str, info: dict[str, Any]) -> None:
-        sync(event, info)
-
-    return hook
-
-
 def _start(
     tracer: trace.Tracer, client: Any, args: tuple[Any, ...], kwargs: dict[str, Any], record_content: bool,
 ) -> StreamRecorder | None:
@@ -130,7 +74,7 @@ def _wrap_sync(original: Callable[..., Any], tracer: trace.Tracer, record_conten
         recorder = _start(tracer, self, args, kwargs, record_content)
         if recorder is None:
             return original(self, *args, **kwargs)
-        kwargs = _with_trace_hook(kwargs, _sync_hook(recorder))
+        kwargs = _with_trace_hook(kwargs, sync_hook(recorder))
         try:
             result = original(self, *args, **kwargs)
         except BaseException as err:
@@ -171,7 +115,7 @@ def _wrap_async(original: Callable[..., Any], tracer: trace.Tracer, record_conte
         recorder = _start(tracer, self, args, kwargs, record_content)
         if recorder is None:
             return await original(self, *args, **kwargs)
-        kwargs = _with_trace_hook(kwargs, _async_hook(recorder))
+        kwargs = _with_trace_hook(kwargs, async_hook(recorder))
         try:
             result = await original(self, *args, **kwargs)
         except BaseException as err:

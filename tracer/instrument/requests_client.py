@@ -17,7 +17,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
+from ollama_tracer.instrument.genai import (
+    StreamRecorder,
+    operation_for_path,
+    stream_part,
+    streams_by_default,
+    whole_body_parts,
+)
 from opentelemetry import trace
 
 log = logging.getLogger("tracer.instrument")
@@ -70,8 +76,9 @@ def _recorder_for(tracer: trace.Tracer, request: Any, kwargs: dict[str, Any],
         if request.method != "POST" or operation_for_path(request.path_url.split("?")[0]) is None:
             return None
         body = json.loads(request.body) if request.body else {}
+        path = request.path_url.split("?")[0]
         return StreamRecorder(
-            tracer, url=request.url, body=body, stream=bool(body.get("stream", True)),
+            tracer, url=request.url, body=body, stream=bool(body.get("stream", streams_by_default(path))),
             record_content=record_content,
         )
     except Exception:
@@ -81,37 +88,36 @@ def _recorder_for(tracer: trace.Tracer, request: Any, kwargs: dict[str, Any],
 
 def _observe(response: Any, recorder: StreamRecorder, *, streamed: bool) -> None:
     if not streamed:
-        for line in response.content.splitlines():
-            if line.strip():
-                recorder.chunk(json.loads(line))
+        for part in whole_body_parts(response.content):
+            recorder.chunk(part)
         recorder.end()
         return
     original_iter_lines = response.iter_lines
     original_close = response.close
-    state = {"done": False}
 
     def iter_lines(*args: Any, **kwargs: Any) -> Iterator[Any]:
         for line in original_iter_lines(*args, **kwargs):
             if line:
                 try:
-                    part = json.loads(line)
-                    recorder.chunk(part)
-                    state["done"] = bool(part.get("done"))
+                    part = stream_part(line)  # NDJSON, or an SSE line of the OpenAI-compatible API
+                    if part is not None:
+                        recorder.chunk(part)
                 except Exception:
                     log.debug("tracer: unparsable stream line", exc_info=True)
             yield line
-        recorder.end(cancelled=not state["done"])
+        recorder.end(cancelled=not recorder.done)
 
     def close() -> None:
         original_close()
-        recorder.end(cancelled=not state["done"])
+        recorder.end(cancelled=not recorder.done)
 
     response.iter_lines = iter_lines
     response.close = close
 
 
 class RequestsInstrumentor:
-    """Traces Ollama generate/chat calls made through ``requests`` (any Session)."""
+    """Traces Ollama generate/chat calls made through ``requests`` (any Session), on Ollama's own
+    API and its OpenAI-compatible one (``/v1/chat/completions``, ``/v1/completions``)."""
 
     def instrument(self, tracer_provider: trace.TracerProvider | None = None, *,
                    record_content: bool = False) -> None:

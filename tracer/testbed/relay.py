@@ -72,14 +72,18 @@ class DelayRelay:
                                   daemon=True)
         if delay:
             sender.start()
+        client_gone = False
         try:
             while data := src.recv(65536):
                 received_mono, received = time.monotonic_ns(), time.time_ns()
                 if direction == REQUEST and data[:5] in (b"POST ", b"GET /", b"HEAD "):
                     (generate.set if data.startswith(b"POST /api/generate") else generate.clear)()
                 if hold_close and direction == RESPONSE:
-                    with contextlib.suppress(OSError):  # the client may be gone: drain the server meanwhile
-                        dst.sendall(data)
+                    if not client_gone:  # once the client is gone, drain the server and drop it
+                        try:
+                            dst.sendall(data)
+                        except OSError:
+                            client_gone = True
                     continue
                 if delay:
                     line.put((received_mono, received, data))
@@ -130,6 +134,21 @@ class DelayRelay:
             self.held_ns.append(time.monotonic_ns() - received_mono)
             self.sent_ns.append(time.time_ns())
             self.received_ns.append(received)
+
+    def request_added_ns(self, began_ns: int, written_ns: int) -> int | None:
+        """What the relay added to the generate request a client began at ``began_ns`` (the start
+        of its ``client.request``) and finished writing at ``written_ns`` (its end): from that end to
+        the relay's send of the request's last chunk, 0 when the relay had passed it on before the
+        client's span ended. The request is the first the relay received from ``began_ns`` on, so a
+        span that ends a moment after an undelayed forward is never matched with the next request.
+        None when the relay received no request then."""
+        with self._lock:
+            entries = [(received, sent) for received, sent in zip(self.received_ns, self.sent_ns, strict=True)
+                       if received >= began_ns]
+        if not entries:
+            return None
+        _received, sent = min(entries)
+        return max(0, sent - written_ns)
 
     def close(self) -> None:
         self.listener.close()
@@ -183,9 +202,8 @@ def measure_injected_delay(capture: Callable[[Path, str], dict[str, Any]], upstr
             if direction == REQUEST:
                 if CLIENT_REQUEST not in names:
                     continue
-                written = max(p["end_ns"] for p in iv["phases"] if p["name"] == CLIENT_REQUEST)
-                sent = min((t for t in relay.sent_ns if t >= written), default=None)
-                extra = None if sent is None else sent - written
+                requests = [p for p in iv["phases"] if p["name"] == CLIENT_REQUEST]
+                extra = relay.request_added_ns(min(p["start_ns"] for p in requests), max(p["end_ns"] for p in requests))
             else:
                 if CLIENT_FIRST_TOKEN not in names:
                     continue
