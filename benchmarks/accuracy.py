@@ -15,11 +15,12 @@ Each case causes one thing in one place and checks the phase it must land in:
   runner itself says it spent on the extra tokens (``prompt_eval_duration`` of the same request,
   paired per interval: the per-token cost measured, not assumed; the one case whose truth is the
   server's own clock, not ours);
-* ``slot wait``: the relay holds the client's close of the interrupted stream for 40 ms, on a
-  server with two slots and on one with one (``OLLAMA_NUM_PARALLEL=1``), where the cancelled
-  request keeps the only slot that long and the next request waits for it → the wait phases
-  (``server.runner_wait``, the server's own per-runner semaphore, and ``runner.admit``, v0.13's
-  runner's) grow by what the whole interval grew on the client's clock;
+* ``slot wait``: on a server with one slot (``OLLAMA_NUM_PARALLEL=1``) the relay holds the
+  client's close of the interrupted stream 25 ms and 65 ms in turn, so the cancelled request
+  keeps the only slot that much longer in every other interval and the next request waits for it
+  → the wait phases (``server.runner_wait``, the server's own per-runner semaphore, and
+  ``runner.admit``, v0.13's runner's) grow by what grew of the time from the next request's start
+  to the relay passing the close on (both on one clock);
 * ``model loads``, each named with its reason in every interval where the truth says one
   happened, and timed against the interval's growth on the client's clock over a warm baseline
   of the same script:
@@ -262,39 +263,77 @@ def prefill_case(server: Server, work: Path) -> dict[str, Any]:
                 injected + offsets["long"] - offsets["short"], max(spreads), **_grew_most(*arms))
 
 
+SLOT_HOLDS_MS = (25.0, 25.0 + DELAY_MS)  # the relay's hold of the interrupted stream's close, in turn
+
+
+def _close_of(interval: dict[str, Any], relay: DelayRelay) -> tuple[float, float] | None:
+    """The relay's close of ``interval``'s interrupted stream (the one it saw nearest the
+    interrupt, and before the next first token), as (the hold it was asked for, how long after
+    the next request began the relay passed the close on), in ms. The second is what the held
+    close really kept the next request waiting: on a busy machine the client may send its next
+    request late, and one sent after the close was passed on waited for nothing of the relay's."""
+    began = min((p["start_ns"] for p in interval["phases"] if p["name"] == CLIENT_REQUEST), default=None)
+    closes = [(abs(seen - interval["start_ns"]), asked * 1000, sent)
+              for (seen, sent), asked in zip(relay.closes_ns, relay.close_delays_s, strict=True)
+              if interval["start_ns"] - 50_000_000 <= seen <= interval["end_ns"]]
+    if not closes or began is None:
+        return None
+    _distance, asked, sent = min(closes)
+    return asked, (sent - began) / 1e6
+
+
 def slot_case(server: Server, work: Path) -> dict[str, Any]:
-    """The interrupt reaches the server 40 ms late (the relay holds the client's close), on two
-    servers that differ in one setting: with two slots the next request starts at once, with one
-    (OLLAMA_NUM_PARALLEL=1) it waits until the cancelled request gives its slot back. Both arms
-    have the cancelled sequence generating 40 ms longer (the same CPU contention), so what the
-    interval grew on the client's own clock is the slot wait, and the wait phases must hold it.
+    """One slot (OLLAMA_NUM_PARALLEL=1): the next request waits until the interrupted one gives its
+    slot back, which it does once the server learns of the interrupt. The relay holds the
+    client's close of the interrupted stream 25 ms and 65 ms in turn, so every other interval
+    the server learns of it 40 ms later. Both kinds run interleaved on one server, and each
+    interval's truth is how long after its next request began the relay passed the close on
+    (:func:`_close_of`): the wait phases must grow by what that grew. (Comparing a one-slot
+    server with a two-slot one was confounded: with two, the next prefill shares the runner with
+    the cancelled sequence, and on a loaded machine the two servers' intervals differed by 100 ms
+    more than the slot.) Intervals whose next request began after the close was passed on did
+    not wait for the relay and are left out (counted in ``not_held``).
 
     Only the interrupted stream goes through the relay (tests/targets/interrupt_late.py); the
-    next request goes straight to the server. Through the relay, its connect and forwarding were
-    in the interval too: on a busy machine they stalled (a 3.5 s connect, a 22 ms forward) and
-    the median moved by the rig's own noise, not the slot's wait."""
+    next request goes straight to the server, so the relay's own forwarding is in no interval."""
     # The server's own per-runner semaphore holds it (both versions), and on v0.13 the runner's
     # may hold it a little longer once the server let it through: the wait is both.
     phases = (SERVER_RUNNER_WAIT, RUNNER_ADMIT)
-    waits, totals, spreads, held, arms = {}, {}, [], [], []
-    for label, slots in (("two slots", "2"), ("one slot", "1")):
-        with _own_server(server, work, {"OLLAMA_NUM_PARALLEL": slots}) as own:
-            relay = DelayRelay(int(own["host"].rsplit(":", 1)[1]), DELAY_MS / 1000, CLOSE)
-            try:
-                intervals = _measured(_capture_target(own, work / f"slot-{slots}", "interrupt_late.py", MODEL,
-                                                      TARGET_ITERATIONS="7", TARGET_INTERRUPT_HOST=relay.url))
-            finally:
-                relay.close()
-        if len(intervals) < 3:
-            raise ValueError(f"{label}: only {len(intervals)} interrupt interval(s)")
-        arms.append(intervals)
-        waits[label] = statistics.median(_phase_ms(iv, *phases) for iv in intervals)
-        totals[label] = statistics.median(iv["duration_ms"] for iv in intervals)
-        spreads.append(_iqr([_phase_ms(iv, *phases) - iv["duration_ms"] for iv in intervals]))
-        held += [(sent - seen) / 1e6 for seen, sent in relay.closes_ns]
-    return _row("slot wait (1 slot vs 2, close 40 ms late)", "+".join(phases),
-                totals["one slot"] - totals["two slots"], waits["one slot"] - waits["two slots"], max(spreads),
-                close_held_ms=statistics.median(held) if held else 0.0, **_grew_most(*arms))
+    with _own_server(server, work, {"OLLAMA_NUM_PARALLEL": "1"}) as own:
+        relay = DelayRelay(int(own["host"].rsplit(":", 1)[1]), 0.0, CLOSE,
+                           cycle_s=tuple(hold / 1000 for hold in SLOT_HOLDS_MS))
+        restart = own["restart"]
+
+        def restart_behind_the_relay() -> Server:  # after a stall the server comes back on another port
+            fresh: Server = restart()
+            relay.upstream_port = int(fresh["host"].rsplit(":", 1)[1])
+            return fresh
+
+        own["restart"] = restart_behind_the_relay
+        try:
+            intervals = _measured(_capture_target(own, work / "slot", "interrupt_late.py", MODEL,
+                                                  TARGET_ITERATIONS="10", TARGET_INTERRUPT_HOST=relay.url))
+        finally:
+            relay.close()
+    groups: dict[float, list[tuple[dict[str, Any], float]]] = {hold: [] for hold in SLOT_HOLDS_MS}
+    not_held = 0
+    for iv in intervals:
+        if (close := _close_of(iv, relay)) is None or close[1] <= 0:
+            not_held += 1
+            continue
+        groups[close[0]].append((iv, close[1]))
+    short, long = (groups[hold] for hold in SLOT_HOLDS_MS)
+    if len(short) < 3 or len(long) < 3:
+        raise ValueError(f"only {len(short)} and {len(long)} interval(s) whose next request waited for a held close")
+    held = {hold: statistics.median(h for _, h in group) for hold, group in groups.items()}
+    waits = {hold: statistics.median(_phase_ms(iv, *phases) for iv, _ in group) for hold, group in groups.items()}
+    noise = max(_iqr([_phase_ms(iv, *phases) - h for iv, h in group]) for group in (short, long))
+    low, high = SLOT_HOLDS_MS
+    return _row(f"slot wait (1 slot, close held {low:.0f} vs {high:.0f} ms)", "+".join(phases),
+                held[high] - held[low], waits[high] - waits[low], noise, holds_ms=list(SLOT_HOLDS_MS),
+                held_ms=[held[low], held[high]], intervals=[len(short), len(long)], not_held=not_held,
+                closes_ms=[(sent - seen) / 1e6 for seen, sent in relay.closes_ns],
+                **_grew_most([iv for iv, _ in short], [iv for iv, _ in long]))
 
 
 def _loads(interval: dict[str, Any]) -> list[dict[str, Any]]:

@@ -80,10 +80,12 @@ def test_a_delay_inside_the_client_is_the_clients(testbed_v034: dict[str, Any], 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_waiting_for_the_cancelled_requests_slot(testbed_v034: dict[str, Any], tmp_path: Path, version: str) -> None:
-    """One slot, the interrupt reaches the server 40 ms late: the wait is the semaphore's."""
+    """One slot, the interrupt reaches the server 25 or 65 ms late in turn: the wait phases grow by
+    the difference of the relay's measured holds."""
     row = _harness().slot_case(_server(testbed_v034, version), tmp_path)
-    _landed(row, at_least_ms=0.5 * _harness().DELAY_MS)
-    assert row["close_held_ms"] >= 40, row
+    asked = row["holds_ms"]
+    assert all(held >= min(asked) for held in row["closes_ms"]), row  # the relay held what it was asked, at least
+    _landed(row)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

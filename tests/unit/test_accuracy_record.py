@@ -55,3 +55,52 @@ def test_the_relays_added_delay_is_its_own_requests_never_the_next_ones() -> Non
         assert relay.request_added_ns(501 * ms, 502 * ms) is None
     finally:
         relay.close()
+
+
+def test_a_relay_cycling_its_close_hold_holds_each_connection_by_its_own_turn() -> None:
+    """The slot case's relay holds each connection's close by the next of its delays, and records
+    which it was asked and what it held; the harness matches a close to its interval by time."""
+    import socket
+    import time
+
+    from ollama_tracer.testbed.relay import CLOSE, DelayRelay
+
+    upstream = socket.create_server(("127.0.0.1", 0))
+    relay = DelayRelay(upstream.getsockname()[1], 0.0, CLOSE, cycle_s=(0.01, 0.06))
+    spec = importlib.util.spec_from_file_location("accuracy", REPO / "benchmarks" / "accuracy.py")
+    assert spec is not None and spec.loader is not None
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    try:
+        starts = []
+        for _ in range(3):
+            client = socket.create_connection(("127.0.0.1", relay.port))
+            server_side, _ = upstream.accept()
+            client.sendall(b"POST /api/generate HTTP/1.1\r\n\r\n")
+            assert server_side.recv(100).startswith(b"POST")
+            starts.append(time.time_ns())
+            client.close()
+            server_side.settimeout(5)
+            began = time.monotonic()
+            assert server_side.recv(100) == b""  # the close reaches the server only after the hold
+            assert time.monotonic() - began >= (0.01, 0.06, 0.01)[len(starts) - 1] * 0.9
+            server_side.close()
+        deadline = time.monotonic() + 5
+        while len(relay.closes_ns) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert relay.close_delays_s == [0.01, 0.06, 0.01]
+        pairs = zip(relay.closes_ns, relay.close_delays_s, strict=True)
+        assert all(sent - seen >= asked * 1e9 for (seen, sent), asked in pairs)
+
+        def interval(start: int, request_ns: int) -> dict[str, object]:
+            return {"start_ns": start, "end_ns": start + 200_000_000,
+                    "phases": [{"name": "client.request", "start_ns": request_ns}]}
+
+        asked, waited = harness._close_of(interval(starts[1], starts[1] + 1_000_000), relay)
+        assert asked == 60.0 and 55.0 <= waited < 200.0  # passed on >= 60 ms after its close, 1 ms after it
+        _asked, waited = harness._close_of(interval(starts[1], starts[1] + 150_000_000), relay)
+        assert waited < 0  # the next request began after the close was passed on: it waited for nothing
+        assert harness._close_of(interval(starts[0] - 10**9, starts[0] - 10**9), relay) is None
+    finally:
+        relay.close()
+        upstream.close()

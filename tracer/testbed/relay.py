@@ -11,12 +11,13 @@ injected, measured, not what was asked for.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import socket
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,20 @@ class DelayRelay:
     """Forwards 127.0.0.1:``port`` to ``upstream_port``; holds each chunk of ``direction``
     (``request``: client → server, ``response``: server → client) for ``delay_s``; or, with
     ``close``, the client's closing of a connection: the server goes on streaming into the relay
-    (which drops it) and learns of the interrupt ``delay_s`` late."""
+    (which drops it) and learns of the interrupt ``delay_s`` late. With ``cycle_s``, each accepted
+    connection takes the next of those delays in turn instead (``delay_s`` is then unused)."""
 
-    def __init__(self, upstream_port: int, delay_s: float, direction: str = REQUEST) -> None:
+    def __init__(self, upstream_port: int, delay_s: float, direction: str = REQUEST,
+                 cycle_s: Sequence[float] = ()) -> None:
         if direction not in (REQUEST, RESPONSE, CLOSE):
             raise ValueError(f"direction must be {REQUEST!r}, {RESPONSE!r} or {CLOSE!r}, not {direction!r}")
         self.delay_s, self.direction, self.upstream_port = delay_s, direction, upstream_port
+        self._cycle = itertools.cycle(cycle_s or (delay_s,))
         self.held_ns: list[int] = []  # per generate: its request (or first response chunk) received → sent on
         self.sent_ns: list[int] = []  # per generate: when it was sent on (epoch ns; a request: its last chunk)
         self.received_ns: list[int] = []  # per generate: when the relay received it (epoch ns)
         self.closes_ns: list[tuple[int, int]] = []  # close: (client's close seen, passed on), epoch ns
+        self.close_delays_s: list[float] = []  # close: the delay that connection was asked to hold it
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -56,14 +61,20 @@ class DelayRelay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the server is gone (restarted elsewhere?): this client gets a reset
+                client.close()
+                continue
             generate = threading.Event()  # this connection's request is a generate: time its response
-            threading.Thread(target=self._pump, args=(client, upstream, REQUEST, generate), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, RESPONSE, generate), daemon=True).start()
+            held = next(self._cycle)
+            threading.Thread(target=self._pump, args=(client, upstream, REQUEST, generate, held), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, RESPONSE, generate, held), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, generate: threading.Event) -> None:
-        delay = self.delay_s if direction == self.direction else 0.0
-        hold_close = self.direction == CLOSE and self.delay_s > 0
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: str, generate: threading.Event,
+              held: float) -> None:
+        delay = held if direction == self.direction else 0.0
+        hold_close = self.direction == CLOSE and held > 0
         # A delay line, not a sleep per chunk: every chunk leaves ``delay`` after it arrived, so
         # a request the client wrote in two sends (headers, then body) is late once, not twice.
         line: queue.Queue[tuple[int, int, bytes] | None] = queue.Queue()
@@ -98,9 +109,10 @@ class DelayRelay:
                 sender.join(timeout=10 + delay)
             if direction == REQUEST and self.direction == CLOSE:  # the client closed (EOF or reset)
                 seen = time.time_ns()
-                time.sleep(self.delay_s)
+                time.sleep(held)
                 with self._lock:
                     self.closes_ns.append((seen, time.time_ns()))
+                    self.close_delays_s.append(held)
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
