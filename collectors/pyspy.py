@@ -1,7 +1,7 @@
 """Python stacks over time: py-spy samples the captured command (and its Python children).
 
-py-spy runs beside the command (``record --subprocesses --idle --nolineno --format chrometrace``)
-and writes ``raw/pyspy.chrometrace.json`` when it exits. Its ``ts`` have no epoch anchor, so the
+py-spy runs beside the command (``record --nonblocking --subprocesses --idle --nolineno --format
+chrometrace``) and writes ``raw/pyspy.chrometrace.json`` when it exits. Its ``ts`` have no epoch anchor, so the
 capture makes its own: the command's Python process runs the clock-marker thread
 (``ollama_tracer.instrument.clock_marker``), and ``collectors.pyspy_clock`` fits py-spy's offset
 to the markers it logged (or falls back on the time py-spy was launched). ``collectors.pyspy_trace``
@@ -58,8 +58,9 @@ PTRACE_FIX = ("run tracer as root, grant py-spy CAP_SYS_PTRACE (`sudo setcap cap
               "$(readlink -f $(which py-spy))`), or `sudo sysctl kernel.yama.ptrace_scope=1`")
 NATURAL_EXIT_S = 2.0  # py-spy stops by itself when its target exits; give it this long to write the file
 SIGINT_WAIT_S = 10.0
-# py-spy stops the command for each sample (ptrace; tens of µs). Stopped at every look for this
-# long, it is stuck holding the command: it is killed, which lets the kernel resume the command.
+# With --nonblocking py-spy never stops the command; its default mode ptrace-stops it for each
+# sample. Should a py-spy hold the command stopped at every look for this long anyway, it is
+# stuck: it is killed, which lets the kernel resume the command.
 STALL_S = 5.0
 STALL_POLL_S = 0.25
 CHILDREN_EVERY = 8  # looks: the command's children are listed again every 2 s
@@ -289,8 +290,12 @@ class PySpyCollector:
         trace = self._session.directory / RAW_TRACE
         with open_private(trace, "wb"):
             pass  # py-spy truncates the file and keeps its mode: the trace is 0600 from the start
-        self._argv = [self._binary, "record", "--subprocesses", "--idle", "--nolineno", "--format", "chrometrace",
-                      "-r", str(self.rate_hz), "-o", str(trace), "--pid", str(self._target)]
+        # --nonblocking: py-spy reads the command's memory without stopping it. In its default mode it
+        # ptrace-stops every thread for each sample, and beside a busy runner on 2 cores that held
+        # the command stopped for seconds (py-spy issues #565, #872): the observer changed what it
+        # observed. A sample read while the stack changes may be torn; py-spy counts it as an error.
+        self._argv = [self._binary, "record", "--nonblocking", "--subprocesses", "--idle", "--nolineno", "--format",
+                      "chrometrace", "-r", str(self.rate_hz), "-o", str(trace), "--pid", str(self._target)]
         stderr_path = raw / Path(RAW_STDERR).name
         with open_private(stderr_path, "ab") as out:
             self._attempt_offset = out.tell()

@@ -73,7 +73,10 @@ def test_collector_stacks_line_up_with_the_target_clock(pyspy_ok: None, tmp_path
     assert child.returncode == 0
     bounds = json.loads(out)
     assert stats["stacks_lost"] is False and stats["errors"] == [], (tmp_path / RAW_STDERR).read_text()
-    assert stats["samples"] > 0 and stats["dropped"] == 0 and stats["stopped_by"] == "exit"
+    assert stats["samples"] > 0 and stats["stopped_by"] == "exit"
+    # --nonblocking: a sample read while the busy stack changes is torn, and py-spy drops it
+    # (here 10 of 346 once); the slices below must still cover the busy window.
+    assert stats["dropped"] <= 0.1 * stats["samples"], stats
 
     slices, meta, unusable = load_stacks(tmp_path)
     alignment = meta["alignment"]
