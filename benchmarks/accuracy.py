@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -140,20 +141,36 @@ def _capture(server: Server, out: Path, *bench: str, host: str | None = None,
     return _attribution(out)
 
 
-def _capture_target(server: Server, out: Path, target: str, *argv: str, **env: str) -> dict[str, Any]:
+def _capture_target(server: Server, out: Path, target: str, *argv: str,
+                    hosts: Callable[[Server], dict[str, str]] = lambda _server: {}, **env: str) -> dict[str, Any]:
     """A capture of one of the unmodified scripts in tests/targets; once more on a fresh server when
-    it failed because the server stalled (docs/interrupt-stall.md)."""
+    it failed because the server stalled (docs/interrupt-stall.md). ``hosts`` gives the settings that
+    name the server's address, taken again for the fresh one (it listens on another port)."""
     def once() -> subprocess.CompletedProcess[str]:
         return _tracer("capture", "-o", str(out), "--force", "--ollama-host", server["host"], "--", sys.executable,
                        str(TARGETS / target), *argv,
-                       env={"OLLAMA_HOST": server["host"], "TARGET_TIMEOUT_S": "30", **env})
-    proc = once()
+                       env={"OLLAMA_HOST": server["host"], "TARGET_TIMEOUT_S": "30", **env, **hosts(server)})
+    proc, failed = once(), ""
     if proc.returncode != 0 and server.get("restart") and not models_respond(server["host"], [MODEL], timeout_s=15):
+        failed = f" (and before that, on the server that stopped answering: {proc.stderr.strip()[-300:]})"
         server.update(server["restart"]())
         proc = once()
     if proc.returncode != 0:
-        raise RuntimeError(f"the capture of {target} failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
+        raise RuntimeError(f"the capture of {target} failed (exit {proc.returncode}): "
+                           f"{proc.stderr.strip()[-400:]}{failed}")
     return _attribution(out)
+
+
+def _behind(server: Server, relay: DelayRelay) -> Server:
+    """``server``, restarted (after a stall, on another port) behind the same ``relay``."""
+    restart = server["restart"]
+
+    def restart_behind_the_relay() -> Server:
+        fresh: Server = restart()
+        relay.upstream_port = int(fresh["host"].rsplit(":", 1)[1])
+        return fresh
+
+    return {**server, "restart": restart_behind_the_relay}
 
 
 def _measured(attribution: dict[str, Any]) -> list[dict[str, Any]]:
@@ -302,16 +319,8 @@ def slot_case(server: Server, work: Path) -> dict[str, Any]:
     with _own_server(server, work, {"OLLAMA_NUM_PARALLEL": "1"}) as own:
         relay = DelayRelay(int(own["host"].rsplit(":", 1)[1]), 0.0, CLOSE,
                            cycle_s=tuple(hold / 1000 for hold in SLOT_HOLDS_MS))
-        restart = own["restart"]
-
-        def restart_behind_the_relay() -> Server:  # after a stall the server comes back on another port
-            fresh: Server = restart()
-            relay.upstream_port = int(fresh["host"].rsplit(":", 1)[1])
-            return fresh
-
-        own["restart"] = restart_behind_the_relay
         try:
-            intervals = _measured(_capture_target(own, work / "slot", "interrupt_late.py", MODEL,
+            intervals = _measured(_capture_target(_behind(own, relay), work / "slot", "interrupt_late.py", MODEL,
                                                   TARGET_ITERATIONS="10", TARGET_INTERRUPT_HOST=relay.url))
         finally:
             relay.close()
@@ -437,19 +446,24 @@ def evicted_cases(server: Server, work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _both_hosts(relayed: str, server: Server) -> dict[str, str]:
+    return {"TARGET_HOSTS": f"{relayed},{server['host']}"}
+
+
 def clients_cases(server: Server, work: Path) -> list[dict[str, Any]]:
     """Two clients at once, on a two-slot server; the first through a relay holding its requests."""
     rows: dict[str, dict[str, list[Any]]] = {}
     with _own_server(server, work, {"OLLAMA_NUM_PARALLEL": "2", "OLLAMA_MAX_LOADED_MODELS": "2"}) as two:
-        port = int(two["host"].rsplit(":", 1)[1])
         for label, delay in (("baseline", 0.0), ("delayed", DELAY_MS / 1000)):
-            relay, truth = DelayRelay(port, delay, REQUEST), work / f"clients-{label}.truth"
+            relay = DelayRelay(int(two["host"].rsplit(":", 1)[1]), delay, REQUEST)
+            truth, arm = work / f"clients-{label}.truth", _behind(two, relay)
             try:
-                attribution = _capture_target(two, work / f"clients-{label}", "concurrent_interrupts.py",
+                attribution = _capture_target(arm, work / f"clients-{label}", "concurrent_interrupts.py",
                                               f"{MODEL},{MODEL}", TARGET_ROUNDS="6", TARGET_TRUTH=str(truth),
-                                              TARGET_HOSTS=f"{relay.url},{two['host']}")
+                                              hosts=functools.partial(_both_hosts, relay.url))
             finally:
                 relay.close()
+            two.update({key: value for key, value in arm.items() if key != "restart"})  # restarted: the next arm
             relayed_threads = {int(line.split()[0]) for line in truth.read_text().splitlines()
                                if line.split()[1:] == [relay.url]}
             for iv in _measured(attribution):

@@ -53,7 +53,7 @@ from ollama_tracer.collectors.ebpf_plan import (
 )
 from ollama_tracer.collectors.probe_catalogue import DESIGN_NOTES
 from ollama_tracer.errors import ExitCode, TracerError
-from ollama_tracer.vocabulary import PROCESS_OTHER, SOURCE_EBPF
+from ollama_tracer.vocabulary import PROCESS_FORWARDER, PROCESS_OTHER, SOURCE_EBPF
 
 PATH_BYTES = 200  # bpftrace v0.17's largest string: the file paths of openat events
 
@@ -78,7 +78,24 @@ def runner_models(pids: set[int]) -> set[str]:
 
 
 def find_ollama_binary(pid: int) -> Path:
-    return Path(os.readlink(f"/proc/{pid}/exe"))
+    """The server's executable as this process can open it. ``/proc/PID/exe`` names it as the
+    server sees it; in a container (its own mount namespace and root) that path exists only
+    inside, and ``/proc/PID/root`` + the path reaches it from here. Whichever is the same file
+    (device and inode) as the one running is used; uprobes attach by inode, so both are equal."""
+    from ollama_tracer.deployment import foreign_root
+
+    running = os.stat(f"/proc/{pid}/exe")
+    path = Path(os.readlink(f"/proc/{pid}/exe"))
+    root = foreign_root(pid)
+    for candidate in ([path, Path(root) / path.relative_to("/")] if root else [path]):
+        try:
+            found = candidate.stat()
+        except OSError:
+            continue
+        if (found.st_dev, found.st_ino) == (running.st_dev, running.st_ino):
+            return candidate
+    raise TracerError(f"the Ollama server's binary ({path}, pid {pid}) cannot be opened from here, not even through "
+                      f"/proc/{pid}/root; pass --ebpf-layers syscall.", ExitCode.PERMISSION)
 
 
 class EbpfCollector:
@@ -106,6 +123,7 @@ class EbpfCollector:
         self._parents: dict[int, int | None] = {}
         self._models: dict[int, str] = {}  # runner pid -> its model blob, read at first sight
         self._bpf_lost = 0  # events bpftrace said it lost ("Lost N events")
+        self._forwarder: int | None = None  # the pid of the port forwarder in front of the server
 
     def available(self) -> tuple[bool, str]:
         """The same checks as `tracer doctor`, in the same words: what is missing, then the fix."""
@@ -118,9 +136,15 @@ class EbpfCollector:
         return True, ""
 
     def start(self, session: SessionInfo) -> None:
-        from ollama_tracer.process_discovery import ollama_server_pid, ollama_version_of
+        from ollama_tracer.deployment import follow
+        from ollama_tracer.ollama_host import host_and_port
+        from ollama_tracer.process_discovery import ollama_version_of
 
-        pid = self.ollama_pid or session.ollama_pid or ollama_server_pid(session.ollama_host)
+        # A published container port: the server is behind a forwarder, whose hop is traced too.
+        behind, forwarder = follow(host_and_port(session.ollama_host)[1]) if session.ollama_host else (None, None)
+        pid = self.ollama_pid or session.ollama_pid or behind
+        if forwarder is not None and forwarder.pid == pid:
+            forwarder = None
         if pid is None:
             raise TracerError(f"no Ollama server process found for {session.ollama_host}; pass --ollama-pid.",
                               ExitCode.OLLAMA_UNREACHABLE)
@@ -128,8 +152,10 @@ class EbpfCollector:
         version = session.ollama_version or ollama_version_of(session.ollama_host)
         self._plan = plan_probes(binary, version, self.layers)
         self._directory = session.directory
-        held = [h for comm in process_names(self._plan) for h in existing_sockets(comm)]
-        script = build_script(self._plan, self.profile_hz, held)
+        extra = [forwarder.name] if forwarder is not None and forwarder.name else []
+        self._forwarder = forwarder.pid if forwarder is not None else None
+        held = [h for comm in [*process_names(self._plan), *extra] for h in existing_sockets(comm)]
+        script = build_script(self._plan, self.profile_hz, held, extra_comms=extra)
         self._clock = session.clock
         capture_files.write_text(session.directory / capture_files.EBPF_SCRIPT, script)
         argv = [system.bpftrace_path() or "bpftrace", "-B", "line"]
@@ -169,8 +195,17 @@ class EbpfCollector:
         self._meta = {"pid": pid, "binary": str(binary), "plan": self._plan.to_json(),
                       "probe_index": probe_index(self._plan), "roles": {},
                       "sockets_at_start": [asdict(h) for h in held if h.local_port],
-                      "children_at_start": children_of(pid)}
+                      "children_at_start": children_of(pid),
+                      "forwarder": asdict(forwarder) if forwarder is not None else None}
         self._write_meta()
+
+    def _role(self, pid: int, server: int) -> str:
+        from ollama_tracer.process_discovery import role_of
+
+        parent = self._parents.get(pid)
+        if self._forwarder is not None and self._forwarder in (pid, parent):  # socat forks one per connection
+            return PROCESS_FORWARDER
+        return role_of(pid, server, parent)
 
     def _write_meta(self) -> None:
         assert self._directory is not None
@@ -263,12 +298,11 @@ class EbpfCollector:
         if self._out is not None:
             stats.update(self._out.stats())
         if self._meta and self._directory is not None:
-            from ollama_tracer.process_discovery import role_of
 
             # Roles now, while the runners still run: a runner's argv says "runner". The comm filter
             # also records another Ollama server on this machine and its runners: "other".
             server = int(self._meta["pid"])
-            roles = {pid: role_of(pid, server, self._parents.get(pid)) for pid in sorted(self._pids)}
+            roles = {pid: self._role(pid, server) for pid in sorted(self._pids)}
             self._meta["roles"] = {str(pid): role for pid, role in roles.items()}
             ours = {p for p, r in roles.items() if r != PROCESS_OTHER}
             self._meta["runner_models"] = {str(p): blob for p, blob in sorted(self._models.items()) if p in ours}

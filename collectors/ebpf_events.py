@@ -25,7 +25,8 @@ RAW_EVENTS = capture_files.EBPF_EVENTS
 class ProbeEvent:
     """One line of the eBPF collector's output, on the epoch clock."""
 
-    # A accept, C connect, R read, W write, O openat, X close, U uprobe, N getsockname, E exit;
+    # A accept, C connect, R read, W write, O openat, X close, U uprobe, N getsockname, E exit,
+    # S splice (a forwarder moving bytes between sockets: text "in" from fd, "out" to fd);
     # goroutine layer: G a goroutine serves connection fd, T a goroutine sends a request on fd
     kind: str
     time_ns: int
@@ -45,7 +46,7 @@ class ParseError(ValueError):
 def parse_line(line: str, clock: ClockModel, probes: dict[int, str]) -> ProbeEvent:
     """Parse one output line; raises ParseError (a ValueError) on anything malformed."""
     parts = line.rstrip("\n").split(" ", 6)
-    if len(parts) < 4 or len(parts[0]) != 1 or parts[0] not in "ACRWOXUGTNE":
+    if len(parts) < 4 or len(parts[0]) != 1 or parts[0] not in "ACRWOXUGTNES":
         raise ParseError(f"not an event line: {line[:80]!r}")
     kind = parts[0]
     try:
@@ -68,7 +69,7 @@ def parse_line(line: str, clock: ClockModel, probes: dict[int, str]) -> ProbeEve
                               value=peer_port(rest[5]) if len(rest) > 5 else 0)
         if kind in "CXE":
             return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]), value=int(parts[5]))
-        if kind in "RW":
+        if kind in "RWS":
             return ProbeEvent(kind, when, pid, tid, fd=int(parts[4]), value=int(parts[5]),
                               text=parts[6] if len(parts) > 6 else "")
         text = " ".join(parts[5:]) if len(parts) > 5 else ""

@@ -16,7 +16,8 @@ from typing import Any
 
 from ollama_tracer.collectors import ebpf_profile
 from ollama_tracer.collectors.go_offsets import GoOffsets, read_offsets
-from ollama_tracer.collectors.probe_catalogue import ProbeSpec, design_for, probes_for
+from ollama_tracer.collectors.probe_catalogue import ProbeSpec, design_of, probes_for_design
+from ollama_tracer.vocabulary import DESIGN_LLAMA_SERVER, LLAMA_SERVER
 
 READY = "TRACER_EBPF_READY"  # the program prints it once its probes are live
 # The fixed part of the program. Placeholders: {F} the process filter, {PRIMED} the sockets held at
@@ -25,7 +26,6 @@ PROGRAM = Path(__file__).with_name("ebpf_program.bt")
 _PLACEHOLDER = re.compile(r"\{(F|PRIMED|READY|PROBES|CLEAR_SEEN)\}")
 
 
-LLAMA_SERVER = "llama-server"  # the runner of Ollama v0.30+, a process of its own
 
 
 def comm_of(binary: Path) -> str:
@@ -35,7 +35,7 @@ def comm_of(binary: Path) -> str:
 def process_names(plan: ProbePlan) -> list[str]:
     """The ``comm`` of every Ollama process to trace: the server (and its Go runners, the same binary),
     and on the llama-server design its runner processes too."""
-    return [comm_of(plan.binary), *([LLAMA_SERVER] if plan.design == "llama-server" else [])]
+    return [comm_of(plan.binary), *([LLAMA_SERVER] if plan.design == DESIGN_LLAMA_SERVER else [])]
 
 
 @dataclass
@@ -68,8 +68,9 @@ class ProbePlan:
 
 
 def plan_probes(binary: Path, version: str | None, layers: str = "all") -> ProbePlan:
-    plan = ProbePlan(binary=binary, version=version, design=design_for(version))
-    specs = probes_for(version) if layers == "all" else ()
+    design = design_of(binary.name, version)
+    plan = ProbePlan(binary=binary, version=version, design=design)
+    specs = probes_for_design(design, version) if layers == "all" else ()
     if not specs:
         return plan
     from ollama_tracer.collectors.symbols import SymbolTable
@@ -96,6 +97,11 @@ def library_dir(binary: Path) -> Path | None:
     for candidate in (binary.parent.parent / "lib" / "ollama", binary.parent / "lib" / "ollama",
                       binary.parent / "build" / "lib" / "ollama"):
         if candidate.is_dir():
+            return candidate
+    # llama-server alone: its libraries beside it (Ollama's lib/ollama, a llama.cpp build's bin/),
+    # or in the lib/ beside its bin/ (an install).
+    for candidate in (binary.parent, binary.parent.parent / "lib"):
+        if (candidate / "libllama.so").exists():
             return candidate
     return None
 
@@ -204,12 +210,19 @@ def existing_sockets(comm: str) -> list[HeldSocket]:
     return [HeldSocket(pid, fd, *ports.get(inode, (0, 0))) for pid, fd, inode in held]
 
 
-def build_script(plan: ProbePlan, profile_hz: int = 0, held: list[HeldSocket] | None = None) -> str:
-    """The bpftrace program for ``plan``: ``ebpf_program.bt`` with the capture's processes and probes."""
-    comms = process_names(plan)
+def _comm_filter(comms: list[str]) -> str:
     filt = " || ".join(f'comm == "{comm}"' for comm in comms)
-    filt = f"({filt})" if len(comms) > 1 else filt
-    held = [h for comm in comms for h in existing_sockets(comm)] if held is None else held
+    return f"({filt})" if len(comms) > 1 else filt
+
+
+def build_script(plan: ProbePlan, profile_hz: int = 0, held: list[HeldSocket] | None = None,
+                 extra_comms: list[str] | None = None) -> str:
+    """The bpftrace program for ``plan``: ``ebpf_program.bt`` with the capture's processes and probes.
+    ``extra_comms``: other processes whose syscalls are traced (a port forwarder), not sampled."""
+    comms = process_names(plan)
+    filt = _comm_filter(comms)
+    traced = _comm_filter([*comms, *(extra_comms or [])])
+    held = [h for comm in [*comms, *(extra_comms or [])] for h in existing_sockets(comm)] if held is None else held
     primed = " ".join(f"@sock[{h.pid}, {h.fd}] = 3;" for h in held)
     lines: list[str] = []
     if profile_hz > 0:
@@ -241,7 +254,7 @@ def build_script(plan: ProbePlan, profile_hz: int = 0, held: list[HeldSocket] | 
         for kind, key, fd in (("G", "serve", serve_fd), ("T", "round_trip", trip_fd)):
             lines.append(f'uprobe:{plan.binary}:{plan.goroutine_probes[key]:#x} '
                          f'{{ printf("{kind} %llu %d %d %lld %llu\\n", nsecs, pid, tid, {fd}, {goid}); }}')
-    values = {"F": filt, "PRIMED": primed, "READY": READY, "PROBES": "".join(f"{line}\n" for line in lines),
+    values = {"F": traced, "PRIMED": primed, "READY": READY, "PROBES": "".join(f"{line}\n" for line in lines),
               # a map no probe uses is an error to bpftrace: @seen exists only with per-token probes
               "CLEAR_SEEN": "clear(@seen); " if any(spec.per_token for spec, _ in plan.attached.values()) else ""}
     # One pass, so that nothing filled in (a binary's path, say) is itself taken for a placeholder.

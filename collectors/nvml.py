@@ -351,9 +351,9 @@ class NvmlCollector:
 
     def _add_ollama_server(self, host: str) -> None:
         try:
-            from ollama_tracer.process_discovery import ollama_server_pid
+            from ollama_tracer.deployment import server_pid
 
-            pid = ollama_server_pid(host)
+            pid = server_pid(host)
         except Exception:
             return
         if pid is not None:

@@ -4,20 +4,26 @@ The server and its runners log through Go's slog TextHandler: ``key=value`` pair
 values and RFC3339 timestamps at millisecond precision (reference §5). The collector notes the
 log's size when the capture starts and copies what was appended when it stops into
 ``raw/ollama.log``; nothing is parsed while the workload runs.
+
+The file is the server's stderr as written (``ollama serve 2> FILE``), or a container's log in
+Docker's json-file format (``docker inspect -f '{{.LogPath}}' CONTAINER``), whose lines are
+unwrapped. A system service's journal is ``collectors.journald``, into the same raw file.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ollama_tracer import capture_files
 from ollama_tracer.capture_files import OLLAMA_LOG as RAW_LOG
 from ollama_tracer.clock import ClockModel, parse_created_at
 from ollama_tracer.collectors.base import SessionInfo
+from ollama_tracer.vocabulary import LLAMA_SERVER
 
 # What the log source reads. Without --record-content only these lines (and warnings and errors)
 # are kept: at TRACE Ollama logs whole prompts, and "hit stop token" carries completion text.
@@ -37,7 +43,6 @@ LLAMA_SERVER_FACTS = {
                                    r" \( *[\d.]+ ms per token, +[\d.]+ tokens per second\)$"),
     "stop processing": re.compile(r"^stop processing: n_tokens = (?P<n_tokens>\d+), truncated = \d+$"),
 }
-LLAMA_SERVER = "llama-server"  # the source of such an event
 _PAIR = re.compile(r'([A-Za-z0-9_.\-]+|"[^"]*")=("(?:[^"\\]|\\.)*"|\S*)')
 
 
@@ -83,6 +88,19 @@ def llama_server_fact(line: str) -> tuple[str, dict[str, str]] | None:
         if found is not None:
             return fact, {"slot": match["slot"], "task": match["task"], **found.groupdict()}
     return None
+
+
+def unwrap_json_file(raw: bytes) -> bytes:
+    """A line of Docker's json-file log (``{"log": "...\\n", "stream": ..., "time": ...}``) as the
+    line the server wrote; any other line as it is."""
+    if not raw.startswith(b'{"log":'):
+        return raw
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return raw
+    text = record.get("log") if isinstance(record, dict) else None
+    return text.encode("utf-8", errors="replace") if isinstance(text, str) else raw
 
 
 def keep_without_content(line: str) -> bool:
@@ -144,15 +162,19 @@ class OllamaLogCollector:
         dropped = 0
         with self.path.open("rb") as source, capture_files.open_private(target, "wb") as out:
             source.seek(self._offset)
-            if self.record_content:
-                shutil.copyfileobj(source, out)
-            else:
-                for raw in source:
-                    if keep_without_content(raw.decode("utf-8", errors="replace")):
-                        out.write(raw)
-                    else:
-                        dropped += 1
+            dropped = copy_lines((unwrap_json_file(raw) for raw in source), out, self.record_content)
         return {"path": str(self.path), "bytes": target.stat().st_size, "lines_left_out_for_privacy": dropped}
+
+
+def copy_lines(lines: Iterable[bytes], out: IO[bytes], record_content: bool) -> int:
+    """Write the lines a capture may keep; the number left out for privacy."""
+    dropped = 0
+    for raw in lines:
+        if record_content or keep_without_content(raw.decode("utf-8", errors="replace")):
+            out.write(raw)
+        else:
+            dropped += 1
+    return dropped
 
 
 def load_log(directory: Path) -> tuple[list[LogEvent], int]:

@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ollama_tracer.vocabulary import (
+    DESIGN_GO_RUNNERS,
+    DESIGN_LLAMA_SERVER,
+    DESIGN_LLAMA_SERVER_ALONE,
+    LLAMA_SERVER,
     PROCESS_RUNNER,
     PROCESS_SERVER,
     RUNNER_ADMIT,
@@ -119,8 +123,25 @@ def design_for(version: str | None) -> str:
     except ValueError:
         return "unknown"
     if (major, minor) >= (0, 30):
-        return "llama-server"
-    return "go-runners"
+        return DESIGN_LLAMA_SERVER
+    return DESIGN_GO_RUNNERS
+
+
+# llama.cpp's llama-server run alone, no Ollama in front (`tracer bench interrupt --backend
+# llama-server`): the server is llama-server itself, and its own functions are the probes.
+DESIGN_ALONE = DESIGN_LLAMA_SERVER_ALONE
+
+
+def design_of(binary_name: str, version: str | None) -> str:
+    """The design of a server whose binary is named ``binary_name``: llama-server alone, or Ollama's."""
+    return DESIGN_ALONE if binary_name == LLAMA_SERVER else design_for(version)
+
+
+def probes_for_design(design: str, version: str | None) -> tuple[ProbeSpec, ...]:
+    """On llama-server alone, the runner functions of the llama-server design's entry, in the server."""
+    if design == DESIGN_ALONE:
+        return tuple(spec for spec in CATALOGUE["0.30"] if spec.library is not None)
+    return probes_for(version)
 
 
 def probes_for(version: str | None) -> tuple[ProbeSpec, ...]:
@@ -139,12 +160,15 @@ _RECEIVE_TO_LOOKUP = merged_name([SERVER_RECEIVE, SERVER_DECODE, SERVER_MODEL_LO
 _SCHEDULE_HANDOFF = merged_name([SERVER_SCHEDULE, SERVER_HANDOFF])
 _ADMIT_TO_SAMPLE = merged_name([RUNNER_ADMIT, RUNNER_PREFILL, RUNNER_SAMPLE])
 DESIGN_NOTES = {
-    "go-runners": "v0.13-era design: Go runners (ollamarunner / llamarunner); every phase can be separated "
+    DESIGN_GO_RUNNERS: "v0.13-era design: Go runners (ollamarunner / llamarunner); every phase can be separated "
                   f"with symbols, and the syscall layer merges {_RECEIVE_TO_LOOKUP}, "
                   f"{_SCHEDULE_HANDOFF} and {_ADMIT_TO_SAMPLE}.",
-    "llama-server": "v0.30+ design: the runner is upstream llama-server. The Go server's probes and the functions "
+    DESIGN_LLAMA_SERVER: "v0.30+ design: the runner is upstream llama-server. The Go server's probes and the functions "
                     "llama-server's shared libraries export split the phases, and each round trip to it (GET /health, "
                     f"POST /tokenize) is its own phase on the wire; without probes {_RECEIVE_TO_LOOKUP} stays merged, "
                     f"and so does {_ADMIT_TO_SAMPLE} inside the runner.",
+    DESIGN_ALONE: "llama.cpp's llama-server alone: it is the server, and the functions its shared libraries "
+                  f"export split {SERVER_RECEIVE}, {RUNNER_ADMIT}, {RUNNER_PREFILL} and {RUNNER_SAMPLE}; "
+                  "without them they stay merged.",
     "unknown": "Ollama's version is unknown: only the syscall layer is used, and phases are merged as above.",
 }

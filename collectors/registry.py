@@ -10,6 +10,7 @@ from ollama_tracer.collectors import ebpf_events, nvml, ollama_log, otlp, pyspy
 from ollama_tracer.collectors.base import Collector, Loader
 from ollama_tracer.collectors.ebpf import EbpfCollector
 from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
+from ollama_tracer.collectors.journald import JournaldCollector
 from ollama_tracer.collectors.nvml import NvmlCollector
 from ollama_tracer.collectors.ollama_log import OllamaLogCollector
 from ollama_tracer.collectors.otlp import OtlpCollector
@@ -28,6 +29,7 @@ class CollectorOptions:
     ebpf_layers: str = "all"
     profile_hz: int = DEFAULT_HZ  # eBPF stacks of the server and runners; 0: off
     ollama_log: Path | None = None
+    ollama_unit: str | None = None  # read the log from the journal of this systemd unit instead
     record_content: bool = False
     gpu_rate_hz: float = 100.0  # 0: no NVML sampling
     pyspy_rate_hz: int = 100  # 0: no py-spy
@@ -41,7 +43,10 @@ def make_collectors(options: CollectorOptions | None = None) -> list[Collector]:
         # First, so that its probes are live before anything else starts the workload.
         collectors.append(EbpfCollector(ollama_pid=options.ollama_pid, layers=options.ebpf_layers,
                                         profile_hz=options.profile_hz))
-    collectors.append(OllamaLogCollector(options.ollama_log, record_content=options.record_content))
+    if options.ollama_unit and options.ollama_log is None:
+        collectors.append(JournaldCollector(options.ollama_unit, record_content=options.record_content))
+    else:
+        collectors.append(OllamaLogCollector(options.ollama_log, record_content=options.record_content))
     collectors.append(OtlpCollector())
     if options.gpu_rate_hz > 0:
         collectors.append(NvmlCollector(options.gpu_rate_hz))

@@ -62,6 +62,16 @@ def testbed_v034(testbed: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
+def testbed_engines(testbed_v034: dict[str, Any]) -> dict[str, Any]:
+    """The v0.34 testbed plus llama.cpp's llama-server alone, one per synthetic model, from the
+    same build (stopped with the testbed at session end)."""
+    proc = run_tracer("testbed", "up", "--ollama", "0.34.4", "--llama-server", "--json", timeout=600, check=True)
+    description: dict[str, Any] = json.loads(proc.stdout)
+    assert {s["model"] for s in description["llama_servers"]} == {"tracer-gemma3:test", "tracer-llama:test"}
+    return description
+
+
+@pytest.fixture(scope="session")
 def testbed_jaeger(testbed: dict[str, Any]) -> dict[str, Any]:
     """The same testbed plus a real Jaeger v2 (stopped with the testbed at session end)."""
     proc = run_tracer("testbed", "up", "--json", "--with-jaeger", timeout=1800, check=True)
@@ -86,7 +96,8 @@ def heal_server(server: dict[str, Any]) -> bool:
     if server.get("restart"):  # a test's own server: it restarts itself (perhaps on a new port)
         server.update(server["restart"]())
         return True
-    run_tracer("testbed", "up", "--ollama", server["version"], "--json", timeout=600, check=True)
+    layout = ["--layout", server["layout"]] if server.get("layout", "plain") != "plain" else []
+    run_tracer("testbed", "up", "--ollama", server["version"], *layout, "--json", timeout=600, check=True)
     return True
 
 
@@ -182,3 +193,39 @@ def attach_while_script_runs(host: str, out: Path, model: str = "tracer-llama:te
         _stdout, stderr = attach.communicate(timeout=120)
     assert attach.returncode == 0, stderr
     return code, stderr
+
+
+def forwarder_hold_check(arms: dict[float, list[tuple[float, float, float]]]) -> dict[str, tuple[float, float]]:
+    """Ground truth of a forwarder's phase, paired per request: ``arms`` maps the hold asked of our
+    forwarder (tests/targets/delay_forwarder.py: 0, then 40 ms) to (its phase, what it held that same
+    request by its own clock, llama-server's or Ollama's receive), ms, per interval. The phase less the
+    hold (the residual) must not move between the arms beyond the accuracy harness's bound, and the
+    server's receive must not take the hold. Returns the medians, for the test's own print."""
+    import statistics
+
+    from ollama_tracer.testbed.relay import delay_bound_ms
+
+    def iqr(values: list[float]) -> float:
+        quartiles = statistics.quantiles(values, n=4)
+        return quartiles[2] - quartiles[0]
+
+    base, held = arms[0.0], arms[0.04]
+    residual = {arm: [hop - hold for hop, hold, _ in rows] for arm, rows in arms.items()}
+    medians = {name: (statistics.median(r[i] for r in base), statistics.median(r[i] for r in held))
+               for i, name in enumerate(("phase", "held", "receive"))}
+    medians["residual"] = (statistics.median(residual[0.0]), statistics.median(residual[0.04]))
+    assert min(hop for hop, _, _ in held) >= 39.0, arms  # a hold can only overshoot what was asked
+    injected = medians["held"][1] - medians["held"][0]
+    error = medians["residual"][1] - medians["residual"][0]
+    assert abs(error) <= delay_bound_ms(injected, max(iqr(residual[0.0]), iqr(residual[0.04]))), (medians, arms)
+    assert abs(medians["receive"][1] - medians["receive"][0]) < 5.0, (medians, arms)  # not the server's
+    return medians
+
+
+def forwarder_held_ms(said: str, began_ns: int) -> float:
+    """What our forwarder held the generation request a client began at ``began_ns``, by its own
+    clock (its receipt of the request's first bytes → its send of them): the first request it
+    sent on from then. ``said``: what delay_forwarder.py printed."""
+    report = json.loads(said.splitlines()[-1])
+    index = min(i for i, sent in enumerate(report["sent_ns"]) if sent >= began_ns)
+    return float(report["held_ms"][index])

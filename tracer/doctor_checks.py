@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -159,9 +160,70 @@ def check_jaeger_query(url: str | None) -> CheckResult:
     return CheckResult("jaeger-query", "ok", f"{url} answers /api/services")
 
 
+def check_deployment(host: str) -> list[CheckResult]:
+    """Which deployment serves ``host`` (plain process, system service, container behind a
+    forwarder), and what of it the collectors reach from here, each with the fix for the rest."""
+    from ollama_tracer import deployment
+    from ollama_tracer.ollama_host import host_and_port
+    from ollama_tracer.process_discovery import server_settings
+
+    try:
+        pid, forwarder = deployment.follow(host_and_port(host)[1])
+    except OSError as err:
+        return [CheckResult("deployment", "unavailable", f"could not follow the port ({err})")]
+    if pid is None:
+        return [CheckResult("deployment", "skipped", f"no process on this machine listens on {host}",
+                            "run tracer on the machine Ollama runs on (as root, to see other users' processes)")]
+    found = deployment.detect(pid, forwarder)
+    results = []
+    where = {deployment.PLAIN: "a plain process", deployment.SERVICE: f"the systemd unit {found.unit}.service",
+             deployment.CONTAINER: "a container" + (f" {found.container_id[:12]}" if found.container_id else "")}
+    detail = f"{where[found.kind]}: pid {pid}" + (f" (pid {found.pid_inside} inside)" if found.pid_inside else "")
+    detail += f", user {found.user}" if found.user else ""
+    if forwarder is not None:
+        detail += (f", behind {forwarder.name} (pid {forwarder.pid}) forwarding port {forwarder.published_port} to "
+                   f"{forwarder.target.address}:{forwarder.target.port}, found by its {forwarder.how}")
+    results.append(CheckResult("deployment", "ok", detail))
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        through = f"{found.root}{exe}" if found.root else exe
+        os.stat(through)
+        results.append(CheckResult("server binary", "ok", f"{exe}" + (f", read through {through}" if found.root else "")
+                                   + ": uprobes can attach"))
+    except OSError as err:
+        results.append(CheckResult("server binary", "unavailable", f"cannot open the server's binary ({err.strerror})",
+                                   "run tracer as root on the host (a container's files are reached through "
+                                   f"/proc/{pid}/root, which needs root or CAP_SYS_PTRACE)"))
+    settings = server_settings(pid)
+    debug_fix = {
+        deployment.SERVICE: f"`sudo systemctl edit {found.unit}`, add `[Service]` and "
+                            "`Environment=\"OLLAMA_DEBUG=1\"`, then `sudo systemctl restart " f"{found.unit}`",
+        deployment.CONTAINER: "add `OLLAMA_DEBUG=1` to the container's environment (`docker run -e OLLAMA_DEBUG=1`, or "
+                              "`environment:` in docker-compose.yml) and recreate it",
+        deployment.PLAIN: "start the server with `OLLAMA_DEBUG=1 ollama serve`",
+    }[found.kind]
+    if settings.get("OLLAMA_DEBUG") in (None, "", "0", "false"):
+        results.append(CheckResult("server log", "unavailable",
+                                   "OLLAMA_DEBUG is not set in the server's environment: its log has no phase lines",
+                                   debug_fix))
+    elif found.kind == deployment.SERVICE:
+        results.append(CheckResult("server log", "ok", f"the journal of {found.unit}.service "
+                                   f"(`journalctl -u {found.unit}`), read by default"))
+    elif found.kind == deployment.CONTAINER and found.docker_log():
+        results.append(CheckResult("server log", "ok", f"Docker's json-file log {found.docker_log()}, read by default"))
+    elif found.stderr_file():
+        results.append(CheckResult("server log", "ok", f"{found.stderr_file()} (the server's stderr), read by default"))
+    else:
+        results.append(CheckResult("server log", "unavailable", "the server's log file is not known from here",
+                                   "pass --ollama-log FILE (its stderr; for a container: "
+                                   "`docker inspect -f '{{.LogPath}}' NAME`)"))
+    return results
+
+
 def run_checks(ollama_host: str, otlp_endpoint: str | None, jaeger_query: str | None) -> list[CheckResult]:
-    checks: list[Callable[[], CheckResult]] = [
+    checks: list[Callable[[], CheckResult | list[CheckResult]]] = [
         lambda: check_ollama(ollama_host),
+        lambda: check_deployment(ollama_host),
         check_privileges,
         check_bpftrace,
         check_tracefs,
@@ -171,4 +233,8 @@ def run_checks(ollama_host: str, otlp_endpoint: str | None, jaeger_query: str | 
         lambda: check_otlp_endpoint(otlp_endpoint),
         lambda: check_jaeger_query(jaeger_query),
     ]
-    return [check() for check in checks]
+    results: list[CheckResult] = []
+    for check in checks:
+        found = check()
+        results.extend(found if isinstance(found, list) else [found])
+    return results

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import requests
 from ollama_tracer.netstat import LISTEN, socket_fds, tcp_rows
-from ollama_tracer.ollama_host import host_and_port
-from ollama_tracer.vocabulary import PROCESS_OTHER, PROCESS_RUNNER, PROCESS_SERVER
+from ollama_tracer.vocabulary import LLAMA_SERVER, PROCESS_OTHER, PROCESS_RUNNER, PROCESS_SERVER
 
 
 def pid_listening_on(port: int) -> int | None:
@@ -19,13 +18,6 @@ def pid_listening_on(port: int) -> int | None:
         if proc.name.isdigit() and targets & set(socket_fds(proc.name).values()):
             return int(proc.name)
     return None
-
-
-def ollama_server_pid(host: str | None) -> int | None:
-    if not host:
-        return None
-    _, port = host_and_port(host)
-    return pid_listening_on(port)
 
 
 def ollama_version_of(host: str | None) -> str | None:
@@ -102,5 +94,5 @@ def role_of(pid: int, server_pid: int, parent: int | None = None) -> str:
     except OSError:
         return PROCESS_RUNNER  # it has exited; every other Ollama process we saw is a runner
     # A Go runner is `ollama runner ...`; on v0.30+ the runner is llama.cpp's own llama-server.
-    is_runner = b"runner" in argv[1:2] or Path(argv[0].decode(errors="replace")).name == "llama-server"
+    is_runner = b"runner" in argv[1:2] or Path(argv[0].decode(errors="replace")).name == LLAMA_SERVER
     return PROCESS_RUNNER if is_runner else PROCESS_SERVER

@@ -107,10 +107,12 @@ PROCESS_CLIENT: Final = "client"
 PROCESS_SERVER: Final = "server"
 PROCESS_RUNNER: Final = "runner"
 PROCESS_PROXY: Final = "proxy"
+# A userland port forwarder in front of the server (Docker's docker-proxy for a published port).
+PROCESS_FORWARDER: Final = "forwarder"
 # An Ollama process of another server on the same machine (same comm, not this server's tree):
 # its events are recorded by the comm filter and left out when the capture is read.
 PROCESS_OTHER: Final = "other"
-PROCESSES: Final = (PROCESS_CLIENT, PROCESS_PROXY, PROCESS_SERVER, PROCESS_RUNNER)
+PROCESSES: Final = (PROCESS_CLIENT, PROCESS_PROXY, PROCESS_FORWARDER, PROCESS_SERVER, PROCESS_RUNNER)
 
 # -- sources (a phase's ``source``: what measured it) ------------------------------------------------
 SOURCE_CLIENT: Final = "client"
@@ -130,8 +132,10 @@ SERVICE_CLIENT: Final = "ollama-client"
 SERVICE_SERVER: Final = "ollama-server"
 SERVICE_RUNNER: Final = "ollama-runner"
 SERVICE_PROXY: Final = "ollama-proxy"
+SERVICE_FORWARDER: Final = "ollama-forwarder"
 SERVICE_BY_PROCESS: Final = {PROCESS_CLIENT: SERVICE_CLIENT, PROCESS_SERVER: SERVICE_SERVER,
-                             PROCESS_RUNNER: SERVICE_RUNNER, PROCESS_PROXY: SERVICE_PROXY}
+                             PROCESS_RUNNER: SERVICE_RUNNER, PROCESS_PROXY: SERVICE_PROXY,
+                             PROCESS_FORWARDER: SERVICE_FORWARDER}
 
 # -- phases ---------------------------------------------------------------------------------------------
 CLIENT_INTERRUPT: Final = "client.interrupt"
@@ -150,6 +154,10 @@ SERVER_STREAM: Final = "server.stream"
 CLIENT_FIRST_TOKEN: Final = "client.first_token"
 PROXY_REQUEST: Final = "proxy.request"
 PROXY_FIRST_TOKEN: Final = "proxy.first_token"
+# The forwarder's hops (eBPF): from its read of the client's request to the server's; from the
+# server's first response write to the forwarder's write of it to the client.
+FORWARDER_REQUEST: Final = "forwarder.request"
+FORWARDER_RESPONSE: Final = "forwarder.response"
 SERVER_CANCEL: Final = "server.cancel"
 SERVER_RUNNER_HEALTH: Final = "server.runner_health"  # a GET /health round trip to the runner
 SERVER_TOKENIZE: Final = "server.tokenize"  # v0.30+: the POST /tokenize round trip
@@ -218,6 +226,7 @@ TRACER_SOURCE: Final = "tracer.source"  # the source that measured a span or pha
 TRACER_ITERATION_INDEX: Final = "tracer.iteration.index"
 TRACER_WARMUP: Final = "tracer.warmup"
 TRACER_BENCH_CLIENT: Final = "tracer.bench.client"
+TRACER_BENCH_BACKEND: Final = "tracer.bench.backend"  # bench.backends: ollama, llama-server, llama-cpp-python
 TRACER_PROCESS: Final = "tracer.process"
 TRACER_CLOCK: Final = "tracer.clock"
 TRACER_INTERVAL_MS: Final = "tracer.interval_ms"
@@ -265,8 +274,18 @@ SERVER_PID: Final = "server.pid"  # the server process of that request
 
 # -- GenAI attribute values --------------------------------------------------------------------------------
 PROVIDER_OLLAMA: Final = "ollama"  # gen_ai.provider.name
+# llama.cpp's server: its binary's and process's name (Ollama v0.30+'s runner, or run alone).
+LLAMA_SERVER: Final = "llama-server"
+# Ollama's designs (collectors.probe_catalogue.design_of): Go runners (v0.13 … v0.29), llama-server
+# as the runner (v0.30+), or llama-server alone with no Ollama in front.
+DESIGN_GO_RUNNERS: Final = "go-runners"
+DESIGN_LLAMA_SERVER: Final = "llama-server"
+DESIGN_LLAMA_SERVER_ALONE: Final = "llama-server-alone"
 # The generation endpoints followed everywhere (instrumentations, proxy, the server-side request
-# finder), with their gen_ai.operation.name: Ollama's own API (NDJSON streams) and its
-# OpenAI-compatible one (server-sent events).
+# finder), with their gen_ai.operation.name: Ollama's own API (NDJSON streams), its
+# OpenAI-compatible one (server-sent events), and llama.cpp's llama-server's own (server-sent
+# events of {"content", "stop"} objects), for llama-server run alone.
+LLAMA_SERVER_COMPLETION: Final = "/completion"
 GENERATION_ENDPOINTS: Final = {"/api/generate": "text_completion", "/api/chat": "chat",
-                               "/v1/chat/completions": "chat", "/v1/completions": "text_completion"}
+                               "/v1/chat/completions": "chat", "/v1/completions": "text_completion",
+                               LLAMA_SERVER_COMPLETION: "text_completion"}

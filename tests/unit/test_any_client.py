@@ -58,6 +58,7 @@ def test_completions_text_usage_and_a_whole_answer() -> None:
     ("/api/generate", "text_completion", True), ("/api/chat", "chat", True),
     ("/v1/chat/completions", "chat", False), ("/v1/completions", "text_completion", False),
     ("/v1/chat/completions?x=1", "chat", False), ("/api/embed", None, True),
+    ("/completion", "text_completion", False), ("/completions", None, True),
 ])
 def test_endpoints(path: str, operation: str | None, streams: bool) -> None:
     assert operation_for_path(path) == operation
@@ -138,3 +139,17 @@ def test_a_client_whose_port_the_server_saw_is_never_taken_by_time() -> None:
     servers = [_server(10, 5002), _server(20, 5001)]
     added, counts = merge_server_requests(clients, servers)
     assert [s["spanId"] for s in added] == ["s10"] and counts["matched_by_port"] == 1
+
+
+def test_llama_server_native_chunks_are_parts_with_its_own_timings() -> None:
+    """llama-server's own /completion (llama.cpp run alone): {"content", "stop"} events, the last
+    with its counts and its own prefill and decode times (ms), read as Ollama's fields (ns)."""
+    first = stream_part(b'data: {"index":0,"content":" w045876","tokens":[46514],"stop":false,"id_slot":-1}')
+    assert first == {"response": " w045876"}
+    last = stream_part('data: {"index":0,"content":"","stop":true,"model":"tracer-llama:test",'
+                       '"tokens_predicted":5,"tokens_evaluated":10,'
+                       '"timings":{"prompt_n":5,"prompt_ms":12.5,"predicted_n":5,"predicted_ms":6.25}}')
+    assert last == {"done": True, "model": "tracer-llama:test", "prompt_eval_count": 10, "eval_count": 5,
+                    "prompt_eval_duration": 12_500_000, "eval_duration": 6_250_000}
+    # An object that only looks like one (no "stop") is left as it is.
+    assert stream_part('{"content": "x"}') == {"content": "x"}

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import itertools
 
-from ollama_tracer.attribution.ebpf_source import EbpfSource
+from ollama_tracer.attribution.ebpf_llama_server import boundaries
+from ollama_tracer.attribution.ebpf_source import EbpfSource, _symbol_keys
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.collectors.ebpf_events import EbpfRecords, ProbeEvent
-from ollama_tracer.collectors.probe_catalogue import V0_30, design_for, probes_for
+from ollama_tracer.collectors.probe_catalogue import (
+    DESIGN_ALONE,
+    V0_30,
+    design_for,
+    design_of,
+    probes_for,
+    probes_for_design,
+)
 
 MS = 1_000_000
 SERVER, RUNNER = 1, 2
@@ -192,3 +200,44 @@ def test_a_missing_boundary_is_reported_with_its_reason() -> None:
     complete = EbpfSource().find(interval, CaptureRecords(spans=[], loaded={EbpfRecords: EbpfRecords(
         events=_request(), meta={"plan": {"design": "llama-server"}}, roles={SERVER: "server", RUNNER: "runner"})}))
     assert complete.outcome["missing"] == []
+
+
+def _alone(events: list[ProbeEvent]) -> list[tuple[str, float, float]]:
+    ebpf = EbpfRecords(events=events, meta={"plan": {"design": DESIGN_ALONE}}, roles={SERVER: "server"})
+    records = CaptureRecords(spans=[], loaded={EbpfRecords: ebpf})
+    interval = Interval(index=0, kind="request", start_ns=0, end_ns=30 * MS, trace_id="t",
+                        request={"startTimeUnixNano": 0, "attributes": {}})
+    return [(p.name, p.start_ns / MS, p.end_ns / MS) for p in EbpfSource().phases(interval, records)]
+
+
+def test_llama_server_alone_is_its_own_server_and_runner() -> None:
+    """llama-server without Ollama: it reads the client's request itself (on the client's
+    connection), its functions split admission, prefill and sampling, and its first write after
+    the first sampled token ends its part. The headers it writes at the slot's launch do not."""
+    events = [
+        _io("R", 1, SERVER, 8, "POST /completion H"),
+        _io("R", 1.2, SERVER, 9, "POST /completion H"),  # another client's request: another connection
+        _u(1.8, SERVER, "server_routes::handle_completions_impl"),
+        _u(2.5, SERVER, "server_context_impl::process_single_task"),
+        _io("W", 3.0, SERVER, 8, "HTTP/1.1 200 OK"),
+        _u(3.1, SERVER, "llama_process"), _u(9.0, SERVER, "common_sampler_sample"),
+        _io("W", 9.2, SERVER, 9, "data: {\"index\":0"),  # the other connection's
+        _io("W", 9.4, SERVER, 8, "data: {\"index\":0"),
+    ]
+    alone = [e for e in events if e.fd != 9]  # one client
+    assert _alone(alone) == [("server.receive", 1, 1.8), ("runner.admit", 1.8, 3.1),
+                             ("runner.prefill", 3.1, 9.0), ("runner.sample", 9.0, 9.4)]
+    found = boundaries(events, {SERVER: "server"}, _symbol_keys(), known_fd=8, alone=True)
+    assert {key: e.time_ns / MS for key, e in found.items()} == {"R": 1, "RC": 1.8, "PF": 3.1, "SA": 9.0, "RW": 9.4}
+    # Without the functions (a binary that exports none), receive to sampling is one phase.
+    plain = [e for e in events if e.kind != "U"]
+    found = boundaries(plain, {SERVER: "server"}, _symbol_keys(), known_fd=8, alone=True)
+    assert set(found) == {"R", "RW"}
+
+
+def test_a_binary_named_llama_server_is_the_alone_design_with_its_runner_probes() -> None:
+    assert design_of("llama-server", None) == DESIGN_ALONE
+    assert design_of("ollama", "0.34.4") == "llama-server" and design_of("ollama", None) == "unknown"
+    specs = probes_for_design(DESIGN_ALONE, None)
+    assert specs and all(spec.library is not None for spec in specs)
+    assert {spec.key for spec in specs} >= {"runner_handler", "decode", "sample"}

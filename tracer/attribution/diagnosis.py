@@ -21,6 +21,7 @@ from ollama_tracer.collectors.probe_catalogue import design_for
 from ollama_tracer.units import format_ms
 from ollama_tracer.vocabulary import (
     CLIENT_INTERRUPT,
+    DESIGN_LLAMA_SERVER,
     OLLAMA_PROMPT_EVAL_CACHED_COUNT,
     OLLAMA_PROMPT_EVAL_COUNT,
     RUNNER_ADMIT,
@@ -285,7 +286,7 @@ def runner_round_trips(intervals: list[dict[str, Any]], context: dict[str, Any])
     """v0.30+: the calls the server makes to llama-server before the completion, each on a new
     connection, when together they are a material part of the interval."""
     version = context.get("ollama_version")
-    if version and design_for(str(version)) != "llama-server":
+    if version and design_for(str(version)) != DESIGN_LLAMA_SERVER:
         return None  # v0.13's one GET /health per completion goes over a kept-alive connection
     calls = ROUND_TRIPS
     per_interval = [(iv["index"], sum(p["duration_ms"] for p in iv.get("phases", []) if p["name"] in ROUND_TRIPS),

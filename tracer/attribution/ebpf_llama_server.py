@@ -37,8 +37,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
-from ollama_tracer.collectors.ollama_log import LLAMA_SERVER, LogRecords
+from ollama_tracer.collectors.ollama_log import LogRecords
 from ollama_tracer.vocabulary import (
+    LLAMA_SERVER,
     PROCESS_RUNNER,
     PROCESS_SERVER,
     RUNNER_ADMIT,
@@ -82,19 +83,31 @@ BOUNDARIES: tuple[Rule, ...] = (
     ("SW", None, False, None),
 )
 
+# llama-server alone (no Ollama in front): it reads the client's request itself, and its first
+# write after the first sampled token is the first event the client gets. The stream to the
+# client from there is the client's own first-token phase.
+ALONE_BOUNDARIES: tuple[Rule, ...] = (
+    ("R", SERVER_RECEIVE, False, None),
+    ("RC", RUNNER_ADMIT, False, None),
+    ("PF", RUNNER_PREFILL, False, None),
+    ("SA", RUNNER_SAMPLE, False, None),
+    ("RW", None, False, None),
+)
+
 Match = Callable[[ProbeEvent], bool]
 
 
 def boundaries(window: list[ProbeEvent], roles: Roles, keys: dict[str, tuple[str, ...]],
-               known_fd: int | None = None) -> dict[str, ProbeEvent]:
+               known_fd: int | None = None, *, alone: bool = False) -> dict[str, ProbeEvent]:
     """Each boundary's event: the first that matches after the previous boundary's, the symbol
-    layer first. An answer must come on the connection its request went out on."""
+    layer first. An answer must come on the connection its request went out on. ``alone``:
+    llama-server without Ollama (``ALONE_BOUNDARIES``), the server and the runner one process."""
 
     def server(e: ProbeEvent) -> bool:
         return roles.get(e.pid) == PROCESS_SERVER
 
     def runner(e: ProbeEvent) -> bool:
-        return roles.get(e.pid) == PROCESS_RUNNER
+        return roles.get(e.pid) == (PROCESS_SERVER if alone else PROCESS_RUNNER)
 
     def probe(key: str, proc: Callable[[ProbeEvent], bool] = server) -> Match:
         symbols = keys.get(key, ())
@@ -133,11 +146,14 @@ def boundaries(window: list[ProbeEvent], roles: Roles, keys: dict[str, tuple[str
     found: dict[str, ProbeEvent] = {}
     after = 0
     client_fd = known_fd
-    for key, _starts, _optional, answers in BOUNDARIES:
+    on_client = ("R", "RW") if alone else ("R", "SW")  # the boundaries on the client's own connection
+    if alone:
+        rules["RC"] = rules["RC"][:1]  # its handler's probe; no stand-in: the read is R itself
+    for key, _starts, _optional, answers in ALONE_BOUNDARIES if alone else BOUNDARIES:
         hit: ProbeEvent | None = None
         for rule in rules[key]:
             candidates = [e for e in window if e.time_ns >= after and rule(e)]
-            if key in ("R", "SW") and client_fd is not None:
+            if key in on_client and client_fd is not None:
                 candidates = [e for e in candidates if e.fd == client_fd]
             if answers is not None:
                 asked = found.get(answers)

@@ -41,14 +41,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from ollama_tracer.attribution import ebpf_llama_server, model_loads
+from ollama_tracer.attribution.forwarder import forwarder_phases
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.attribution.request_chain import Broken, Chain, other_sequences, own_events, resolve
 from ollama_tracer.attribution.sources import Found
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.collectors.ebpf_events import EbpfRecords, ProbeEvent, Roles
 from ollama_tracer.collectors.ollama_log import LogRecords
+from ollama_tracer.collectors.probe_catalogue import DESIGN_ALONE
 from ollama_tracer.model import Phase
 from ollama_tracer.vocabulary import (
+    CLIENT_FIRST_TOKEN,
+    DESIGN_LLAMA_SERVER,
+    FORWARDER_REQUEST,
+    FORWARDER_RESPONSE,
     PROCESS_RUNNER,
     PROCESS_SERVER,
     RUNNER_ADMIT,
@@ -68,6 +74,7 @@ from ollama_tracer.vocabulary import (
     SOURCE_EBPF,
     TRACER_FIRST_TOKEN_NS,
     TRACER_LOCAL_PORT,
+    TRACER_REQUEST_WRITTEN_NS,
     merged_name,
     process_prefix,
 )
@@ -105,6 +112,23 @@ BOUNDARIES: tuple[Boundary, ...] = (
 )
 LLAMA_SERVER_BOUNDARIES: tuple[Boundary, ...] = tuple(
     Boundary(key, starts, optional) for key, starts, optional, _answers in ebpf_llama_server.BOUNDARIES)
+ALONE_BOUNDARIES: tuple[Boundary, ...] = tuple(
+    Boundary(key, starts, optional) for key, starts, optional, _answers in ebpf_llama_server.ALONE_BOUNDARIES)
+
+
+def _design(meta: dict[str, Any] | None) -> str | None:
+    return ((meta or {}).get("plan") or {}).get("design")
+
+
+def _on_llama_server(meta: dict[str, Any] | None) -> bool:
+    """Ollama's llama-server design, or llama-server alone: the boundaries of ebpf_llama_server."""
+    return _design(meta) in (DESIGN_LLAMA_SERVER, DESIGN_ALONE)
+
+
+def _written(interval: Interval) -> int | None:
+    """When the client finished writing the request, if its span says."""
+    value = interval.request.get("attributes", {}).get(TRACER_REQUEST_WRITTEN_NS)
+    return int(value) if value else None
 
 
 def connection_of(request: dict[str, Any], events: list[ProbeEvent], roles: Roles) -> int | None:
@@ -179,7 +203,7 @@ class EbpfSource:
         built = int(interval.request["startTimeUnixNano"])
         window = [e for e in events if built <= e.time_ns <= interval.end_ns]
         client_fd = connection_of(interval.request, events, roles)
-        if (ebpf.meta.get("plan") or {}).get("design") == "llama-server":
+        if _on_llama_server(ebpf.meta):
             return self._find_llama_server(interval, ebpf, window, client_fd, records.get(LogRecords))
         found = self._boundaries(window, roles, client_fd)
         seen = dict(found)  # before any hit is set aside as another request's or sequence's
@@ -255,12 +279,16 @@ class EbpfSource:
         cancel = self._cancel(events, roles, interval, concurrent=bool(others), meta=ebpf.meta)
         if cancel is not None:
             phases.append(cancel)
+        phases.extend(forwarder_phases(events, roles, found.get("R"), found.get("SW"), built, _written(interval)))
         return Found(phases, matching)
 
     def _find_llama_server(self, interval: Interval, ebpf: EbpfRecords, window: list[ProbeEvent],
                            client_fd: int | None, records_log: LogRecords | None = None) -> Found:
-        """Ollama v0.30+: the round trips to llama-server, found on the wire, and its exported functions."""
-        found = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd)
+        """Ollama v0.30+: the round trips to llama-server, found on the wire, and its exported functions.
+        llama-server alone: its own read of the request, its functions, and its first write."""
+        alone = _design(ebpf.meta) == DESIGN_ALONE
+        order = ALONE_BOUNDARIES if alone else LLAMA_SERVER_BOUNDARIES
+        found = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd, alone=alone)
         matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
         others = (concurrent_requests(ebpf.events, ebpf.roles, found)
                   or unknown_connection_others(window, ebpf.roles, client_fd))
@@ -275,10 +303,14 @@ class EbpfSource:
             return Found([], matching)
         if found:
             matching["matched"] += 1
-        phases = self._phases(found, LLAMA_SERVER_BOUNDARIES)
-        matching["missing"] = _missing(interval, found, found, LLAMA_SERVER_BOUNDARIES, None,
+        phases = self._phases(found, order)
+        hops = forwarder_phases(ebpf.events, ebpf.roles, found.get("R"), found.get("SW"),
+                                int(interval.request["startTimeUnixNano"]), _written(interval))
+        if alone:
+            phases = _alone_edges(phases, found, interval, hops)
+        matching["missing"] = _missing(interval, found, found, order, None,
                                        int(ebpf.meta.get("bpftrace_lost_events") or 0))
-        evidence = blob_scans(window, ebpf.roles, found.get("R"), found.get("SW"),
+        evidence = blob_scans(window, ebpf.roles, found.get("R"), found.get("SW") or found.get("RW"),
                               set(ebpf.meta.get("model_blobs", [])))
         evidence.update(_probe_counts(window, found))
         # A reload: needsReload ran (it asks llama-server's /health first unless the options alone
@@ -306,6 +338,7 @@ class EbpfSource:
         cancel = self._cancel(ebpf.events, ebpf.roles, interval, meta=ebpf.meta)
         if cancel is not None:
             out.append(cancel)
+        out.extend(hops)
         return Found(out, matching)
 
     def last_boundary(self, interval: Interval, records: CaptureRecords) -> tuple[Boundary, ProbeEvent] | None:
@@ -318,9 +351,10 @@ class EbpfSource:
         built = int(interval.request["startTimeUnixNano"])
         window = [e for e in ebpf.events if built <= e.time_ns <= interval.end_ns]
         client_fd = connection_of(interval.request, ebpf.events, ebpf.roles)
-        if (ebpf.meta.get("plan") or {}).get("design") == "llama-server":
-            found, order = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd), \
-                LLAMA_SERVER_BOUNDARIES
+        if _on_llama_server(ebpf.meta):
+            alone = _design(ebpf.meta) == DESIGN_ALONE
+            found = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd, alone=alone)
+            order = ALONE_BOUNDARIES if alone else LLAMA_SERVER_BOUNDARIES
         else:
             found, order = self._boundaries(window, ebpf.roles, client_fd), BOUNDARIES
         if not found or "R" not in found:
@@ -453,7 +487,9 @@ class EbpfSource:
         if eof is None:
             return None
         keys = _symbol_keys()
-        if ((meta or {}).get("plan") or {}).get("design") == "llama-server":
+        if _design(meta) == DESIGN_ALONE:
+            return None  # llama-server alone tears a request down inside its main loop: not followed yet
+        if _design(meta) == DESIGN_LLAMA_SERVER:
             removed = ebpf_llama_server.completion_closed(events, roles, eof)
             end_note = "llama-server saw the request's /completion connection close"
         elif concurrent and interval.cancelled is not None:
@@ -482,6 +518,32 @@ class EbpfSource:
             return None
         return Phase(SERVER_CANCEL, eof.time_ns, removed.time_ns, SOURCE, PROCESS_SERVER,
                      {"off_critical_path": True, "end": end_note})
+
+
+def _alone_edges(phases: list[Phase], found: dict[str, ProbeEvent], interval: Interval,
+                 hops: list[Phase]) -> list[Phase]:
+    """llama-server alone, at its two edges with the client, on the client's clock (the same host):
+    its receive starts when the client (or a forwarder in between) had written the request (the
+    bytes wait in its socket until an HTTP thread of its pool reads them: its own queue), and its
+    first event, written at RW, is in flight (``server.stream``) until the client reads it (the
+    start of ``client.first_token``), or a forwarder in between does."""
+    out = list(phases)
+    forwarded = [p for p in hops if p.name == FORWARDER_REQUEST]
+    written = max(p.end_ns for p in forwarded) if forwarded else _written(interval)
+    if out and "R" in found and out[0].name.startswith(SERVER_RECEIVE) and written is not None \
+            and out[0].start_ns > written >= int(interval.request["startTimeUnixNano"]):
+        first = out[0]
+        out[0] = Phase(first.name, written, first.end_ns, first.source, first.process,
+                       {**first.attributes, "from": "the client's end of writing the request (it waited in the "
+                                                    "server's socket until an HTTP thread read it)"})
+    read = next((int(c["startTimeUnixNano"]) for c in interval.children if c.get("name") == CLIENT_FIRST_TOKEN), None)
+    relayed = [p.start_ns for p in hops if p.name == FORWARDER_RESPONSE]
+    if relayed:
+        read = min(relayed)
+    if "RW" in found and read is not None and read > found["RW"].time_ns:
+        out.append(Phase(SERVER_STREAM, found["RW"].time_ns, read, SOURCE, PROCESS_SERVER,
+                         {"to": "the client's first read of the answer"}))
+    return out
 
 
 def _missing(interval: Interval, found: dict[str, ProbeEvent], seen: dict[str, ProbeEvent],

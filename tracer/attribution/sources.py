@@ -23,6 +23,7 @@ from ollama_tracer.vocabulary import (
     CLIENT_GAP,
     CLIENT_INTERRUPT,
     CLIENT_REQUEST,
+    DESIGN_LLAMA_SERVER,
     OLLAMA_CREATED_AT_FIRST_NS,
     OLLAMA_CREATED_AT_LAST_NS,
     OLLAMA_LOAD_DURATION,
@@ -130,4 +131,4 @@ class ResponseSource(Source):
         )
         offset = records.server_clock_offset_ns
         return response_phases(timings, server_offset_ns=offset,
-                               llama_server=design_for(records.ollama_version) == "llama-server")
+                               llama_server=design_for(records.ollama_version) == DESIGN_LLAMA_SERVER)

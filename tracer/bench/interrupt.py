@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ollama_tracer import netstat
 from ollama_tracer.attribution.response import ResponseTimings, response_phases
+from ollama_tracer.bench.backends import BACKEND_OLLAMA, Backend
 from ollama_tracer.instrument import genai
 from ollama_tracer.model import Phase
 from ollama_tracer.vocabulary import (
@@ -26,6 +26,7 @@ from ollama_tracer.vocabulary import (
     GEN_AI_REQUEST_MODEL,
     SOURCE_CLIENT,
     SPAN_BENCH_ITERATION,
+    TRACER_BENCH_BACKEND,
     TRACER_BENCH_CLIENT,
     TRACER_CLOCK,
     TRACER_INTERVAL_MS,
@@ -48,9 +49,10 @@ DEFAULT_SECOND_PROMPT = "Now answer a different question: explain, in detail, ho
 
 @dataclass(frozen=True)
 class BenchOptions:
-    host: str
+    host: str | None  # None: an in-process engine (llama-cpp-python)
     model: str
-    client: str = "sdk"  # "sdk" (the ollama package) or "http" (requests)
+    client: str = "sdk"  # bench.backends.CLIENTS: "sdk" (the ollama package), "http" (requests), ...
+    backend: str = BACKEND_OLLAMA
     interrupt_after_ms: float = 500.0
     iterations: int = 4
     warmup: int = 1
@@ -66,7 +68,8 @@ class BenchOptions:
 
     def to_json(self) -> dict[str, Any]:
         payload = {
-            "host": self.host, "client": self.client, "interrupt_after_ms": self.interrupt_after_ms,
+            "host": self.host, "backend": self.backend, "client": self.client,
+            "interrupt_after_ms": self.interrupt_after_ms,
             "iterations": self.iterations, "warmup": self.warmup, "num_predict": self.num_predict,
             "num_ctx": self.num_ctx, "second_num_ctx": self.second_num_ctx, "record_content": self.record_content,
             "request_timeout_s": self.request_timeout_s,
@@ -107,77 +110,12 @@ class Iteration:
         }
 
 
-class StageStream:
-    """One streamed request through either client, as an iterator of chunk dicts."""
-
-    def __init__(self, opened: Iterator[dict[str, Any]], close: Callable[[], None]) -> None:
-        self._iter = opened
-        self.close = close
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return self._iter
-
-
-class BenchClient:
-    """Starts streams with the SDK or with ``requests``; both are instrumented the same way."""
-
-    def __init__(self, options: BenchOptions) -> None:
-        self.options = options
-        if options.client == "sdk":
-            import ollama
-            from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
-
-            OllamaInstrumentor().instrument(record_content=options.record_content)
-            self._sdk = ollama.Client(host=options.host, timeout=options.request_timeout_s)
-        else:
-            import requests
-            from ollama_tracer.instrument.requests_client import RequestsInstrumentor
-
-            RequestsInstrumentor().instrument(record_content=options.record_content)
-            self._session = requests.Session()
-
-    def stream(self, prompt: str, num_predict: int | None, num_ctx: int | None) -> StageStream:
-        options: dict[str, Any] = {}
-        if num_predict is not None:
-            options["num_predict"] = num_predict
-        if num_ctx is not None:
-            options["num_ctx"] = num_ctx
-        if self.options.client == "sdk":
-            generator = self._sdk.generate(
-                model=self.options.model, prompt=prompt, stream=True, options=options or None
-            )
-
-            def sdk_chunks() -> Iterator[dict[str, Any]]:
-                for part in generator:
-                    yield part.model_dump()
-
-            return StageStream(sdk_chunks(), generator.close)  # type: ignore[attr-defined]
-        import json
-
-        body = {"model": self.options.model, "prompt": prompt, "stream": True}
-        if options:
-            body["options"] = options
-        response = self._session.post(f"{self.options.host}/api/generate", json=body, stream=True,
-                                      timeout=(10, self.options.request_timeout_s))
-        response.raise_for_status()
-
-        def http_chunks() -> Iterator[dict[str, Any]]:
-            for line in response.iter_lines():
-                if line:
-                    part = json.loads(line)
-                    if "error" in part:
-                        raise RuntimeError(str(part["error"]))
-                    yield part
-
-        return StageStream(http_chunks(), response.close)
-
-
-def run_iteration(client: BenchClient, index: int, warmup: bool, tracer: trace.Tracer) -> Iteration:
-    opts = client.options
+def run_iteration(client: Backend, opts: BenchOptions, index: int, warmup: bool, tracer: trace.Tracer) -> Iteration:
     with tracer.start_as_current_span(
         SPAN_BENCH_ITERATION,
         attributes={TRACER_ITERATION_INDEX: index, TRACER_WARMUP: warmup,
-                    GEN_AI_REQUEST_MODEL: opts.model, TRACER_BENCH_CLIENT: opts.client},
+                    GEN_AI_REQUEST_MODEL: opts.model, TRACER_BENCH_CLIENT: opts.client,
+                    TRACER_BENCH_BACKEND: opts.backend},
     ) as root:
         first_start = time.time_ns()
         deadline = first_start + int(opts.interrupt_after_ms * 1e6)
@@ -185,7 +123,7 @@ def run_iteration(client: BenchClient, index: int, warmup: bool, tracer: trace.T
         interrupted = False
         open_ports: set[int] | None = None
         for _ in first:
-            if open_ports is None:  # once, at the first chunk: well outside the timed interval
+            if open_ports is None and opts.host is not None:  # once, at the first chunk: outside the interval
                 open_ports = netstat.own_client_ports(opts.host)
             if time.time_ns() >= deadline:
                 interrupted = True
@@ -235,7 +173,7 @@ def run_iteration(client: BenchClient, index: int, warmup: bool, tracer: trace.T
         },
         prompt_eval_count=final.get("prompt_eval_count"),
         eval_count=final.get("eval_count"),
-        disconnect_verified=_verify_disconnect(opts.host, open_ports or set()),
+        disconnect_verified=_verify_disconnect(opts.host, open_ports or set()) if opts.host is not None else None,
         trace_id=trace_id,
         phases=phases,
     )

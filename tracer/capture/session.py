@@ -25,6 +25,7 @@ from ollama_tracer.autoinstrument import child_env
 from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.clock import ClockModel, ClockTicker
 from ollama_tracer.collectors.base import Collector, SessionInfo
+from ollama_tracer.deployment import describe
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.process_discovery import ollama_version_of, process_alive, server_settings
 
@@ -131,7 +132,8 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                           ollama_pid=options.ollama_pid, ollama_version=ollama_version_of(options.ollama_host))
     started_ns = time.time_ns()
     server = {"host": options.ollama_host, "pid": options.ollama_pid, "version": session.ollama_version,
-              "settings": server_settings(options.ollama_pid)}
+              "settings": server_settings(options.ollama_pid),
+              "deployment": describe(options.ollama_host, options.ollama_pid)}
     statuses: dict[str, dict[str, Any]] = {}
     running: list[Collector] = []
     errors: list[str] = []
@@ -157,6 +159,11 @@ def run_capture(options: CaptureOptions, collectors: list[Collector], progress: 
                 except TracerError as err:
                     statuses[collector.name] = {"ran": False, "reason": err.message}
                     progress(f"tracer: {collector.name} skipped: {err.message}")
+                    continue
+                except (OSError, ValueError) as err:  # a collector's own bug must not stop the capture
+                    reason = f"it failed to start ({type(err).__name__}: {err})"
+                    statuses[collector.name] = {"ran": False, "reason": reason}
+                    progress(f"tracer: {collector.name} skipped: {reason}")
                     continue
                 statuses[collector.name] = {"ran": True, "reason": ""}
                 running.append(collector)

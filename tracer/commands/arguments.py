@@ -87,3 +87,34 @@ def show(text: str) -> tuple[str, ...]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown column {unknown[0]!r}; choose from {', '.join(SHOW_CHOICES)}")
     return chosen
+
+
+def add_log_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the server's log (OLLAMA_DEBUG=1) is: a file, or a systemd unit's journal."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--ollama-log", type=Path, metavar="FILE",
+                       help="the server's log file: its stderr, or a container's json-file log (`docker "
+                            "inspect -f '{{.LogPath}}' ollama`); default: the testbed's, when it is the target")
+    where.add_argument("--ollama-unit", metavar="UNIT",
+                       help="read the log from the journal of this systemd unit (`journalctl -u UNIT`); default: "
+                            "the server's own unit, when its cgroup names one (the official install's ollama.service)")
+
+
+def log_source(args: argparse.Namespace, host: str | None, pid: int | None) -> tuple[Path | None, str | None]:
+    """(log file, systemd unit): what the user said, else the testbed's for its own server, else
+    what the server's cgroup names (a container's Docker log, or the unit's journal), else the file
+    its stderr goes to; (None, None) when there is none to find."""
+    if args.ollama_log or args.ollama_unit:
+        return args.ollama_log, args.ollama_unit
+    from ollama_tracer.deployment import detect
+    from ollama_tracer.testbed.runtime import TestbedState, testbed_dir
+
+    state = TestbedState.load(testbed_dir() / "state.json")
+    for server in state.servers:  # one per Ollama version and layout the testbed runs
+        if host is not None and server.host == host and server.alive():
+            return (Path(server.log_file) if server.log_file else None), server.log_source.get("unit")
+    if pid is None:
+        return None, None
+    found = detect(pid)
+    log = found.docker_log() or found.stderr_file()
+    return log, (None if log else found.unit)

@@ -25,11 +25,18 @@ from ollama_tracer.capture.session import CaptureOptions, run_capture
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
 from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
-from ollama_tracer.commands.arguments import add_otlp_arguments, add_show_argument, export_if_asked
+from ollama_tracer.commands.arguments import (
+    add_log_arguments,
+    add_otlp_arguments,
+    add_show_argument,
+    export_if_asked,
+    log_source,
+)
+from ollama_tracer.deployment import follow
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import table as table_exporter
 from ollama_tracer.exporters import write_outputs
-from ollama_tracer.process_discovery import pid_listening_on, process_alive
+from ollama_tracer.process_discovery import process_alive
 
 
 def listening_port(pid: int) -> int | None:
@@ -54,7 +61,7 @@ class AttachCommand:
                                                                         "(default: Ctrl-C)")
         parser.add_argument("-o", "--output", type=Path, help="capture directory (default: attach-TIMESTAMP)")
         parser.add_argument("--force", action="store_true", help="overwrite the capture files in an existing -o")
-        parser.add_argument("--ollama-log", type=Path, help="the server's log (OLLAMA_DEBUG=1), when it has one")
+        add_log_arguments(parser)
         parser.add_argument("--profile-hz", type=int, default=DEFAULT_HZ, metavar="HZ",
                             help=f"eBPF stack samples per second (default {DEFAULT_HZ}; 0: off)")
         parser.add_argument("--gpu-rate", type=int, default=100, metavar="HZ",
@@ -66,7 +73,7 @@ class AttachCommand:
         pid = args.ollama_pid
         port = args.ollama_port
         if pid is None:
-            pid = pid_listening_on(port)
+            pid, _forwarder = follow(port)  # a published container port: the server behind its forwarder
             if pid is None:
                 raise TracerError(f"nothing listens on port {port}; start Ollama or pass its --ollama-pid.",
                                   ExitCode.OLLAMA_UNREACHABLE)
@@ -76,9 +83,10 @@ class AttachCommand:
         else:
             port = listening_port(pid)
         host = f"http://127.0.0.1:{port}" if port else None
+        log, unit = log_source(args, host, pid)
         directory = args.output or Path(f"attach-{time.strftime('%Y%m%d-%H%M%S')}")
         collectors = make_collectors(CollectorOptions(
-            ebpf=True, ollama_pid=pid, profile_hz=args.profile_hz, ollama_log=args.ollama_log,
+            ebpf=True, ollama_pid=pid, profile_hz=args.profile_hz, ollama_log=log, ollama_unit=unit,
             gpu_rate_hz=args.gpu_rate, pyspy_rate_hz=0))
         window = Window(args.duration, pid)
         result = run_capture(

@@ -1,12 +1,14 @@
-"""Reproducible benchmarks against Ollama.
+"""Reproducible benchmarks against Ollama and the engines beside it.
 
-`tracer bench interrupt` runs the seed's scenario: stream a first-stage /api/generate,
+`tracer bench interrupt` runs the seed's scenario: stream a first-stage completion,
 interrupt it after N ms by closing the stream, immediately start a second-stage request and
 time "interrupt sent → second stage's first token". Iteration 0 (and up to --warmup) is a
 warm-up. It prints the per-iteration table, the interval's mean/median/min/max/stdev (n−1),
-and Ollama's own timing fields for the second stage, and the server phases rebuilt from the
-response (source=response). Client spans go wherever the OTEL_* variables say; with none set,
-nowhere. No prompt or completion text is recorded unless --record-content is given.
+and the engine's own timing fields for the second stage (and, on Ollama, the server phases
+rebuilt from the response, source=response). --backend runs the same scenario on Ollama, on
+llama.cpp's llama-server alone (its /completion or its OpenAI API), or on llama-cpp-python
+in this process. Client spans go wherever the OTEL_* variables say; with none set, nowhere.
+No prompt or completion text is recorded unless --record-content is given.
 """
 
 from __future__ import annotations
@@ -21,14 +23,28 @@ from typing import Any
 
 import requests
 from ollama_tracer import __version__
-from ollama_tracer.bench.interrupt import SCHEMA, BenchClient, BenchOptions, Iteration, run_iteration, summary
+from ollama_tracer.bench.backends import (
+    BACKEND_LLAMA_CPP_PYTHON,
+    BACKEND_LLAMA_SERVER,
+    BACKEND_OLLAMA,
+    BACKENDS,
+    CLIENTS,
+    Backend,
+    LlamaCppPythonBackend,
+    LlamaServerBackend,
+    OllamaBackend,
+    StreamSettings,
+    import_llama_cpp,
+)
+from ollama_tracer.bench.interrupt import SCHEMA, BenchOptions, Iteration, run_iteration, summary
 from ollama_tracer.collectors.probe_catalogue import design_for
 from ollama_tracer.commands.arguments import non_negative, positive
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import bench_table
 from ollama_tracer.ollama_host import resolve_host
 from ollama_tracer.otel_setup import configure_from_env
-from ollama_tracer.vocabulary import SERVICE_CLIENT
+from ollama_tracer.testbed import runtime, standalone
+from ollama_tracer.vocabulary import DESIGN_GO_RUNNERS, DESIGN_LLAMA_SERVER, SERVICE_CLIENT
 
 
 class BenchCommand:
@@ -42,10 +58,19 @@ class BenchCommand:
             "interrupt", help="stream, interrupt after N ms, stream again; time interrupt → first token",
             description=(__doc__ or "").split("\n\n")[1],
         )
-        p.add_argument("--host", help="Ollama base URL (default: $OLLAMA_HOST or 127.0.0.1:11434)")
-        p.add_argument("--model", required=True, help="model name, e.g. gemma3:4b or tracer-gemma3:test")
-        p.add_argument("--client", choices=("sdk", "http"), default="sdk",
-                       help="the ollama Python SDK, or raw HTTP with requests (default: sdk)")
+        p.add_argument("--backend", choices=BACKENDS, default=BACKEND_OLLAMA,
+                       help="the engine: Ollama; llama.cpp's llama-server alone; llama-cpp-python in this process "
+                            "(default: ollama)")
+        p.add_argument("--host", help="the server's base URL (Ollama default: $OLLAMA_HOST or 127.0.0.1:11434; "
+                                      "llama-server default: $LLAMA_SERVER_HOST, else the testbed's llama-server "
+                                      "for --model)")
+        p.add_argument("--model", required=True,
+                       help="model name, e.g. gemma3:4b or tracer-gemma3:test (llama-server: its --alias; "
+                            "llama-cpp-python: a GGUF file, or a testbed model's name)")
+        p.add_argument("--client", choices=sorted({c for cs in CLIENTS.values() for c in cs}),
+                       help="ollama: the ollama Python SDK (sdk, the default) or raw HTTP with requests (http); "
+                            "llama-server: its own /completion (native, the default) or /v1/chat/completions "
+                            "with the OpenAI SDK (openai)")
         p.add_argument("--interrupt-after-ms", type=positive(float), default=500.0,
                        help="close the first stream after this many ms (default: 500)")
         p.add_argument("--iterations", type=positive(int), default=4, help="measured iterations (default: 4)")
@@ -66,10 +91,21 @@ class BenchCommand:
         p.add_argument("--json", dest="json_path", type=Path, help="also write the results as JSON here")
 
     def run(self, args: argparse.Namespace) -> int:
-        host = resolve_host(args.host)
+        backend = args.backend
+        client = args.client or CLIENTS[backend][0]
+        if client not in CLIENTS[backend]:
+            raise TracerError(f"--client {client} is not a {backend} client; use one of: "
+                              f"{', '.join(CLIENTS[backend])}.", ExitCode.USAGE)
+        if backend == BACKEND_LLAMA_SERVER and (args.num_ctx or args.second_num_ctx):
+            raise TracerError("llama-server's context is fixed when it starts (--ctx-size); drop --num-ctx and "
+                              "--second-num-ctx with --backend llama-server.", ExitCode.USAGE)
+        if args.second_num_ctx and backend == BACKEND_LLAMA_CPP_PYTHON:
+            raise TracerError("llama-cpp-python's context is fixed when the model loads; use --num-ctx only.",
+                              ExitCode.USAGE)
+        host = _host(backend, args.host, args.model)
         defaults = BenchOptions(host=host, model=args.model)
         options = BenchOptions(
-            host=host, model=args.model, client=args.client, interrupt_after_ms=args.interrupt_after_ms,
+            host=host, model=args.model, client=client, backend=backend, interrupt_after_ms=args.interrupt_after_ms,
             iterations=args.iterations, warmup=args.warmup, prompt=args.prompt or defaults.prompt,
             second_prompt=args.second_prompt or defaults.second_prompt, num_predict=args.num_predict,
             num_ctx=args.num_ctx, second_num_ctx=args.second_num_ctx, record_content=args.record_content,
@@ -83,10 +119,15 @@ class BenchCommand:
         finally:
             if provider is not None:
                 provider.force_flush()
+        ollama = backend == BACKEND_OLLAMA
+        if ollama and failure is None and host is not None:
+            version = _version(host) or version  # an upgrade mid-run shows
         result = {
             "schema": SCHEMA,
             "tracer_version": __version__,
-            "ollama_version": version if failure is not None else _version(host) or version,
+            "backend": backend,
+            "engine_version": version,
+            "ollama_version": version if ollama else None,
             "model": options.model,
             "client": options.client,
             "options": options.to_json(),
@@ -113,8 +154,27 @@ def _version(host: str) -> str | None:
         return None
 
 
-def _preflight(options: BenchOptions) -> str:
-    """Ollama's version, once it answers and has the model."""
+def _host(backend: str, given: str | None, model: str) -> str | None:
+    if backend == BACKEND_OLLAMA:
+        return resolve_host(given)
+    if backend == BACKEND_LLAMA_CPP_PYTHON:
+        if given:
+            raise TracerError("llama-cpp-python runs in this process and has no --host; drop it.", ExitCode.USAGE)
+        return None
+    found = given or os.environ.get("LLAMA_SERVER_HOST") or standalone.host_for(runtime.testbed_dir(), model)
+    if found is None:
+        raise TracerError(f"no llama-server for {model!r} is known; pass --host (or set LLAMA_SERVER_HOST), or "
+                          "start the testbed's with `tracer testbed up --llama-server`.", ExitCode.OLLAMA_UNREACHABLE)
+    return found if "://" in found else f"http://{found}"
+
+
+def _preflight(options: BenchOptions) -> str | None:
+    """The engine's version, once it answers and has the model."""
+    if options.backend == BACKEND_LLAMA_SERVER:
+        return _llama_server_preflight(options)
+    if options.backend == BACKEND_LLAMA_CPP_PYTHON:
+        return _llama_cpp_python_preflight(options)
+    assert options.host is not None
     version = _version(options.host)
     if version is None:
         raise TracerError(
@@ -136,17 +196,70 @@ def _preflight(options: BenchOptions) -> str:
     return version
 
 
+def _llama_server_preflight(options: BenchOptions) -> str | None:
+    try:
+        models = requests.get(f"{options.host}/v1/models", timeout=10).json()
+        props = requests.get(f"{options.host}/props", timeout=10).json()
+    except (requests.RequestException, ValueError) as err:
+        raise TracerError(f"llama-server is not reachable at {options.host}; start it (`llama-server -m MODEL.gguf` "
+                          "or `tracer testbed up --llama-server`) or pass --host.",
+                          ExitCode.OLLAMA_UNREACHABLE) from err
+    served = [m.get("id") for m in models.get("data", [])]
+    if options.model not in served:
+        raise TracerError(f"the llama-server at {options.host} serves {', '.join(map(str, served)) or 'no model'}, "
+                          f"not {options.model!r}; pass its --alias as --model.", ExitCode.MODEL_NOT_FOUND)
+    return str(props.get("build_info") or "") or None
+
+
+def _llama_cpp_python_preflight(options: BenchOptions) -> str | None:
+    if _model_file(options.model) is None:
+        raise TracerError(f"{options.model!r} is neither a GGUF file nor a testbed model; pass the path of a .gguf "
+                          "file as --model.", ExitCode.MODEL_NOT_FOUND)
+    try:
+        llama_cpp = import_llama_cpp(_lib_dir())
+    except ImportError as err:
+        raise TracerError(f"llama-cpp-python is not installed or cannot load llama.cpp ({err}); install it "
+                          "(scripts/bootstrap.sh builds it against the testbed's llama.cpp).",
+                          ExitCode.MISSING_DEPENDENCY) from err
+    return str(getattr(llama_cpp, "__version__", "")) or None
+
+
+def _model_file(model: str) -> Path | None:
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    return standalone.model_file(model)
+
+
+def _lib_dir() -> Path | None:
+    built = standalone.lib_dir()
+    return built if (built / "libllama.so").exists() else None
+
+
+def _backend(options: BenchOptions) -> Backend:
+    settings = StreamSettings(host=options.host, model=options.model, client=options.client,
+                              record_content=options.record_content, request_timeout_s=options.request_timeout_s,
+                              n_ctx=options.num_ctx)
+    if options.backend == BACKEND_LLAMA_SERVER:
+        return LlamaServerBackend(settings)
+    if options.backend == BACKEND_LLAMA_CPP_PYTHON:
+        model = _model_file(options.model)
+        assert model is not None  # the preflight said so
+        return LlamaCppPythonBackend(settings, model, _lib_dir())
+    return OllamaBackend(settings)
+
+
 def _run_all(options: BenchOptions, results: list[Iteration], version: str | None) -> TracerError | None:
     """Run every iteration into ``results``; the error that stopped them, if one did."""
     from opentelemetry import trace
 
-    client = BenchClient(options)
+    client = _backend(options)
     tracer = trace.get_tracer("tracer.bench")
     total = options.warmup + options.iterations
     for index in range(total):
         warmup = index < options.warmup
         try:
-            iteration = run_iteration(client, index, warmup, tracer)
+            iteration = run_iteration(client, options, index, warmup, tracer)
         except Exception as err:  # map client-library failures to one sentence
             failure = _as_tracer_error(err, options, version)
             failure.__cause__ = err
@@ -162,19 +275,29 @@ def _run_all(options: BenchOptions, results: list[Iteration], version: str | Non
 # one Go-side bug on both: the stream's consumer stops reading when the client goes, and the
 # producer's send blocks for good inside Completion, which holds the runner's only semaphore slot.
 _STALLS = {
-    "go-runners": "on Ollama v0.13.x this is the known interrupt stall (a cancelled stream's callback blocks on "
-                  "`ch <- res` in GenerateHandler while holding the runner semaphore)",
-    "llama-server": "on Ollama v0.30+ this is the same interrupt stall as on v0.13 (GenerateHandler's callback blocks "
-                    "on `ch <- res` inside llamaServerRunner.Completion, which holds the runner semaphore; "
-                    "llama-server itself is idle and never sees the request)",
+    DESIGN_GO_RUNNERS: "on Ollama v0.13.x this is the known interrupt stall (a cancelled stream's callback "
+                       "blocks on `ch <- res` in GenerateHandler while holding the runner semaphore)",
+    DESIGN_LLAMA_SERVER: "on Ollama v0.30+ this is the same interrupt stall as on v0.13 (GenerateHandler's "
+                         "callback blocks on `ch <- res` inside llamaServerRunner.Completion, which holds the runner "
+                         "semaphore; llama-server itself is idle and never sees the request)",
 }
 # The way out: a new runner has a new semaphore (tried on v0.34.4: the next request answered).
-_REMEDIES = {"llama-server": "unload the model (a request with keep_alive 0, or `ollama stop MODEL`) or restart Ollama"}
+_REMEDIES = {DESIGN_LLAMA_SERVER: "unload the model (a request with keep_alive 0, or `ollama stop MODEL`) "
+                                  "or restart Ollama"}
 
 
 def _as_tracer_error(err: Exception, options: BenchOptions, version: str | None = None) -> TracerError:
     name = type(err).__name__
     text = str(err)
+    engine = options.backend if options.backend != BACKEND_OLLAMA else None
+    if engine is not None:
+        if "Timeout" in name or "timed out" in text:
+            return TracerError(f"{engine} at {options.host} accepted a request and then sent nothing for "
+                               f"{options.request_timeout_s:g} s; read its log.", ExitCode.SERVER_STALLED)
+        if "Connect" in name or "ConnectionError" in name:
+            return TracerError(f"lost the connection to {engine} at {options.host} ({name}: {text[:200]}).",
+                               ExitCode.OLLAMA_UNREACHABLE)
+        return TracerError(f"the benchmark failed on {engine}: {name}: {text}", ExitCode.FAILURE)
     if "Timeout" in name or "timed out" in text:
         known = _STALLS.get(design_for(version), "on Ollama v0.13.x this is the known interrupt stall")
         return TracerError(

@@ -23,23 +23,19 @@ from ollama_tracer.attribution.analysis import compute
 from ollama_tracer.capture.session import CaptureOptions, default_directory, resolve_command, run_capture
 from ollama_tracer.collectors.ebpf_profile import DEFAULT_HZ
 from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
-from ollama_tracer.commands.arguments import add_otlp_arguments, add_show_argument, export_if_asked, rate
+from ollama_tracer.commands.arguments import (
+    add_log_arguments,
+    add_otlp_arguments,
+    add_show_argument,
+    export_if_asked,
+    log_source,
+    rate,
+)
+from ollama_tracer.deployment import server_pid
 from ollama_tracer.errors import ExitCode
 from ollama_tracer.exporters import table as table_exporter
 from ollama_tracer.exporters import write_outputs
 from ollama_tracer.ollama_host import resolve_host
-from ollama_tracer.process_discovery import ollama_server_pid
-
-
-def _testbed_log(host: str) -> Path | None:
-    """The testbed's server log, when the capture targets the running testbed."""
-    from ollama_tracer.testbed.runtime import TestbedState, testbed_dir
-
-    state = TestbedState.load(testbed_dir() / "state.json")
-    for server in state.servers:  # one per Ollama version the testbed runs
-        if server.host == host and server.process.alive():
-            return Path(server.log)
-    return None
 
 
 class CaptureCommand:
@@ -59,8 +55,7 @@ class CaptureCommand:
                             help="all: syscall tracepoints plus catalogue uprobes (default); syscall: tracepoints only")
         parser.add_argument("--ollama-pid", type=int,
                             help="the Ollama server's pid (default: the process listening on the --ollama-host port)")
-        parser.add_argument("--ollama-log", type=Path,
-                            help="the server's log (OLLAMA_DEBUG=1); default: the testbed's, when it is the target")
+        add_log_arguments(parser)
         parser.add_argument("--profile-hz", type=rate, default=DEFAULT_HZ, metavar="HZ",
                             help=f"eBPF native stack samples of the server and runners per second "
                                  f"(default {DEFAULT_HZ}; 0: off)")
@@ -80,14 +75,15 @@ class CaptureCommand:
         command = resolve_command(args.cmd)
         directory = args.output or default_directory(command)
         host = resolve_host(args.ollama_host)
-        ollama_pid = args.ollama_pid or ollama_server_pid(host)
+        ollama_pid = args.ollama_pid or server_pid(host)
+        log, unit = log_source(args, host, ollama_pid)
         result = run_capture(
             CaptureOptions(command=command, directory=directory, force=args.force, ollama_host=host,
                            ollama_pid=ollama_pid, record_content=args.record_content,
                            auto_instrument=not args.no_auto_instrument),
             make_collectors(CollectorOptions(
                 ebpf=not args.no_ebpf, ollama_pid=ollama_pid, ebpf_layers=args.ebpf_layers,
-                profile_hz=args.profile_hz, ollama_log=args.ollama_log or _testbed_log(host),
+                profile_hz=args.profile_hz, ollama_log=log, ollama_unit=unit,
                 record_content=args.record_content, gpu_rate_hz=args.gpu_rate, pyspy_rate_hz=args.pyspy_rate,
                 pyspy_pid=args.pyspy_pid)),
             progress=lambda message: print(message, file=sys.stderr),

@@ -35,11 +35,17 @@ from ollama_tracer.attribution.analysis import compute
 from ollama_tracer.capture.session import CaptureOptions, run_capture
 from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.collectors.registry import CollectorOptions, make_collectors
-from ollama_tracer.commands.arguments import add_otlp_arguments, add_show_argument, export_if_asked
+from ollama_tracer.commands.arguments import (
+    add_log_arguments,
+    add_otlp_arguments,
+    add_show_argument,
+    export_if_asked,
+    log_source,
+)
+from ollama_tracer.deployment import server_pid
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import table as table_exporter
 from ollama_tracer.exporters import write_outputs
-from ollama_tracer.process_discovery import ollama_server_pid
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -88,7 +94,7 @@ class ProxyCommand:
         parser.add_argument("--record-content", action="store_true",
                             help="record prompt and completion text (off by default)")
         parser.add_argument("--no-ebpf", action="store_true", help="do not run the eBPF collector on the upstream")
-        parser.add_argument("--ollama-log", type=Path, help="the upstream server's log (OLLAMA_DEBUG=1)")
+        add_log_arguments(parser)
         add_show_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -113,6 +119,7 @@ class ProxyCommand:
         deadline = time.monotonic() + args.duration if args.duration else None
         segments: list[Path] = []
         exit_code = int(ExitCode.OK)
+        log, unit = log_source(args, upstream, server_pid(upstream))
         try:
             while True:
                 index = len(segments) + 1
@@ -123,7 +130,7 @@ class ProxyCommand:
                                    directory=segment, force=args.force, ollama_host=upstream,
                                    record_content=args.record_content, mode="proxy"),
                     make_collectors(CollectorOptions(
-                        ebpf=not args.no_ebpf, ollama_pid=ollama_server_pid(upstream), ollama_log=args.ollama_log,
+                        ebpf=not args.no_ebpf, ollama_pid=server_pid(upstream), ollama_log=log, ollama_unit=unit,
                         record_content=args.record_content, pyspy_rate_hz=0)),
                     progress=lambda message: print(message, file=sys.stderr), workload=window.run)
                 if server.bound_port is None:  # Ctrl-C while the collectors started: nothing was proxied

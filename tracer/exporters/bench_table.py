@@ -15,8 +15,10 @@ _ms = functools.partial(format_ms, unit=True)
 def render(outfile: TextIO, result: dict[str, Any]) -> None:
     """The per-iteration table, the interval's summary, and the phases rebuilt from the response."""
     console = Console(file=outfile, width=140)
-    table = Table(title=f"interrupt benchmark: {result['model']} via {result['client']} "
-                        f"(Ollama {result['ollama_version']})")
+    backend = result.get("backend", "ollama")
+    engine = (f"Ollama {result['ollama_version']}" if backend == "ollama"
+              else f"{backend} {result.get('engine_version') or '(version unknown)'}")
+    table = Table(title=f"interrupt benchmark: {result['model']} via {result['client']} ({engine})")
     for column in ("#", "first stage", "second stage", "interrupt → 2nd first token",
                    "total", "load", "prompt_eval", "eval"):
         table.add_column(column, justify="right")

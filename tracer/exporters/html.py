@@ -33,12 +33,13 @@ from ollama_tracer import __version__
 from ollama_tracer.attribution.analysis import ExportData
 from ollama_tracer.units import accuracy_statement
 from ollama_tracer.units import format_ms as _ms
-from ollama_tracer.vocabulary import PROCESS_CLIENT, PROCESS_PROXY, PROCESS_RUNNER, PROCESS_SERVER
+from ollama_tracer.vocabulary import PROCESS_CLIENT, PROCESS_FORWARDER, PROCESS_PROXY, PROCESS_RUNNER, PROCESS_SERVER
 
 DATA_SCHEMA = "tracer.report-data/1"
 NO_FINDING = "No known cause found"
 NO_INTERVALS = "No intervals found: the command made no Ollama request that reached a first token."
-PROCESSES = (PROCESS_CLIENT, PROCESS_PROXY, PROCESS_SERVER, PROCESS_RUNNER)  # each has a colour in html_report.css
+# each has a colour in html_report.css
+PROCESSES = (PROCESS_CLIENT, PROCESS_PROXY, PROCESS_FORWARDER, PROCESS_SERVER, PROCESS_RUNNER)
 GPU_METRIC = "gpu_util"
 _ASSETS = Path(__file__).parent
 _STATS_LIST_ITEMS = 4  # a collector's list stat longer than this shows as a count

@@ -44,6 +44,7 @@ from ollama_tracer.vocabulary import (
     GEN_AI_USAGE_INPUT_TOKENS,
     GEN_AI_USAGE_OUTPUT_TOKENS,
     GENERATION_ENDPOINTS,
+    LLAMA_SERVER_COMPLETION,
     OLLAMA_CREATED_AT_FIRST_NS,
     OLLAMA_CREATED_AT_LAST_NS,
     OLLAMA_TIMING_ATTRIBUTES,
@@ -94,8 +95,9 @@ def is_openai_path(path: str) -> bool:
 
 
 def streams_by_default(path: str) -> bool:
-    """Whether a body without ``"stream"`` is answered as a stream: Ollama's API yes, OpenAI's no."""
-    return not is_openai_path(path)
+    """Whether a body without ``"stream"`` is answered as a stream: Ollama's API yes, OpenAI's and
+    llama-server's own ``/completion`` no."""
+    return not is_openai_path(path) and not path.split("?")[0].rstrip("/").endswith(LLAMA_SERVER_COMPLETION)
 
 
 def stream_part(line: bytes | str) -> dict[str, Any] | None:
@@ -129,7 +131,7 @@ def openai_part(part: Mapping[str, Any]) -> dict[str, Any]:
     """An OpenAI-shaped chunk or answer in the fields the recorder reads (Ollama's names): its text
     as ``response``, ``done`` once a choice has a finish reason, the usage as token counts."""
     if "choices" not in part:
-        return dict(part)
+        return llama_server_part(part) if "content" in part and "stop" in part else dict(part)
     out: dict[str, Any] = {"model": part.get("model")} if part.get("model") else {}
     texts, reasons = [], []
     for choice in part.get("choices") or []:
@@ -152,6 +154,26 @@ def openai_part(part: Mapping[str, Any]) -> dict[str, Any]:
             if isinstance(usage.get(theirs), int):
                 out[ours] = usage[theirs]
     out["openai"] = True
+    return out
+
+
+def llama_server_part(part: Mapping[str, Any]) -> dict[str, Any]:
+    """A chunk or answer of llama-server's own ``/completion`` in the recorder's fields: its
+    ``content`` as ``response``, ``stop`` as ``done``, its counts and its own prefill and decode
+    times (``timings``, ms) as Ollama's duration fields (ns)."""
+    out: dict[str, Any] = {"response": str(part["content"])} if part.get("content") else {}
+    if part.get("stop"):
+        out["done"] = True
+        timings = part.get("timings") if isinstance(part.get("timings"), Mapping) else {}
+        assert isinstance(timings, Mapping)
+        for ours, theirs in (("prompt_eval_count", "tokens_evaluated"), ("eval_count", "tokens_predicted")):
+            if isinstance(part.get(theirs), int):
+                out[ours] = part[theirs]
+        for ours, theirs in (("prompt_eval_duration", "prompt_ms"), ("eval_duration", "predicted_ms")):
+            if isinstance(timings.get(theirs), int | float):
+                out[ours] = int(timings[theirs] * 1e6)
+    if part.get("model"):
+        out["model"] = part["model"]
     return out
 
 

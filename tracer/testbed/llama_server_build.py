@@ -44,6 +44,7 @@ from pathlib import Path
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.testbed.ollama_build import OLLAMA_MODULE, OllamaBinaries, _go_env, writable_copy
 from ollama_tracer.testbed.steps import Progress, require_tool, run_step
+from ollama_tracer.vocabulary import LLAMA_SERVER
 
 # The llama-cpp-python sdist whose vendored llama.cpp each Ollama version builds against.
 # v0.34.4 pins llama.cpp b11081 (LLAMA_CPP_VERSION); 0.3.36's tree takes its compat patch.
@@ -86,7 +87,7 @@ def built(cache: Path, version: str) -> OllamaBinaries | None:
         return None
     if not isinstance(recorded, dict) or recorded.get("ollama") != version:
         return None
-    for path in (symbols, stripped, root / "lib" / "ollama" / "llama-server"):
+    for path in (symbols, stripped, root / "lib" / "ollama" / LLAMA_SERVER):
         if not (path.is_file() and os.access(path, os.X_OK)):
             return None
     return OllamaBinaries(version=version, symbols=symbols, stripped=stripped)
@@ -273,7 +274,7 @@ def _build_locked(cache: Path, version: str, module: Path, progress: Progress) -
     )
     _record_time(times, "go_build_symbols_s", t)
     libs = build_dir / "lib" / "ollama"
-    if not (libs / "llama-server").is_file():
+    if not (libs / LLAMA_SERVER).is_file():
         raise TracerError(
             f"Ollama v{version}: the superbuild left no {libs / 'llama-server'}; read {log} and rerun.",
             ExitCode.BUILD_FAILED,

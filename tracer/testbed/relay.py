@@ -3,7 +3,8 @@ has no netem): the ground truth of the accuracy harness (``benchmarks/accuracy.p
 
 A :class:`DelayRelay` holds the bytes of one direction for ``delay_s`` (a delay line: each chunk
 leaves that long after it arrived) and records, per
-``POST /api/generate``, when it really sent them on: on a busy machine a sleep overshoots and the
+generation request (``POST /api/generate``, the OpenAI-compatible ones, llama-server's
+``/completion``), when it really sent them on: on a busy machine a sleep overshoots and the
 relay's own threads wait for the CPU too, so what is compared with the attribution is what was
 injected, measured, not what was asked for.
 """
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ollama_tracer.instrument.genai import operation_for_path
 from ollama_tracer.vocabulary import CLIENT_FIRST_TOKEN, CLIENT_REQUEST, SERVER_RECEIVE
 
 REQUEST, RESPONSE = "request", "response"
@@ -88,7 +90,7 @@ class DelayRelay:
             while data := src.recv(65536):
                 received_mono, received = time.monotonic_ns(), time.time_ns()
                 if direction == REQUEST and data[:5] in (b"POST ", b"GET /", b"HEAD "):
-                    (generate.set if data.startswith(b"POST /api/generate") else generate.clear)()
+                    (generate.set if generation_request(data) else generate.clear)()
                 if hold_close and direction == RESPONSE:
                     if not client_gone:  # once the client is gone, drain the server and drop it
                         try:
@@ -136,7 +138,7 @@ class DelayRelay:
         if direction != self.direction:
             return
         with self._lock:
-            if direction == REQUEST and not data.startswith(b"POST /api/generate"):
+            if direction == REQUEST and not generation_request(data):
                 if "index" in state and generate.is_set():  # the rest of the request (its body)
                     self.sent_ns[state["index"]] = time.time_ns()
                 return
@@ -164,6 +166,14 @@ class DelayRelay:
 
     def close(self) -> None:
         self.listener.close()
+
+
+def generation_request(data: bytes) -> bool:
+    """Does ``data`` start a generation request (``POST`` to any of vocabulary.GENERATION_ENDPOINTS:
+    Ollama's, its OpenAI-compatible ones, llama-server's own ``/completion``)?"""
+    if not data.startswith(b"POST "):
+        return False
+    return operation_for_path(data[5:].split(b" ", 1)[0].decode(errors="replace")) is not None
 
 
 @dataclass(frozen=True)

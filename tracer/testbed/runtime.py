@@ -73,6 +73,29 @@ class OllamaServer:
     process: ManagedProcess
     stripped: bool = False  # True when ``binary`` is the release-form (-s -w) build
     models: list[str] = field(default_factory=list)
+    layout: str = "plain"  # testbed.layouts: plain, system (service user, journal), container
+    log_source: dict[str, str] = field(default_factory=dict)  # where its lines go, when not a file
+    helpers: list[ManagedProcess] = field(default_factory=list)  # the container's forwarder
+
+    @property
+    def log_file(self) -> str | None:
+        """The file its lines go to (a container's json-file log); None when they go to the journal."""
+        if self.layout == "plain":
+            return self.log
+        return self.log_source.get("file")
+
+    @property
+    def key(self) -> str:
+        """What the state knows it by: the version, and the layout unless plain (``0.34.4-system``)."""
+        return server_key(self.version, self.layout)
+
+    def alive(self) -> bool:
+        return self.process.alive() and all(h.alive() for h in self.helpers)
+
+    def stop(self) -> None:
+        for helper in self.helpers:
+            helper.stop()
+        self.process.stop()
 
     @property
     def log(self) -> str:
@@ -94,7 +117,14 @@ class OllamaServer:
             process=ManagedProcess(**raw["process"]),
             stripped=bool(raw.get("stripped", False)),
             models=[str(m) for m in raw.get("models", [])],
+            layout=str(raw.get("layout", "plain")),
+            log_source={str(k): str(v) for k, v in (raw.get("log_source") or {}).items()},
+            helpers=[ManagedProcess(**h) for h in raw.get("helpers") or []],
         )
+
+
+def server_key(version: str, layout: str = "plain") -> str:
+    return version if layout == "plain" else f"{version}-{layout}"
 
 
 def server_files(directory: Path, version: str) -> tuple[Path, Path]:
@@ -171,23 +201,24 @@ class TestbedState:
 
     # ------------------------------------------------------------------ servers
 
-    def server(self, version: str) -> OllamaServer | None:
-        return next((s for s in self.servers if s.version == version), None)
+    def server(self, key: str) -> OllamaServer | None:
+        """The server of ``key``: a version (its plain server) or ``VERSION-LAYOUT``."""
+        return next((s for s in self.servers if s.key == key), None)
 
     def primary(self) -> OllamaServer | None:
         return self.server(DEFAULT_VERSION) or (self.servers[0] if self.servers else None)
 
     def set_server(self, server: OllamaServer) -> None:
-        self.servers = [s for s in self.servers if s.version != server.version] + [server]
+        self.servers = [s for s in self.servers if s.key != server.key] + [server]
         self.servers.sort(key=lambda s: s.version != DEFAULT_VERSION)  # stable: default first
         self.sync_primary()
 
-    def remove_server(self, version: str) -> None:
-        self.servers = [s for s in self.servers if s.version != version]
+    def remove_server(self, key: str) -> None:
+        self.servers = [s for s in self.servers if s.key != key]
         self.sync_primary()
 
     def running_servers(self) -> list[OllamaServer]:
-        return [s for s in self.servers if s.process.alive()]
+        return [s for s in self.servers if s.alive()]
 
     def sync_primary(self) -> None:
         primary = self.primary()
