@@ -6,8 +6,9 @@ capture's clock model. Stack samples (``P`` blocks) are read by ``collectors.ebp
 
 from __future__ import annotations
 
+import bisect
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,55 @@ class ProbeEvent:
     text: str = ""  # first bytes of the buffer, or the opened path, or the probe's symbol
     goid: int = 0  # the goroutine (U, G, T with the goroutine layer; 0: unknown)
     parent_goid: int = 0  # the goroutine that started it (U)
+
+
+class Timeline(list[ProbeEvent]):
+    """A capture's probe events in time order, with their times beside them and a subset per kind
+    built once: a window of time is two bisections, so each interval's lookups cost what its own
+    window holds, not the whole capture (attribution stays linear in the capture). Not to be
+    changed once built: a new list of events is a new Timeline."""
+
+    def __init__(self, events: Iterable[ProbeEvent] = ()) -> None:
+        super().__init__(events)
+        self.times = [e.time_ns for e in self]
+        self._kinds: dict[str, Timeline] = {}
+        self.derived: dict[str, Any] = {}  # what an analysis computes once per capture (its own key)
+
+    def of_kind(self, kinds: str) -> Timeline:
+        """The events whose kind is one of ``kinds`` (e.g. ``"G"``, ``"CX"``), in time order."""
+        if kinds not in self._kinds:
+            self._kinds[kinds] = Timeline(e for e in self if e.kind in kinds)
+        return self._kinds[kinds]
+
+
+def timeline(events: Sequence[ProbeEvent]) -> Timeline:
+    """``events`` as a :class:`Timeline` (itself, when it is one)."""
+    return events if isinstance(events, Timeline) else Timeline(events)
+
+
+def between(events: Sequence[ProbeEvent], start_ns: int, end_ns: int) -> list[ProbeEvent]:
+    """The events with ``start_ns <= time_ns <= end_ns``."""
+    line = timeline(events)
+    return line[bisect.bisect_left(line.times, start_ns):bisect.bisect_right(line.times, end_ns)]
+
+
+def since(events: Sequence[ProbeEvent], start_ns: int) -> Iterator[ProbeEvent]:
+    """The events from ``start_ns`` on, in time order (lazily: a search that stops early costs
+    what it read)."""
+    line = timeline(events)
+    return (line[i] for i in range(bisect.bisect_left(line.times, start_ns), len(line)))
+
+
+def each_between(events: Sequence[ProbeEvent], start_ns: int, end_ns: int) -> Iterator[ProbeEvent]:
+    """:func:`between`, lazily: a search that stops at its first match costs what it read."""
+    line = timeline(events)
+    return (line[i] for i in range(bisect.bisect_left(line.times, start_ns), bisect.bisect_right(line.times, end_ns)))
+
+
+def latest_first(events: Sequence[ProbeEvent], end_ns: int) -> Iterator[ProbeEvent]:
+    """The events up to ``end_ns``, the latest first (lazily)."""
+    line = timeline(events)
+    return (line[i] for i in range(bisect.bisect_right(line.times, end_ns) - 1, -1, -1))
 
 
 class ParseError(ValueError):
@@ -113,7 +163,7 @@ def load_events(directory: Path, clock: ClockModel) -> tuple[list[ProbeEvent], d
                 except ParseError:
                     bad += 1
     events.sort(key=lambda e: e.time_ns)
-    return join_split_reads(events), meta, bad
+    return Timeline(join_split_reads(events)), meta, bad
 
 
 def join_split_reads(events: list[ProbeEvent]) -> list[ProbeEvent]:
@@ -154,6 +204,9 @@ class EbpfRecords:
     native_stacks: list[ebpf_profile.StackSample] = field(default_factory=list)
     unreadable: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.events = timeline(self.events)
+
     @property
     def profile_hz(self) -> int:
         return int(self.meta.get("profile_hz") or 0)
@@ -175,7 +228,7 @@ def load(directory: Path, clock: ClockModel | None) -> EbpfRecords | None:
     # Another server's processes (same comm, so recorded too) are not this capture's: left out.
     others = {pid for pid, role in roles.items() if role == PROCESS_OTHER}
     if others:
-        events = [e for e in events if e.pid not in others]
+        events = Timeline(e for e in events if e.pid not in others)
         roles = {pid: role for pid, role in roles.items() if pid not in others}
         meta["other_pids"] = sorted(others)
     records = EbpfRecords(events, meta, roles, unreadable={capture_files.EBPF_EVENTS: bad})

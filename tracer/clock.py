@@ -67,13 +67,21 @@ class ClockModel:
             points.append(self.end[clock])
         return points
 
+    def _table(self, clock: str) -> tuple[list[ClockOffset], list[int]]:
+        """``clock``'s points and their times, built once per model (a capture converts every
+        one of its events through here)."""
+        tables: dict[str, tuple[list[ClockOffset], list[int]]] = self.__dict__.setdefault("_tables", {})
+        if clock not in tables:
+            points = self._points(clock)
+            tables[clock] = (points, [p.taken_at_ns for p in points])
+        return tables[clock]
+
     def to_epoch(self, clock: str, value_ns: int) -> int:
         """Convert, interpolating the offset linearly between the neighbouring measurements."""
-        points = self._points(clock)
+        points, times = self._table(clock)
         approx = value_ns + points[0].offset_ns
         if len(points) == 1:
             return approx
-        times = [p.taken_at_ns for p in points]
         i = min(max(bisect.bisect_right(times, approx), 1), len(points) - 1)
         before, after = points[i - 1], points[i]
         span = after.taken_at_ns - before.taken_at_ns

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+
 import pytest
 from ollama_tracer import __version__
-from ollama_tracer.cli import build_parser, main
+from ollama_tracer.cli import COMMANDS, build_parser, load_command, main
 from ollama_tracer.errors import ExitCode
 
 
@@ -26,3 +30,29 @@ def test_help_lists_only_working_subcommands(capsys: pytest.CaptureFixture[str])
 
 def test_no_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == ExitCode.USAGE
+
+
+def test_each_listed_summary_is_its_commands_own_first_line() -> None:
+    """`tracer --help` lists the subcommands without importing them: its summaries must say what
+    each class's docstring says."""
+    for name, (_module, _cls, summary) in COMMANDS.items():
+        command = load_command(name)
+        assert command.name == name
+        assert (inspect.getdoc(command) or "").splitlines()[0] == summary, name
+
+
+def test_help_and_version_import_no_subcommand() -> None:
+    """The CLI starts without numpy, gRPC or any subcommand's module (issue 18: ≤ 0.2 s)."""
+    code = ("import sys; from ollama_tracer.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "loaded = [m for m in sys.modules if m.startswith('ollama_tracer.commands.') or m.split('.')[0] in "
+            "('numpy', 'grpc', 'requests', 'opentelemetry', 'gguf')]\n"
+            "print('loaded:' + ','.join(sorted(loaded)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "loaded:", proc.stdout
+
+
+def test_a_subcommands_help_builds_only_that_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "--format" in capsys.readouterr().out

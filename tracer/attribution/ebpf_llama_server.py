@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
+from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles, each_between, latest_first, since, timeline
 from ollama_tracer.collectors.ollama_log import LogRecords
 from ollama_tracer.vocabulary import (
     LLAMA_SERVER,
@@ -221,17 +221,14 @@ def completion_closed(events: list[ProbeEvent], roles: Roles, eof: ProbeEvent) -
     Any link missing: None, never another connection's close (each ``/health`` and ``/tokenize``
     call also closes one).
     """
-    posted = None
-    for e in events:
-        if e.time_ns > eof.time_ns:
-            break
-        if e.pid == eof.pid and e.kind == "W" and e.text.startswith("POST /completion"):
-            posted = e
+    posted = next((e for e in latest_first(timeline(events).of_kind("W"), eof.time_ns)
+                   if e.pid == eof.pid and e.text.startswith("POST /completion")), None)
     if posted is None:
         return None
-    read = next((e for e in events if posted.time_ns <= e.time_ns <= eof.time_ns and roles.get(e.pid) == PROCESS_RUNNER
-                 and e.kind == "R" and e.value == posted.value and e.text.startswith("POST /completion")), None)
+    read = next((e for e in each_between(timeline(events).of_kind("R"), posted.time_ns, eof.time_ns)
+                 if roles.get(e.pid) == PROCESS_RUNNER and e.value == posted.value
+                 and e.text.startswith("POST /completion")), None)
     if read is None:
         return None
-    return next((e for e in events if e.time_ns >= eof.time_ns and e.pid == read.pid and e.fd == read.fd
-                 and e.kind == "R" and (e.value == 0 or (e.value < 0 and e.value != EAGAIN))), None)
+    return next((e for e in since(timeline(events).of_kind("R"), eof.time_ns) if e.pid == read.pid
+                 and e.fd == read.fd and (e.value == 0 or (e.value < 0 and e.value != EAGAIN))), None)

@@ -43,10 +43,19 @@ from typing import Any
 from ollama_tracer.attribution import ebpf_llama_server, model_loads
 from ollama_tracer.attribution.forwarder import forwarder_phases
 from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.attribution.overlaps import Overlaps, Span
 from ollama_tracer.attribution.request_chain import Broken, Chain, other_sequences, own_events, resolve
 from ollama_tracer.attribution.sources import Found
 from ollama_tracer.capture.directory import CaptureRecords
-from ollama_tracer.collectors.ebpf_events import EbpfRecords, ProbeEvent, Roles
+from ollama_tracer.collectors.ebpf_events import (
+    EbpfRecords,
+    ProbeEvent,
+    Roles,
+    between,
+    each_between,
+    latest_first,
+    timeline,
+)
 from ollama_tracer.collectors.ollama_log import LogRecords
 from ollama_tracer.collectors.probe_catalogue import DESIGN_ALONE
 from ollama_tracer.model import Phase
@@ -81,6 +90,7 @@ from ollama_tracer.vocabulary import (
 
 SOURCE = SOURCE_EBPF
 BLOB_MARKER = "/blobs/sha256-"
+CANCEL_LIMIT_NS = 5_000_000_000  # a teardown noticed later than this after the EOF is not this interrupt's
 
 Match = Callable[[ProbeEvent], bool]
 
@@ -144,9 +154,9 @@ def connection_of(request: dict[str, Any], events: list[ProbeEvent], roles: Role
     # A new connection is accepted after the request was built (the client connects then); a
     # pooled one long before. Either way, before the response began: the latest such accept.
     answered = int(attributes.get(TRACER_FIRST_TOKEN_NS) or request["endTimeUnixNano"])
-    accepts = [e for e in events if e.kind == "A" and e.value == int(port) and e.time_ns <= answered
-               and roles.get(e.pid) == PROCESS_SERVER]
-    return accepts[-1].fd if accepts else None
+    accepted = next((e for e in latest_first(timeline(events).of_kind("A"), answered)
+                     if e.value == int(port) and roles.get(e.pid) == PROCESS_SERVER), None)
+    return accepted.fd if accepted is not None else None
 
 
 def concurrent_requests(events: list[ProbeEvent], roles: Roles, found: dict[str, ProbeEvent]) -> int:
@@ -157,23 +167,44 @@ def concurrent_requests(events: list[ProbeEvent], roles: Roles, found: dict[str,
     if "R" not in found or "SW" not in found:
         return 0
     ours, start, end = found["R"].fd, found["R"].time_ns, found["SW"].time_ns
-    pending: dict[tuple[int, int], int] = {}  # other connection -> its POST read time
     overlapping = set()
-    for e in events:
-        if e.time_ns > end:
-            break
-        key = (e.pid, e.fd)
-        if roles.get(e.pid) != PROCESS_SERVER or e.fd == ours:
+    for span in _server_requests(events, roles).reaching(start, end):
+        if span.key[1] == ours:
             continue
+        if span.end_ns is None or span.end_ns > end or span.ended == ANSWERED:  # in flight at our answer, or
+            overlapping.add(span.key)  # answered after our read
+    return len(overlapping)
+
+
+ANSWERED, LEFT, REPLACED = "answered", "left", "replaced"
+
+
+def _server_requests(events: list[ProbeEvent], roles: Roles) -> Overlaps:
+    """Every client request the server read, once per capture: its ``POST`` read → its first
+    response write (answered), the client leaving before any answer (left), or the next ``POST``
+    read on that connection (replaced: the earlier one's end was not seen)."""
+    line = timeline(events)
+    cached = line.derived.get("server_requests")
+    if cached is not None and cached[0] is roles:
+        return cached[1]  # type: ignore[no-any-return]
+    pending: dict[tuple[int, int], int] = {}  # connection -> its POST read time
+    spans = []
+    for e in line:
+        if roles.get(e.pid) != PROCESS_SERVER:
+            continue
+        key = (e.pid, e.fd)
         if e.kind == "R" and e.value > 0 and e.text.startswith("POST"):
+            if key in pending:
+                spans.append(Span(key, pending[key], e.time_ns, REPLACED))
             pending[key] = e.time_ns
         elif e.kind == "W" and e.text.startswith("HTTP") and key in pending:
-            if pending.pop(key) <= end and e.time_ns >= start:
-                overlapping.add(key)
+            spans.append(Span(key, pending.pop(key), e.time_ns, ANSWERED))
         elif e.kind in "RX" and key in pending and e.value <= 0:
-            pending.pop(key)  # the other client left before any answer
-    overlapping.update(key for key, read_at in pending.items() if read_at <= end)
-    return len(overlapping)
+            spans.append(Span(key, pending.pop(key), e.time_ns, LEFT))
+    spans.extend(Span(key, read_at, None) for key, read_at in pending.items())
+    index = Overlaps(spans)
+    line.derived["server_requests"] = (roles, index)
+    return index
 
 
 def unknown_connection_others(window: list[ProbeEvent], roles: Roles, client_fd: int | None) -> int:
@@ -201,7 +232,7 @@ class EbpfSource:
             return Found([])
         events, roles = ebpf.events, ebpf.roles
         built = int(interval.request["startTimeUnixNano"])
-        window = [e for e in events if built <= e.time_ns <= interval.end_ns]
+        window = between(events, built, interval.end_ns)
         client_fd = connection_of(interval.request, events, roles)
         if _on_llama_server(ebpf.meta):
             return self._find_llama_server(interval, ebpf, window, client_fd, records.get(LogRecords))
@@ -349,7 +380,7 @@ class EbpfSource:
         if ebpf is None or not ebpf.events:
             return None
         built = int(interval.request["startTimeUnixNano"])
-        window = [e for e in ebpf.events if built <= e.time_ns <= interval.end_ns]
+        window = between(ebpf.events, built, interval.end_ns)
         client_fd = connection_of(interval.request, ebpf.events, ebpf.roles)
         if _on_llama_server(ebpf.meta):
             alone = _design(ebpf.meta) == DESIGN_ALONE
@@ -482,7 +513,7 @@ class EbpfSource:
         cancelled_fd = connection_of(interval.cancelled, events, roles) if interval.cancelled else None
         if concurrent and cancelled_fd is None:
             return None  # whose EOF is whose cannot be told apart
-        eof = next((e for e in events if start_window <= e.time_ns <= until and roles.get(e.pid) == PROCESS_SERVER
+        eof = next((e for e in each_between(events, start_window, until) if roles.get(e.pid) == PROCESS_SERVER
                     and e.kind == "R" and _peer_gone(e) and (cancelled_fd is None or e.fd == cancelled_fd)), None)
         if eof is None:
             return None
@@ -496,25 +527,28 @@ class EbpfSource:
             # The runner removes sequences on its batch goroutine, shared by all: follow the
             # cancelled request's own runner connection instead, and time its close there.
             try:
-                read = next(e for e in events if e.kind == "R" and e.pid == eof.pid and e.fd == eof.fd
-                            and e.value > 0 and e.text.startswith("POST")
-                            and int(interval.cancelled["startTimeUnixNano"]) <= e.time_ns <= eof.time_ns)
+                read = next(e for e in each_between(events, int(interval.cancelled["startTimeUnixNano"]), eof.time_ns)
+                            if e.kind == "R" and e.pid == eof.pid and e.fd == eof.fd
+                            and e.value > 0 and e.text.startswith("POST"))
                 chain = resolve(events, roles, read, eof.time_ns, keys["completion"],
                                 (meta or {}).get("sockets_at_start") or [])
             except (StopIteration, Broken):
                 return None
-            removed = next((e for e in events if e.time_ns >= eof.time_ns and e.pid == chain.runner_pid
-                            and e.fd == chain.runner_fd and e.kind == "R" and _peer_gone(e)), None)
+            removed = next((e for e in each_between(events, eof.time_ns, eof.time_ns + CANCEL_LIMIT_NS)
+                            if e.pid == chain.runner_pid and e.fd == chain.runner_fd and e.kind == "R"
+                            and _peer_gone(e)), None)
             end_note = "runner saw the connection close"
         else:
-            removed = next((e for e in events if e.time_ns >= eof.time_ns and e.kind == "U"
+            removed = next((e for e in each_between(events, eof.time_ns, eof.time_ns + CANCEL_LIMIT_NS)
+                            if e.kind == "U"
                             and e.text in keys["remove_sequence"] and roles.get(e.pid) == PROCESS_RUNNER), None)
             end_note = "runner removed the sequence"
             if removed is None:
-                removed = next((e for e in events if e.time_ns >= eof.time_ns and roles.get(e.pid) == PROCESS_RUNNER
+                removed = next((e for e in each_between(events, eof.time_ns, eof.time_ns + CANCEL_LIMIT_NS)
+                                if roles.get(e.pid) == PROCESS_RUNNER
                                 and e.kind == "R" and _peer_gone(e)), None)
                 end_note = "runner saw the connection close"
-        if removed is None or removed.time_ns - eof.time_ns > 5_000_000_000:
+        if removed is None or removed.time_ns - eof.time_ns > CANCEL_LIMIT_NS:
             return None
         return Phase(SERVER_CANCEL, eof.time_ns, removed.time_ns, SOURCE, PROCESS_SERVER,
                      {"off_critical_path": True, "end": end_note})

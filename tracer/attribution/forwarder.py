@@ -19,17 +19,22 @@ otherwise the phases are left out, and the merged coarser phase keeps the time.
 
 from __future__ import annotations
 
-from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
+from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles, between, since, timeline
 from ollama_tracer.model import Phase
 from ollama_tracer.vocabulary import FORWARDER_REQUEST, FORWARDER_RESPONSE, PROCESS_FORWARDER, SOURCE_EBPF
 
 
 def _accepted(events: list[ProbeEvent], roles: Roles) -> dict[tuple[int, int], list[tuple[int, bool]]]:
-    """(pid, fd) -> [(time, accepted?)]: what each forwarder fd number was, over time."""
+    """(pid, fd) -> [(time, accepted?)]: what each forwarder fd number was, over time (once per capture)."""
+    line = timeline(events)
+    cached = line.derived.get("forwarder_fds")
+    if cached is not None and cached[0] is roles:
+        return cached[1]  # type: ignore[no-any-return]
     opened: dict[tuple[int, int], list[tuple[int, bool]]] = {}
-    for e in events:
-        if e.kind in "AC" and roles.get(e.pid) == PROCESS_FORWARDER:
+    for e in line.of_kind("AC"):
+        if roles.get(e.pid) == PROCESS_FORWARDER:
             opened.setdefault((e.pid, e.fd), []).append((e.time_ns, e.kind == "A"))
+    line.derived["forwarder_fds"] = (roles, opened)
     return opened
 
 
@@ -54,10 +59,10 @@ def forwarder_phases(events: list[ProbeEvent], roles: Roles, read: ProbeEvent | 
     if PROCESS_FORWARDER not in roles.values():
         return []
     opened = _accepted(events, roles)
-    mine = [e for e in events if roles.get(e.pid) == PROCESS_FORWARDER and e.time_ns >= since_ns]
     phases = []
     if read is not None:
-        arrivals = [e for e in mine if e.time_ns <= read.time_ns and _request_in(e) and _is_client_side(opened, e)]
+        arrivals = [e for e in between(events, since_ns, read.time_ns)
+                    if roles.get(e.pid) == PROCESS_FORWARDER and _request_in(e) and _is_client_side(opened, e)]
         if len(arrivals) == 1:  # more: another client's request crossed too, and which is whose is unknown
             start = arrivals[0].time_ns
             if written_ns is not None and since_ns <= written_ns <= start:
@@ -66,8 +71,8 @@ def forwarder_phases(events: list[ProbeEvent], roles: Roles, read: ProbeEvent | 
                                 {"forwarder_pid": arrivals[0].pid, "forwarder_fd": arrivals[0].fd,
                                  "forwarder_read_ns": arrivals[0].time_ns}))
     if first_write is not None:
-        out = next((e for e in mine if e.time_ns >= first_write.time_ns and _response_out(e)
-                    and _is_client_side(opened, e)), None)
+        out = next((e for e in since(events, max(since_ns, first_write.time_ns))
+                    if roles.get(e.pid) == PROCESS_FORWARDER and _response_out(e) and _is_client_side(opened, e)), None)
         if out is not None:
             phases.append(Phase(FORWARDER_RESPONSE, first_write.time_ns, out.time_ns, SOURCE_EBPF, PROCESS_FORWARDER,
                                 {"forwarder_pid": out.pid, "forwarder_fd": out.fd}))

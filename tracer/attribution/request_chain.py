@@ -28,8 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ollama_tracer.attribution.overlaps import Overlaps, Span
 from ollama_tracer.attribution.server_requests import TERMINATOR
-from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
+from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles, between, each_between, latest_first, since, timeline
 from ollama_tracer.vocabulary import PROCESS_RUNNER
 
 
@@ -54,18 +55,15 @@ class Broken(Exception):
     """A link of the chain that the evidence does not establish; the message says which."""
 
 
-def _latest(events: list[ProbeEvent], before_ns: int, match: Any) -> ProbeEvent | None:
-    found = None
-    for e in events:
-        if e.time_ns > before_ns:
-            break
-        if match(e):
-            found = e
-    return found
+def _latest(events: list[ProbeEvent], kinds: str, before_ns: int, match: Any) -> ProbeEvent | None:
+    """The latest event of ``kinds`` up to ``before_ns`` that ``match`` accepts."""
+    return next((e for e in latest_first(timeline(events).of_kind(kinds), before_ns) if match(e)), None)
 
 
-def _first(events: list[ProbeEvent], after_ns: int, match: Any) -> ProbeEvent | None:
-    return next((e for e in events if e.time_ns >= after_ns and match(e)), None)
+def _first(events: list[ProbeEvent], after_ns: int, match: Any, until_ns: int | None = None) -> ProbeEvent | None:
+    """The first event from ``after_ns`` on (up to ``until_ns``, if given) that ``match`` accepts."""
+    candidates = since(events, after_ns) if until_ns is None else each_between(events, after_ns, until_ns)
+    return next((e for e in candidates if match(e)), None)
 
 
 def resolve(events: list[ProbeEvent], roles: Roles, read: ProbeEvent, until_ns: int,
@@ -74,23 +72,22 @@ def resolve(events: list[ProbeEvent], roles: Roles, read: ProbeEvent, until_ns: 
 
     Raises :class:`Broken` naming the link that is missing."""
     server = read.pid
-    serve = _latest(events, read.time_ns,
-                    lambda e: e.kind == "G" and e.pid == server and e.fd == read.fd)
+    serve = _latest(events, "G", read.time_ns, lambda e: e.pid == server and e.fd == read.fd)
     if serve is None:
         raise Broken("its client connection was accepted before the capture, so its handler goroutine is unknown")
     handler = serve.goid
     completion = _first(events, read.time_ns, lambda e: e.kind == "U" and e.pid == server
-                        and e.parent_goid == handler and e.text in completion_symbols)
+                        and e.parent_goid == handler and e.text in completion_symbols, until_ns)
     if completion is None or completion.time_ns > until_ns:
         raise Broken("no runner call started by its handler goroutine was seen")
     goroutines = {handler, completion.goid}
-    trips = [e for e in events if e.kind == "T" and e.pid == server and e.goid in goroutines
-             and read.time_ns <= e.time_ns <= until_ns]
+    trips = [e for e in between(timeline(events).of_kind("T"), read.time_ns, until_ns)
+             if e.pid == server and e.goid in goroutines]
     runner_trip = None
     for trip in (t for t in trips if t.goid == completion.goid):
         # The request this round trip sent is the next message written on its connection.
         sent = _first(events, trip.time_ns, lambda e, fd=trip.fd: e.kind == "W" and e.pid == server
-                      and e.fd == fd and e.text.startswith(("POST", "GET ")))
+                      and e.fd == fd and e.text.startswith(("POST", "GET ")), until_ns)
         if sent is not None and sent.text.startswith("POST") and sent.time_ns <= until_ns:
             runner_trip = trip
             break
@@ -102,10 +99,10 @@ def resolve(events: list[ProbeEvent], roles: Roles, read: ProbeEvent, until_ns: 
     runner_pid, runner_fd = _runner_end(events, roles, sockets_at_start, port, runner_trip.time_ns)
     if runner_pid is None or runner_fd is None:
         raise Broken(f"no runner accepted the connection from port {port}")
-    received = _first(events, runner_trip.time_ns, lambda e: e.kind == "R" and e.pid == runner_pid
+    received = _first(timeline(events).of_kind("R"), runner_trip.time_ns, lambda e: e.pid == runner_pid
                       and e.fd == runner_fd and e.value > 0 and e.text.startswith("POST"))
-    runner_serve = _latest(events, received.time_ns if received else until_ns,
-                           lambda e: e.kind == "G" and e.pid == runner_pid and e.fd == runner_fd)
+    runner_serve = _latest(events, "G", received.time_ns if received else until_ns,
+                           lambda e: e.pid == runner_pid and e.fd == runner_fd)
     if runner_serve is None:
         raise Broken("the runner's connection was accepted before the capture, so its handler goroutine is unknown")
     return Chain(server, read.fd, handler, completion.goid, frozenset(t.fd for t in trips), runner_pid, runner_fd,
@@ -114,10 +111,10 @@ def resolve(events: list[ProbeEvent], roles: Roles, read: ProbeEvent, until_ns: 
 
 def _local_port(events: list[ProbeEvent], sockets_at_start: list[dict[str, int]], pid: int, fd: int,
                 before_ns: int) -> int | None:
-    named = _latest(events, before_ns, lambda e: e.kind == "N" and e.pid == pid and e.fd == fd and e.value)
+    named = _latest(events, "N", before_ns, lambda e: e.pid == pid and e.fd == fd and e.value)
     if named is not None:
         return named.value
-    opened = _latest(events, before_ns, lambda e: e.kind in "CX" and e.pid == pid and e.fd == fd)
+    opened = _latest(events, "CX", before_ns, lambda e: e.pid == pid and e.fd == fd)
     if opened is not None:
         return None  # the fd was (re)connected or closed during the capture without a getsockname
     held = [s for s in sockets_at_start if s["pid"] == pid and s["fd"] == fd]
@@ -126,8 +123,7 @@ def _local_port(events: list[ProbeEvent], sockets_at_start: list[dict[str, int]]
 
 def _runner_end(events: list[ProbeEvent], roles: Roles, sockets_at_start: list[dict[str, int]],
                 port: int, before_ns: int) -> tuple[int | None, int | None]:
-    accepted = _latest(events, before_ns, lambda e: e.kind == "A" and roles.get(e.pid) == PROCESS_RUNNER
-                       and e.value == port)
+    accepted = _latest(events, "A", before_ns, lambda e: roles.get(e.pid) == PROCESS_RUNNER and e.value == port)
     if accepted is not None:
         return accepted.pid, accepted.fd
     held = [s for s in sockets_at_start if roles.get(int(s["pid"])) == PROCESS_RUNNER and s["remote_port"] == port]
@@ -144,28 +140,47 @@ def other_sequences(events: list[ProbeEvent], chain: Chain, after_ns: int, until
     (its POST /completion read → its first response write): other connections of that runner that
     had read a POST /completion and not yet finished (terminator written, EOF or close). One still
     in flight at this request's first response write ends there."""
-    ours = [e for e in events if e.pid == chain.runner_pid and e.fd == chain.runner_fd
-            and after_ns <= e.time_ns <= until_ns]
+    ours = [e for e in between(events, after_ns, until_ns) if e.pid == chain.runner_pid and e.fd == chain.runner_fd]
     start = next((e.time_ns for e in ours if e.kind == "R" and e.value > 0 and e.text.startswith("POST")), None)
     end = next((e.time_ns for e in ours if e.kind == "W" and e.text.startswith("HTTP")), until_ns)
     if start is None:
         return []
-    active: dict[int, int] = {}  # other fd -> when its request was read
-    overlapping: dict[int, tuple[int, int]] = {}
-    for e in events:
-        if e.time_ns > end:
-            break
-        if e.pid != chain.runner_pid or e.fd == chain.runner_fd:
+    overlapping: dict[int, tuple[int, int]] = {}  # other fd -> (its request read, its end or ours)
+    for span in _sequences(events, chain.runner_pid).reaching(start, end):  # the latest read first
+        if span.key == chain.runner_fd or span.key in overlapping:
             continue
-        if e.kind == "R" and e.value > 0 and e.text.startswith("POST"):
-            active[e.fd] = e.time_ns
-        elif e.fd in active and ((e.kind == "W" and e.text.startswith(TERMINATOR))
-                                 or (e.kind == "R" and e.value <= 0 and e.value != -11) or e.kind == "X"):
-            if e.time_ns >= start:
-                overlapping[e.fd] = (active[e.fd], e.time_ns)
-            del active[e.fd]
-    overlapping.update({fd: (read_at, end) for fd, read_at in active.items()})
+        if span.end_ns is None or span.end_ns > end:
+            overlapping[span.key] = (span.start_ns, end)  # still in flight at our first response write
+        elif span.ended == FINISHED:
+            overlapping[span.key] = (span.start_ns, span.end_ns)
     return sorted(overlapping.values())
+
+
+FINISHED, REPLACED = "finished", "replaced"
+
+
+def _sequences(events: list[ProbeEvent], runner_pid: int) -> Overlaps:
+    """Every sequence runner ``runner_pid`` served, once per capture: a connection's
+    ``POST /completion`` read → its terminator written, EOF or close (finished), or the next POST
+    read on that connection (replaced: the earlier one's end was not seen)."""
+    line = timeline(events)
+    key = f"sequences:{runner_pid}"
+    if key not in line.derived:
+        active: dict[int, int] = {}  # fd -> when its request was read
+        spans = []
+        for e in line:
+            if e.pid != runner_pid:
+                continue
+            if e.kind == "R" and e.value > 0 and e.text.startswith("POST"):
+                if e.fd in active:
+                    spans.append(Span(e.fd, active[e.fd], e.time_ns, REPLACED))
+                active[e.fd] = e.time_ns
+            elif e.fd in active and ((e.kind == "W" and e.text.startswith(TERMINATOR))
+                                     or (e.kind == "R" and e.value <= 0 and e.value != -11) or e.kind == "X"):
+                spans.append(Span(e.fd, active.pop(e.fd), e.time_ns, FINISHED))
+        spans.extend(Span(fd, read_at, None) for fd, read_at in active.items())
+        line.derived[key] = Overlaps(spans)
+    return line.derived[key]  # type: ignore[no-any-return]
 
 
 def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[str], *,
