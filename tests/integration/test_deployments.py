@@ -84,7 +84,9 @@ def _check_intervals(attribution: dict[str, Any], also: Collection[str] = ()) ->
         check_order_and_sums(interval)
         assert interval["coverage"] >= 0.98, interval
         ebpf = {p["name"] for p in interval["phases"] if p["source"] == "ebpf"}
-        assert EBPF_PHASES | set(also) <= ebpf, sorted(ebpf)
+        why = [m for m in attribution.get("ebpf_matching", {}).get("missing", [])
+               if m.get("interval") == interval.get("index")]
+        assert EBPF_PHASES | set(also) <= ebpf, (sorted(ebpf), why)
     return intervals
 
 

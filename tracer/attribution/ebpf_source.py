@@ -310,7 +310,9 @@ class EbpfSource:
         cancel = self._cancel(events, roles, interval, concurrent=bool(others), meta=ebpf.meta)
         if cancel is not None:
             phases.append(cancel)
-        phases.extend(forwarder_phases(events, roles, found.get("R"), found.get("SW"), built, _written(interval)))
+        why: list[str] = []
+        phases.extend(forwarder_phases(events, roles, found.get("R"), found.get("SW"), built, _written(interval), why))
+        matching["missing"].extend(_forwarder_missing(interval, why, ebpf.meta))
         return Found(phases, matching)
 
     def _find_llama_server(self, interval: Interval, ebpf: EbpfRecords, window: list[ProbeEvent],
@@ -335,12 +337,14 @@ class EbpfSource:
         if found:
             matching["matched"] += 1
         phases = self._phases(found, order)
+        why: list[str] = []
         hops = forwarder_phases(ebpf.events, ebpf.roles, found.get("R"), found.get("SW"),
-                                int(interval.request["startTimeUnixNano"]), _written(interval))
+                                int(interval.request["startTimeUnixNano"]), _written(interval), why)
         if alone:
             phases = _alone_edges(phases, found, interval, hops)
         matching["missing"] = _missing(interval, found, found, order, None,
                                        int(ebpf.meta.get("bpftrace_lost_events") or 0))
+        matching["missing"].extend(_forwarder_missing(interval, why, ebpf.meta))
         evidence = blob_scans(window, ebpf.roles, found.get("R"), found.get("SW") or found.get("RW"),
                               set(ebpf.meta.get("model_blobs", [])))
         evidence.update(_probe_counts(window, found))
@@ -578,6 +582,14 @@ def _alone_edges(phases: list[Phase], found: dict[str, ProbeEvent], interval: In
         out.append(Phase(SERVER_STREAM, found["RW"].time_ns, read, SOURCE, PROCESS_SERVER,
                          {"to": "the client's first read of the answer"}))
     return out
+
+
+def _forwarder_missing(interval: Interval, why: list[str], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The forwarder's hops left out of ``interval``, and why (``why``: what forwarder_phases said)."""
+    lost = int(meta.get("bpftrace_lost_events") or 0)
+    tail = f" (bpftrace lost {lost} events in this capture: it may be among them)" if lost else ""
+    return [{"interval": interval.index, "boundary": "forwarder", "phase": w.split(":")[0],
+             "why": w.split(": ", 1)[1] + tail} for w in why]
 
 
 def _missing(interval: Interval, found: dict[str, ProbeEvent], seen: dict[str, ProbeEvent],

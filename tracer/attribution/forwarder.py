@@ -52,10 +52,11 @@ def _response_out(e: ProbeEvent) -> bool:
 
 
 def forwarder_phases(events: list[ProbeEvent], roles: Roles, read: ProbeEvent | None, first_write: ProbeEvent | None,
-                     since_ns: int, written_ns: int | None = None) -> list[Phase]:
+                     since_ns: int, written_ns: int | None = None, why: list[str] | None = None) -> list[Phase]:
     """The forwarder's two hops around one request: ``read`` is the server's read of it (R),
     ``first_write`` its first response write (SW); ``since_ns``: when the request was built;
-    ``written_ns``: when the client finished writing it, if its span says."""
+    ``written_ns``: when the client finished writing it, if its span says. ``why``: where to say
+    why a hop is left out."""
     if PROCESS_FORWARDER not in roles.values():
         return []
     opened = _accepted(events, roles)
@@ -63,6 +64,11 @@ def forwarder_phases(events: list[ProbeEvent], roles: Roles, read: ProbeEvent | 
     if read is not None:
         arrivals = [e for e in between(events, since_ns, read.time_ns)
                     if roles.get(e.pid) == PROCESS_FORWARDER and _request_in(e) and _is_client_side(opened, e)]
+        if why is not None and len(arrivals) != 1:
+            why.append(f"{FORWARDER_REQUEST}: " + (
+                "no request was seen arriving at the forwarder between the request's start and the server's read"
+                if not arrivals else f"{len(arrivals)} requests crossed the forwarder between the request's start "
+                "and the server's read, and which is whose is unknown"))
         if len(arrivals) == 1:  # more: another client's request crossed too, and which is whose is unknown
             start = arrivals[0].time_ns
             if written_ns is not None and since_ns <= written_ns <= start:
@@ -73,6 +79,8 @@ def forwarder_phases(events: list[ProbeEvent], roles: Roles, read: ProbeEvent | 
     if first_write is not None:
         out = next((e for e in since(events, max(since_ns, first_write.time_ns))
                     if roles.get(e.pid) == PROCESS_FORWARDER and _response_out(e) and _is_client_side(opened, e)), None)
+        if out is None and why is not None:
+            why.append(f"{FORWARDER_RESPONSE}: the forwarder was not seen passing the response to a client")
         if out is not None:
             phases.append(Phase(FORWARDER_RESPONSE, first_write.time_ns, out.time_ns, SOURCE_EBPF, PROCESS_FORWARDER,
                                 {"forwarder_pid": out.pid, "forwarder_fd": out.fd}))
