@@ -12,6 +12,7 @@ unwrapped. A system service's journal is ``collectors.journald``, into the same 
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections.abc import Iterable
@@ -186,10 +187,19 @@ def load_log(directory: Path) -> tuple[list[LogEvent], int]:
 
 @dataclass
 class LogRecords:
-    """The server's log lines of the capture window, parsed."""
+    """The server's log lines of the capture window, parsed, in time order."""
 
     events: list[LogEvent]
     unreadable: dict[str, int] = field(default_factory=dict)
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # an analysis's, once
+
+    def __post_init__(self) -> None:
+        self.events = sorted(self.events, key=lambda e: e.time_ns)  # stable: lines of one time keep their order
+        self.times = [e.time_ns for e in self.events]
+
+    def between(self, start_ns: int, end_ns: int) -> list[LogEvent]:
+        """The lines with ``start_ns <= time_ns <= end_ns`` (two bisections)."""
+        return self.events[bisect.bisect_left(self.times, start_ns):bisect.bisect_right(self.times, end_ns)]
 
 
 def load(directory: Path, clock: ClockModel | None) -> LogRecords | None:

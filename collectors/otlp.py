@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ollama_tracer import vocabulary as v
 from ollama_tracer.capture_files import CLIENT_SPANS, JsonlAppender, read_jsonl
 from ollama_tracer.clock import ClockModel
 from ollama_tracer.collectors.base import SessionInfo
-from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
+
+if TYPE_CHECKING:  # the receiver (gRPC) is loaded only by a capture that runs it, not to read one back
+    from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
 
 
 class OtlpCollector:
@@ -26,6 +28,8 @@ class OtlpCollector:
 
     def start(self, session: SessionInfo) -> None:
         self._out = JsonlAppender(session.directory / CLIENT_SPANS)
+        from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
+
         self._receiver = OtlpReceiver(on_spans=self._out.append)
         self._receiver.start()
         endpoint = self._receiver.grpc_endpoint if self.protocol == "grpc" else self._receiver.http_endpoint

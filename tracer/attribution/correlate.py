@@ -186,8 +186,16 @@ class _Stacks:
         self.native_roles = roles
         self.native_hz = evidence.native_hz
         self.python = sorted((s for s in evidence.python_slices if not _is_own(s.frames)), key=lambda s: s.start_ns)
-        self.python_starts = [s.start_ns for s in self.python]
-        self.longest_python_ns = max((s.end_ns - s.start_ns for s in self.python), default=0)
+        # Slices by length, each group within a factor of 4: a group's slices that overlap a
+        # window start after the window's start less the group's longest, so each lookup reads
+        # about what overlaps it. (One bound for all would be the program's outermost frame,
+        # as long as the capture: every lookup would read every slice.)
+        groups: dict[int, list[int]] = {}
+        for index, piece in enumerate(self.python):
+            groups.setdefault(max(0, piece.end_ns - piece.start_ns).bit_length() // 2, []).append(index)
+        self.python_groups = [([self.python[i].start_ns for i in members], members,
+                               max(self.python[i].end_ns - self.python[i].start_ns for i in members))
+                              for members in groups.values()]
         self.rate = evidence.python_rate_hz
         self.python_lag_ns = int(1e9 / self.rate) if self.rate > 0 else 0  # mean detection lag
 
@@ -206,13 +214,15 @@ class _Stacks:
         for sample in self.native[lo:hi]:
             role = self.native_roles.get(sample.pid, PROCESS_SERVER)
             out.setdefault(role, defaultdict(float))[sample.frames[-STACK_FRAMES:]] += 1
-        # Slices are sorted by start; any slice overlapping [start, end) starts after
-        # start - longest, so the scan is bounded.
         lag = self.python_lag_ns
-        first = bisect.bisect_left(self.python_starts, start + lag - self.longest_python_ns)
-        last = bisect.bisect_left(self.python_starts, end + lag)
+        candidates: list[int] = []
+        for starts, members, longest in self.python_groups:
+            first = bisect.bisect_left(starts, start + lag - longest)
+            last = bisect.bisect_left(starts, end + lag)
+            candidates.extend(members[first:last])
+        candidates.sort()  # in start order, as one scan would add them
         pid, thread = (client or {}).get("pid"), (client or {}).get("thread")
-        for piece in self.python[first:last]:
+        for piece in (self.python[i] for i in candidates):
             if (pid is not None and piece.pid != pid) or (thread is not None and piece.tid != thread):
                 continue
             overlap = min(piece.end_ns - lag, end) - max(piece.start_ns - lag, start)

@@ -33,11 +33,13 @@ SW        —                                         server writes the response
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles, each_between, latest_first, since, timeline
-from ollama_tracer.collectors.ollama_log import LogRecords
+from ollama_tracer.collectors.ollama_log import LogEvent, LogRecords
 from ollama_tracer.vocabulary import (
     LLAMA_SERVER,
     PROCESS_RUNNER,
@@ -180,6 +182,35 @@ def _loads_before(window: list[ProbeEvent], after_ns: int, before_ns: int, load:
     return any(after_ns <= e.time_ns < before_ns and load(e) for e in window)
 
 
+@dataclass
+class _Said:
+    """llama-server's lines in the log, indexed once per capture: each ``processing task`` line
+    (its position among them, and its time), the ``selected slot`` line before each position, and
+    per task the last line of each kind."""
+
+    started: list[tuple[int, LogEvent]]
+    started_times: list[int]
+    last_selected: list[LogEvent | None]
+    facts: dict[str, dict[str, dict[str, str]]]
+
+
+def _llama_server_lines(log: LogRecords) -> _Said:
+    if "llama_server" not in log.derived:
+        lines = [e for e in log.events if e.source == LLAMA_SERVER]
+        started = [(i, e) for i, e in enumerate(lines) if e.msg == "processing task"]
+        last_selected: list[LogEvent | None] = []
+        chosen: LogEvent | None = None
+        facts: dict[str, dict[str, dict[str, str]]] = {}
+        for line in lines:
+            last_selected.append(chosen)  # the one before this line
+            if line.msg == "selected slot":
+                chosen = line
+            if line.attrs.get("task") is not None:
+                facts.setdefault(line.attrs["task"], {})[line.msg] = line.attrs
+        log.derived["llama_server"] = _Said(started, [e.time_ns for _, e in started], last_selected, facts)
+    return log.derived["llama_server"]  # type: ignore[no-any-return]
+
+
 def what_it_said(log: LogRecords | None, read: ProbeEvent | None, answered: ProbeEvent | None
                  ) -> dict[str, dict[str, Any]]:
     """llama-server's own lines about this request's task, by the phase they describe: the slot it
@@ -188,15 +219,16 @@ def what_it_said(log: LogRecords | None, read: ProbeEvent | None, answered: Prob
     task is the one it started to process between the request's read and its first answer."""
     if log is None or read is None or answered is None:
         return {}
-    lines = [e for e in log.events if e.source == LLAMA_SERVER]
-    started = [e for e in lines if e.msg == "processing task" and read.time_ns <= e.time_ns <= answered.time_ns]
-    if not started:
+    said = _llama_server_lines(log)
+    # the last task it started to process in [read, answered]
+    i = bisect.bisect_right(said.started_times, answered.time_ns) - 1
+    if i < 0 or said.started_times[i] < read.time_ns:
         return {}
-    task = started[-1].attrs["task"]
-    index = lines.index(started[-1])
-    chosen = next((e for e in reversed(lines[:index]) if e.msg == "selected slot"), None)
-    facts = {e.msg: e.attrs for e in lines if e.attrs.get("task") == task}  # the last of each kind
-    admit: dict[str, Any] = {"runner_slot": int(started[-1].attrs["slot"]), "runner_task": int(task),
+    position, started = said.started[i]
+    task = started.attrs["task"]
+    chosen = said.last_selected[position]
+    facts = said.facts.get(task, {})
+    admit: dict[str, Any] = {"runner_slot": int(started.attrs["slot"]), "runner_task": int(task),
                              "runner_log": "llama-server's lines: what it did, not when"}
     if chosen is not None:
         admit["slot_selected_by"] = chosen.attrs.get("by")

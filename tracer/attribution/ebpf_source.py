@@ -310,9 +310,10 @@ class EbpfSource:
         cancel = self._cancel(events, roles, interval, concurrent=bool(others), meta=ebpf.meta)
         if cancel is not None:
             phases.append(cancel)
-        why: list[str] = []
-        phases.extend(forwarder_phases(events, roles, found.get("R"), found.get("SW"), built, _written(interval), why))
-        matching["missing"].extend(_forwarder_missing(interval, why, ebpf.meta))
+        hops_why: list[str] = []
+        phases.extend(forwarder_phases(events, roles, found.get("R"), found.get("SW"), built, _written(interval),
+                                       hops_why))
+        matching["missing"].extend(_forwarder_missing(interval, hops_why, ebpf.meta))
         return Found(phases, matching)
 
     def _find_llama_server(self, interval: Interval, ebpf: EbpfRecords, window: list[ProbeEvent],

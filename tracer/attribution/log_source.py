@@ -73,7 +73,8 @@ class LogSource(Source):
         offset = records.server_clock_offset_ns
         handler = int(a[OLLAMA_CREATED_AT_LAST_NS]) - int(a[OLLAMA_TOTAL_DURATION]) - offset
         first_chunk = int(a[OLLAMA_CREATED_AT_FIRST_NS]) - offset
-        window = [e for e in events if handler - 1_000_000 <= e.time_ns <= first_chunk + 1_000_000]
+        assert log is not None
+        window = log.between(handler - 1_000_000, first_chunk + 1_000_000)
 
         def first(msg: str, after: int) -> int | None:
             return next((e.time_ns for e in window if e.msg.startswith(msg) and e.time_ns >= after), None)

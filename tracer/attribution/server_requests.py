@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from ollama_tracer.attribution.overlaps import Overlaps, Span
 from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
 from ollama_tracer.vocabulary import (
     CLIENT_PORT,
@@ -193,23 +194,24 @@ def merge_server_requests(client_spans: list[dict[str, Any]],
     added: list[dict[str, Any]] = []
     counts = {"matched_by_port": 0, "matched_by_time": 0, "server_only": 0}
 
-    def holds(span: dict[str, Any], start: int) -> bool:
-        return (int(span["startTimeUnixNano"]) - MATCH_SLACK_NS <= start
-                <= int(span["endTimeUnixNano"]) + MATCH_SLACK_NS)
+    # Each client span as the time it holds (± the slack), indexed once: a server request looks
+    # only at the spans that hold its start.
+    held = Overlaps([Span(i, int(s["startTimeUnixNano"]) - MATCH_SLACK_NS, int(s["endTimeUnixNano"]) + MATCH_SLACK_NS)
+                     for i, s in enumerate(genai)])
+    ports = [_client_port(s) for s in genai]
 
     def best(candidates: list[int], start: int) -> int:
         return min(candidates, key=lambda i: abs(start - int(genai[i]["startTimeUnixNano"])))
 
     for request in server_spans:
         start, port = int(request["startTimeUnixNano"]), request["attributes"].get(CLIENT_PORT)
-        by_port = [i for i, s in enumerate(genai) if i not in taken and port and _client_port(s) == int(port)
-                   and holds(s, start)]
+        holding = sorted(span.key for span in held.reaching(start, start) if span.key not in taken)
+        by_port = [i for i in holding if port and ports[i] == int(port)]
         if by_port:
             taken.add(best(by_port, start))
             counts["matched_by_port"] += 1
             continue
-        by_time = [i for i, s in enumerate(genai) if i not in taken and holds(s, start)
-                   and (_client_port(s) is None or _client_port(s) not in server_ports)]
+        by_time = [i for i in holding if ports[i] is None or ports[i] not in server_ports]
         if by_time:
             taken.add(best(by_time, start))
             counts["matched_by_time"] += 1

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import TextIO
 
 from ollama_tracer.attribution.analysis import ExportData
+from ollama_tracer.capture_files import json_text
 
 
 def render(outfile: TextIO, data: ExportData) -> None:
-    json.dump(data.attribution, outfile, indent=2, sort_keys=False)
+    outfile.write(json_text(data.attribution))
     outfile.write("\n")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, TextIO
+
+from ollama_tracer.capture_files import json_text
 
 
 def render(outfile: TextIO, document: dict[str, Any]) -> None:
-    json.dump(document, outfile, indent=2)
+    outfile.write(json_text(document))
     outfile.write("\n")

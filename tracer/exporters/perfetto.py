@@ -149,8 +149,8 @@ def render(outfile: TextIO, data: ExportData) -> None:
         "dropped": dropped,
         "overflow": any(bool(count) for count in dropped.values()) if isinstance(dropped, dict) else bool(dropped),
     }
-    json.dump({"traceEvents": events, "displayTimeUnit": "ms", "metadata": metadata}, outfile,
-              separators=(",", ":"))
+    outfile.write(json.dumps({"traceEvents": events, "displayTimeUnit": "ms", "metadata": metadata},
+                             separators=(",", ":")))  # one string: the C encoder (json.dump's is Python)
     outfile.write("\n")
 
 
