@@ -1,8 +1,8 @@
 """Does the analysis scale linearly with the capture? And how fast does the CLI start?
 
 It records real captures of the interrupt benchmark (``tracer capture -- tracer bench interrupt``
-against the testbed's Ollama, every collector on) of 10, 100 and 1,000 intervals per Ollama
-version, once (they are kept under ~/.cache/ollama-tracer/benchmarks/analysis/; ``--record``
+against the testbed, every collector on) of 10, 100 and 1,000 intervals per engine (each Ollama
+version, and llama-server alone), once (they are kept under ~/.cache/ollama-tracer/benchmarks/analysis/; ``--record``
 records them again), then times ``tracer report`` on each, as table, JSON and HTML, each in its
 own process, and prints the median time, the peak memory (maximum resident set) and the time per
 interval, so that the growth is visible: linear analysis keeps the time per interval flat.
@@ -11,7 +11,11 @@ Targets (issue 18): a 1,000-interval capture reported (table and JSON) in ≤ 5 
 and the CLI itself (``tracer --help``) starting in ≤ 0.2 s, measured beside the interpreter's own
 start (``python3 -c pass``), interleaved.
 
-    python3 benchmarks/analysis_scaling.py --versions 0.13.5,0.34.4 --sizes 10,100,1000
+Ollama stalls after some interrupts (README: about one in a few hundred on both versions here),
+and the bench then stops: such a capture holds the intervals before the stall, and the table says
+how many. llama-server alone does not stall, so its 1,000-interval capture is whole.
+
+    python3 benchmarks/analysis_scaling.py --versions llama-server,0.34.4,0.13.5 --sizes 10,100,1000
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
+LLAMA_SERVER = "llama-server"
 CACHE = Path.home() / ".cache" / "ollama-tracer" / "benchmarks" / "analysis"
 TARGETS_S = {"table": 5.0, "json": 5.0, "html": 10.0}
 CLI_TARGET_S = 0.2
@@ -37,11 +41,19 @@ def _tracer(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
                           timeout=timeout, check=False)
 
 
-def _server(version: str) -> dict[str, Any]:
-    proc = _tracer("testbed", "up", "--ollama", version, "--json", timeout=3600)
+def _host(engine: str, model: str) -> tuple[str, list[str]]:
+    """The server's URL for ``engine`` (an Ollama version, or ``llama-server``: llama.cpp's server
+    alone), and the bench's arguments for it."""
+    if engine == LLAMA_SERVER:
+        proc = _tracer("testbed", "up", "--llama-server", "--json", timeout=3600)
+        if proc.returncode != 0:
+            raise SystemExit(f"testbed up --llama-server failed: {proc.stderr.strip()[-500:]}")
+        server = next(s for s in json.loads(proc.stdout)["llama_servers"] if s["model"] == model)
+        return str(server["host"]), ["--backend", "llama-server"]
+    proc = _tracer("testbed", "up", "--ollama", engine, "--json", timeout=3600)
     if proc.returncode != 0:
-        raise SystemExit(f"testbed up --ollama {version} failed: {proc.stderr.strip()[-500:]}")
-    return next(s for s in json.loads(proc.stdout)["servers"] if s["version"] == version)
+        raise SystemExit(f"testbed up --ollama {engine} failed: {proc.stderr.strip()[-500:]}")
+    return str(next(s for s in json.loads(proc.stdout)["servers"] if s["version"] == engine)["host"]), []
 
 
 def _intervals(directory: Path) -> int:
@@ -54,15 +66,15 @@ def record(version: str, size: int, model: str, again: bool) -> Path:
     directory = CACHE / f"{version}-{model.replace(':', '_')}-{size}"
     if directory.exists() and (directory / "attribution.json").exists() and not again:
         return directory
-    server = _server(version)
-    print(f"recording {size} interrupts on Ollama {version} ({model}) into {directory} ...", file=sys.stderr,
+    host, backend = _host(version, model)
+    print(f"recording {size} interrupts on {version} ({model}) into {directory} ...", file=sys.stderr,
           flush=True)
     started = time.monotonic()
-    proc = _tracer("capture", "-o", str(directory), "--force", "--ollama-host", server["host"], "--",
-                   sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", server["host"],
+    proc = _tracer("capture", "-o", str(directory), "--force", "--ollama-host", host, "--",
+                   sys.executable, "-m", "ollama_tracer", "bench", "interrupt", *backend, "--host", host,
                    "--model", model, "--iterations", str(size), "--interrupt-after-ms", "60",
                    "--request-timeout", "30", timeout=size * 20 + 300)
-    # An interrupt deadlock of v0.13 (exit 11) ends the bench early: the capture keeps what it had.
+    # An interrupt stall of Ollama (exit 11) ends the bench early: the capture keeps what it had.
     if proc.returncode not in (0, 11) or not (directory / "attribution.json").exists():
         raise SystemExit(f"the capture of {size} on {version} failed (exit {proc.returncode}): {proc.stderr[-800:]}")
     print(f"  {_intervals(directory)} intervals in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
@@ -116,7 +128,9 @@ def _events(directory: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--versions", default="0.13.5,0.34.4")
+    parser.add_argument("--versions", default="llama-server,0.34.4,0.13.5",
+                        help="Ollama versions, and llama-server (llama.cpp's server alone, which has no "
+                             "interrupt stall: the one that reaches 1,000 intervals in one capture)")
     parser.add_argument("--sizes", default="10,100,1000", help="intervals per capture")
     parser.add_argument("--model", default="tracer-llama:test")
     parser.add_argument("--runs", type=int, default=3, help="report runs per format and capture (median)")
@@ -133,11 +147,11 @@ def main() -> int:
                          "event_lines": _events(directory), **{f"{f}_s": m["s"] for f, m in measured.items()},
                          **{f"{f}_mib": m["mib"] for f, m in measured.items()}})
     start = cli_start(max(9, args.runs * 3))
-    print(f"{'version':>8} {'intervals':>9} {'eBPF lines':>10} {'table s':>8} {'json s':>7} {'html s':>7} "
+    print(f"{'engine':>12} {'intervals':>9} {'eBPF lines':>10} {'table s':>8} {'json s':>7} {'html s':>7} "
           f"{'ms/interval (json)':>18} {'peak MiB':>8}")
     for row in rows:
         per = 1000 * row["json_s"] / max(1, row["intervals"])
-        print(f"{row['version']:>8} {row['intervals']:>9} {row['event_lines']:>10} {row['table_s']:>8.2f} "
+        print(f"{row['version']:>12} {row['intervals']:>9} {row['event_lines']:>10} {row['table_s']:>8.2f} "
               f"{row['json_s']:>7.2f} {row['html_s']:>7.2f} {per:>18.2f} "
               f"{max(row['table_mib'], row['json_mib'], row['html_mib']):>8.0f}")
     for version in args.versions.split(","):
