@@ -17,11 +17,13 @@ chunks, so this module adds only what the attribution needs on top of it, and no
   OpenAI SDK's SSE parser and pydantic models: well under a millisecond here).
 
 Calls the ``ollama`` SDK makes are recorded by :mod:`ollama_client` at the SDK level and skipped
-here (its trace hook carries a marker), so no request is recorded twice.
+here (its trace hook carries a marker), so no request is recorded twice; the maintained HTTP span
+is left out of those too (the GenAI span is the call's one span).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
@@ -38,6 +40,11 @@ from ollama_tracer.instrument.genai import (
     whole_body_parts,
 )
 from opentelemetry import trace
+
+try:  # opentelemetry-instrumentation, which the maintained httpx instrumentation brings
+    from opentelemetry.instrumentation.utils import suppress_http_instrumentation
+except ImportError:  # without it there is no maintained HTTP span to leave out
+    suppress_http_instrumentation = contextlib.nullcontext
 
 log = logging.getLogger("tracer.instrument")
 
@@ -171,6 +178,17 @@ class _AsyncStream:
             self._parts.end()
 
 
+def _owned(request: Any) -> bool:
+    """Is this a call another instrumentor records (the ``ollama`` SDK's: its trace hook carries
+    the marker)? Then its GenAI span is that one's, and the maintained HTTP span under it is left
+    out: one span per call is what the attribution needs, and each span more is export work in the
+    traced program (benchmarks/peers.py)."""
+    try:
+        return getattr(request.extensions.get("trace"), OWNED, None) is not None
+    except Exception:
+        return False
+
+
 def _start(tracer: trace.Tracer, request: Any, record_content: bool) -> StreamRecorder | None:
     """A recorder for a generation call nobody else records; None for everything else."""
     try:
@@ -206,6 +224,9 @@ def _wrap_sync(original: Callable[..., Any], tracer: trace.Tracer, record_conten
                stream: type) -> Callable[..., Any]:
     @functools.wraps(original)
     def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if _owned(request):
+            with suppress_http_instrumentation():
+                return original(self, request, *args, **kwargs)
         recorder = _start(tracer, request, record_content)
         if recorder is None or recorder.span is None:
             return original(self, request, *args, **kwargs)
@@ -227,6 +248,9 @@ def _wrap_async(original: Callable[..., Any], tracer: trace.Tracer, record_conte
                stream: type) -> Callable[..., Any]:
     @functools.wraps(original)
     async def send(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if _owned(request):
+            with suppress_http_instrumentation():
+                return await original(self, request, *args, **kwargs)
         recorder = _start(tracer, request, record_content)
         if recorder is None or recorder.span is None:
             return await original(self, request, *args, **kwargs)
