@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,38 @@ def load(directory: Path, clock: ClockModel | None) -> ClientSpans | None:
         return None
     rows, bad = read_jsonl(directory / CLIENT_SPANS)
     spans = [row for row in rows if usable_span(row)]
-    return ClientSpans(spans, {CLIENT_SPANS: bad + len(rows) - len(spans)})
+    return ClientSpans(with_client_moments(spans), {CLIENT_SPANS: bad + len(rows) - len(spans)})
+
+
+def with_client_moments(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``spans`` with the ``client.request`` and ``client.first_token`` child spans of each GenAI
+    span that carried its moments as attributes only (instrument.moments: a capture's client
+    exports one span per call), as the instrumentation would have exported them: the same times,
+    kind, attribute and resource, an id derived from the parent's. Children a client did export
+    are kept as they are, and never doubled."""
+    exported = {(s.get("parentSpanId"), s["name"]) for s in spans if s["name"] in (v.CLIENT_REQUEST,
+                                                                                  v.CLIENT_FIRST_TOKEN)}
+    out: list[dict[str, Any]] = []
+    for span in spans:
+        attributes = span.get("attributes", {})
+        if v.GEN_AI_OPERATION_NAME in attributes:
+            written, first = attributes.get(v.TRACER_REQUEST_WRITTEN_NS), attributes.get(v.TRACER_FIRST_TOKEN_NS)
+            start = attributes.get(v.TRACER_RESPONSE_START_NS) or first
+            for name, begin, end in ((v.CLIENT_REQUEST, span["startTimeUnixNano"], written),
+                                     (v.CLIENT_FIRST_TOKEN, start, first)):
+                if end is not None and begin is not None and (span["spanId"], name) not in exported:
+                    out.append(_child(span, name, int(begin), int(end)))
+        out.append(span)
+    return out
+
+
+def _child(parent: dict[str, Any], name: str, start_ns: int, end_ns: int) -> dict[str, Any]:
+    span_id = hashlib.blake2b(f"{parent['traceId']}/{parent['spanId']}/{name}".encode(), digest_size=8).hexdigest()
+    return {"traceId": parent["traceId"], "spanId": span_id, "parentSpanId": parent["spanId"], "name": name,
+            "kind": 1, "startTimeUnixNano": start_ns, "endTimeUnixNano": end_ns,
+            "attributes": {v.TRACER_SOURCE: v.SOURCE_CLIENT}, "events": [], "status": {"code": 0, "message": ""},
+            "resource": dict(parent.get("resource", {})),
+            **({"service": parent["service"]} if "service" in parent else {})}
 
 
 # Attributes that attribution reads as integers: epoch ns, durations, a port, an fd.

@@ -151,3 +151,54 @@ def test_other_requests_pass_untouched(base_url: str, spans: InMemorySpanExporte
     with httpx.Client(base_url=base_url) as client:
         response = client.post("/api/embed", json={"model": "m", "input": "x"})
     assert response.status_code == 200 and not _genai(spans)
+
+
+def test_a_capture_gets_one_span_per_call_and_rebuilds_the_moments(base_url: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `tracer capture` (TRACER_CLIENT_MOMENTS=attributes) the ollama SDK's call exports its
+    GenAI span alone; reading the records back rebuilds client.request and client.first_token
+    exactly as the default mode exports them (both through the real OTLP exporter and receiver)."""
+    import ollama
+    from ollama_tracer.collectors.otlp import with_client_moments
+    from ollama_tracer.collectors.otlp_receiver import OtlpReceiver
+    from ollama_tracer.instrument.moments import ENV_CLIENT_MOMENTS, MOMENTS_AS_ATTRIBUTES
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    def exported(moments: str | None) -> list[dict[str, Any]]:
+        if moments is None:
+            monkeypatch.delenv(ENV_CLIENT_MOMENTS, raising=False)
+        else:
+            monkeypatch.setenv(ENV_CLIENT_MOMENTS, moments)
+        with OtlpReceiver() as receiver:
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=receiver.http_endpoint
+                                                                             + "/v1/traces")))
+            OllamaInstrumentor().instrument(provider)
+            try:
+                for _part in ollama.Client(host=base_url).generate(model="m", prompt="p", stream=True,
+                                                                   options={"num_predict": 3}):
+                    pass
+            finally:
+                OllamaInstrumentor().uninstrument()
+                provider.shutdown()
+            return receiver.spans()
+
+    def children(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        (parent,) = [r for r in rows if GEN_AI_OPERATION_NAME in r["attributes"]]
+        gap = int(parent["startTimeUnixNano"])
+        return sorted((r["name"], r["kind"], int(r["startTimeUnixNano"]) - gap, int(r["endTimeUnixNano"]) - gap,
+                       r["attributes"], r["parentSpanId"] == parent["spanId"], r["service"])
+                      for r in rows if r["parentSpanId"] == parent["spanId"])
+
+    default, one_span = exported(None), exported(MOMENTS_AS_ATTRIBUTES)
+    assert [r["name"] for r in one_span] == ["text_completion m"]
+    assert {r["name"] for r in default} == {"text_completion m", "client.request", "client.first_token"}
+    # the same shape, and the same moments relative to the call's start (two calls: times differ)
+    rebuilt = children(with_client_moments(one_span))
+    assert [c[:2] + c[4:] for c in rebuilt] == [c[:2] + c[4:] for c in children(default)]
+    parent = one_span[0]["attributes"]
+    start = int(one_span[0]["startTimeUnixNano"])
+    assert rebuilt[1][2:4] == (0, int(parent[TRACER_REQUEST_WRITTEN_NS]) - start)  # client.request
+    assert rebuilt[0][3] == int(parent[TRACER_FIRST_TOKEN_NS]) - start  # client.first_token ends at the token
+    assert with_client_moments(with_client_moments(one_span)) == with_client_moments(one_span)  # never doubled
+    assert len(with_client_moments(default)) == len(default)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ollama_tracer.instrument.clock_marker import ENV_MARKER_FILE, ENV_PYSPY_MARKER, start_clock_marker
+from ollama_tracer.instrument.moments import ENV_CLIENT_MOMENTS, MOMENTS_AS_ATTRIBUTES
 from ollama_tracer.vocabulary import SERVICE_CLIENT
 
 log = logging.getLogger("tracer.autoinstrument")
@@ -79,8 +80,11 @@ def child_env(
     service_name: str = SERVICE_CLIENT,
     record_content: bool = False,
     marker_file: str | None = None,
+    moments_as_attributes: bool = False,
 ) -> dict[str, str]:
-    """The environment that makes a Python child export its Ollama spans to ``endpoint``."""
+    """The environment that makes a Python child export its Ollama spans to ``endpoint``.
+    ``moments_as_attributes``: one span per call, its client moments as attributes (a capture,
+    which rebuilds their spans when it reads its records: collectors.otlp)."""
     env = dict(base)
     env["PYTHONPATH"] = os.pathsep.join([str(BOOTSTRAP_DIR), *filter(None, [base.get("PYTHONPATH")])])
     env[ENV_ACTIVE] = "1"
@@ -100,4 +104,6 @@ def child_env(
         env[ENV_RECORD_CONTENT] = "1"
     if marker_file is not None:
         env[ENV_MARKER_FILE] = marker_file
+    if moments_as_attributes:
+        env[ENV_CLIENT_MOMENTS] = MOMENTS_AS_ATTRIBUTES
     return env

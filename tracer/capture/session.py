@@ -244,7 +244,7 @@ def _run_command(command: list[str], options: CaptureOptions, session: SessionIn
         env = child_env(base, endpoint=session.child_env.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
                         protocol=session.child_env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
                         record_content=options.record_content,
-                        marker_file=str(markers))
+                        marker_file=str(markers), moments_as_attributes=True)
     try:
         child = subprocess.Popen(command, env=env, start_new_session=True)
     except OSError as err:

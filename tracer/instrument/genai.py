@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ollama_tracer.clock import parse_created_at
+from ollama_tracer.instrument.moments import ENV_CLIENT_MOMENTS, MOMENTS_AS_ATTRIBUTES
 from ollama_tracer.vocabulary import (
     CLIENT_FIRST_TOKEN,
     CLIENT_REQUEST,
@@ -207,6 +209,7 @@ class StreamRecorder:
         self._ended = False
         self.done = False  # the server's last part arrived: a close after it is not an interrupt
         self.span: Span | None = None
+        self._child_spans = os.environ.get(ENV_CLIENT_MOMENTS) != MOMENTS_AS_ATTRIBUTES
         LAST_RECORDER.set(self)
         try:
             parts = urlsplit(url)
@@ -293,15 +296,16 @@ class StreamRecorder:
             return
         end_ns = time.time_ns()
         ctx = trace.set_span_in_context(span)
-        if self.written_ns is not None:
+        if self.written_ns is not None and self._child_spans:
             child = self._tracer.start_span(CLIENT_REQUEST, context=ctx, start_time=self.built_ns)
             child.set_attribute(TRACER_SOURCE, SOURCE_CLIENT)
             child.end(end_time=self.written_ns)
         if self.first_token_ns is not None:
-            bytes_at_client = self.response_start_ns or self.first_token_ns
-            child = self._tracer.start_span(CLIENT_FIRST_TOKEN, context=ctx, start_time=bytes_at_client)
-            child.set_attribute(TRACER_SOURCE, SOURCE_CLIENT)
-            child.end(end_time=self.first_token_ns)
+            if self._child_spans:
+                bytes_at_client = self.response_start_ns or self.first_token_ns
+                child = self._tracer.start_span(CLIENT_FIRST_TOKEN, context=ctx, start_time=bytes_at_client)
+                child.set_attribute(TRACER_SOURCE, SOURCE_CLIENT)
+                child.end(end_time=self.first_token_ns)
             span.set_attribute(GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK, (self.first_token_ns - self.built_ns) / 1e9)
         attributes: dict[str, Any] = {TRACER_CHUNKS: self.chunks}
         for name, value in (

@@ -44,7 +44,7 @@ from opentelemetry import trace
 try:  # opentelemetry-instrumentation, which the maintained httpx instrumentation brings
     from opentelemetry.instrumentation.utils import suppress_http_instrumentation
 except ImportError:  # without it there is no maintained HTTP span to leave out
-    suppress_http_instrumentation = contextlib.nullcontext
+    suppress_http_instrumentation = contextlib.nullcontext  # type: ignore[assignment]
 
 log = logging.getLogger("tracer.instrument")
 
