@@ -8,9 +8,11 @@ order), with the spans of every instrumented arm exported to the same local OTLP
 * ``openllmetry``: Traceloop's ``opentelemetry-instrumentation-ollama``;
 * ``openlit``: ``openlit.init()`` (its metrics off: the receiver takes traces; content capture
   off, as ours is by default);
-* ``ours``: what ``tracer capture`` and ``tracer run`` install in a Python client (the ``ollama``
-  SDK's GenAI span with its request-written and first-token moments, plus the maintained httpx
-  instrumentation and ours for requests/httpx).
+* ``ours``: what ``tracer capture`` installs in a Python client: the ``ollama`` SDK's GenAI span,
+  its request-written and first-token moments as its attributes (one span per call), and our
+  requests/httpx instrumentation (the maintained httpx span is left out of the SDK's calls);
+* ``ours-run``: what ``tracer run`` installs: the same, with the two moments also as child spans
+  (``client.request``, ``client.first_token``) for a backend that shows spans.
 
 Per request it reports the client process's CPU time (all its threads, the exporters' included:
 each arm flushes its spans before the clock stops) and the wall time, the median over rounds with
@@ -45,7 +47,7 @@ ENVIRONMENTS = {
              "opentelemetry-instrumentation-ollama==0.62.4", "-e", str(REPO)],
     "openlit": [*CLIENT_PINS, "openlit==1.45.0", "opentelemetry-api==1.39.1", "opentelemetry-sdk==1.39.1"],
 }
-ARMS = {"plain": "main", "openllmetry": "main", "openlit": "openlit", "ours": "main"}
+ARMS = {"plain": "main", "openllmetry": "main", "openlit": "openlit", "ours": "main", "ours-run": "main"}
 
 
 def _python(env: str) -> Path:
@@ -89,7 +91,11 @@ def _instrument(arm: str, endpoint: str) -> Any:
         from opentelemetry.instrumentation.ollama import OllamaInstrumentor as Traceloop
 
         Traceloop().instrument(tracer_provider=provider)
-    elif arm == "ours":  # exactly what the auto-instrumentation installs
+    elif arm in ("ours", "ours-run"):  # exactly what the auto-instrumentation installs
+        from ollama_tracer.instrument.moments import ENV_CLIENT_MOMENTS, MOMENTS_AS_ATTRIBUTES
+
+        if arm == "ours":  # as `tracer capture` runs it: one span per call
+            os.environ[ENV_CLIENT_MOMENTS] = MOMENTS_AS_ATTRIBUTES
         from ollama_tracer.instrument.httpx_client import HttpxInstrumentor
         from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
         from ollama_tracer.instrument.requests_client import RequestsInstrumentor
