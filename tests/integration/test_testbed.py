@@ -17,7 +17,10 @@ PROMPT = "Tell me a long story about the river and the mountain city"
 
 
 def stream_generate(host: str, model: str, num_predict: int = 8) -> list[dict[str, Any]]:
-    body = {"model": model, "prompt": PROMPT, "stream": True, "options": {"num_predict": num_predict}}
+    # Greedy and seeded: a sampled synthetic model may end its answer after one token (CI saw
+    # it on tracer-llama), and a test of streaming must not depend on that chance.
+    body = {"model": model, "prompt": PROMPT, "stream": True,
+            "options": {"num_predict": num_predict, "temperature": 0, "seed": 7}}
     with requests.post(f"{host}/api/generate", json=body, stream=True, timeout=300) as response:
         response.raise_for_status()
         return [json.loads(line) for line in response.iter_lines() if line]

@@ -28,7 +28,10 @@ def _server(description: dict[str, Any], version: str) -> dict[str, Any]:
 
 def stream_generate(host: str, model: str, num_predict: int = 8) -> tuple[list[dict[str, Any]], float]:
     """The chunks of one streamed generate, and the seconds to the first token."""
-    body = {"model": model, "prompt": PROMPT, "stream": True, "options": {"num_predict": num_predict}}
+    # Greedy and seeded: a sampled synthetic model may end its answer after one token (CI saw
+    # it on tracer-llama), and a test of streaming must not depend on that chance.
+    body = {"model": model, "prompt": PROMPT, "stream": True,
+            "options": {"num_predict": num_predict, "temperature": 0, "seed": 7}}
     started = time.perf_counter()
     ttft = float("nan")
     chunks = []
