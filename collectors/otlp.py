@@ -76,8 +76,8 @@ def with_client_moments(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
     exports one span per call), as the instrumentation would have exported them: the same times,
     kind, attribute and resource, an id derived from the parent's. Children a client did export
     are kept as they are, and never doubled."""
-    exported = {(s.get("parentSpanId"), s["name"]) for s in spans if s["name"] in (v.CLIENT_REQUEST,
-                                                                                  v.CLIENT_FIRST_TOKEN)}
+    exported = {(s.get("parentSpanId") or "", s["name"]) for s in spans  # "" as usable_span reads a falsy one
+                if s["name"] in (v.CLIENT_REQUEST, v.CLIENT_FIRST_TOKEN)}
     out: list[dict[str, Any]] = []
     for span in spans:
         attributes = span.get("attributes", {})
