@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ollama_tracer import capture_files
 from ollama_tracer.clock import ClockModel
@@ -20,6 +20,7 @@ from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.vocabulary import PROCESS_OTHER
 
 RAW_EVENTS = capture_files.EBPF_EVENTS
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,15 @@ class Timeline(list[ProbeEvent]):
         super().__init__(events)
         self.times = [e.time_ns for e in self]
         self._kinds: dict[str, Timeline] = {}
-        self.derived: dict[str, Any] = {}  # what an analysis computes once per capture (its own key)
+        self.derived: dict[str, tuple[object, Any]] = {}  # see once()
+
+    def once(self, key: str, build: Callable[[], T], depends_on: object = None) -> T:
+        """``build()``, computed once per capture under ``key``: again only for another
+        ``depends_on`` object (the roles it was built with, say)."""
+        cached = self.derived.get(key)
+        if cached is None or cached[0] is not depends_on:
+            cached = self.derived[key] = (depends_on, build())
+        return cached[1]
 
     def of_kind(self, kinds: str) -> Timeline:
         """The events whose kind is one of ``kinds`` (e.g. ``"G"``, ``"CX"``), in time order."""

@@ -184,27 +184,26 @@ def _server_requests(events: list[ProbeEvent], roles: Roles) -> Overlaps:
     response write (answered), the client leaving before any answer (left), or the next ``POST``
     read on that connection (replaced: the earlier one's end was not seen)."""
     line = timeline(events)
-    cached = line.derived.get("server_requests")
-    if cached is not None and cached[0] is roles:
-        return cached[1]  # type: ignore[no-any-return]
-    pending: dict[tuple[int, int], int] = {}  # connection -> its POST read time
-    spans = []
-    for e in line:
-        if roles.get(e.pid) != PROCESS_SERVER:
-            continue
-        key = (e.pid, e.fd)
-        if e.kind == "R" and e.value > 0 and e.text.startswith("POST"):
-            if key in pending:
-                spans.append(Span(key, pending[key], e.time_ns, REPLACED))
-            pending[key] = e.time_ns
-        elif e.kind == "W" and e.text.startswith("HTTP") and key in pending:
-            spans.append(Span(key, pending.pop(key), e.time_ns, ANSWERED))
-        elif e.kind in "RX" and key in pending and e.value <= 0:
-            spans.append(Span(key, pending.pop(key), e.time_ns, LEFT))
-    spans.extend(Span(key, read_at, None) for key, read_at in pending.items())
-    index = Overlaps(spans)
-    line.derived["server_requests"] = (roles, index)
-    return index
+
+    def build() -> Overlaps:
+        pending: dict[tuple[int, int], int] = {}  # connection -> its POST read time
+        spans = []
+        for e in line:
+            if roles.get(e.pid) != PROCESS_SERVER:
+                continue
+            key = (e.pid, e.fd)
+            if e.kind == "R" and e.value > 0 and e.text.startswith("POST"):
+                if key in pending:
+                    spans.append(Span(key, pending[key], e.time_ns, REPLACED))
+                pending[key] = e.time_ns
+            elif e.kind == "W" and e.text.startswith("HTTP") and key in pending:
+                spans.append(Span(key, pending.pop(key), e.time_ns, ANSWERED))
+            elif e.kind in "RX" and key in pending and e.value <= 0:
+                spans.append(Span(key, pending.pop(key), e.time_ns, LEFT))
+        spans.extend(Span(key, read_at, None) for key, read_at in pending.items())
+        return Overlaps(spans)
+
+    return line.once("server_requests", build, roles)
 
 
 def unknown_connection_others(window: list[ProbeEvent], roles: Roles, client_fd: int | None) -> int:
@@ -310,7 +309,7 @@ class EbpfSource:
         cancel = self._cancel(events, roles, interval, concurrent=bool(others), meta=ebpf.meta)
         if cancel is not None:
             phases.append(cancel)
-        hops_why: list[str] = []
+        hops_why: list[tuple[str, str]] = []
         phases.extend(forwarder_phases(events, roles, found.get("R"), found.get("SW"), built, _written(interval),
                                        hops_why))
         matching["missing"].extend(_forwarder_missing(interval, hops_why, ebpf.meta))
@@ -338,7 +337,7 @@ class EbpfSource:
         if found:
             matching["matched"] += 1
         phases = self._phases(found, order)
-        why: list[str] = []
+        why: list[tuple[str, str]] = []
         hops = forwarder_phases(ebpf.events, ebpf.roles, found.get("R"), found.get("SW"),
                                 int(interval.request["startTimeUnixNano"]), _written(interval), why)
         if alone:
@@ -585,12 +584,12 @@ def _alone_edges(phases: list[Phase], found: dict[str, ProbeEvent], interval: In
     return out
 
 
-def _forwarder_missing(interval: Interval, why: list[str], meta: dict[str, Any]) -> list[dict[str, Any]]:
+def _forwarder_missing(interval: Interval, why: list[tuple[str, str]], meta: dict[str, Any]) -> list[dict[str, Any]]:
     """The forwarder's hops left out of ``interval``, and why (``why``: what forwarder_phases said)."""
     lost = int(meta.get("bpftrace_lost_events") or 0)
     tail = f" (bpftrace lost {lost} events in this capture: it may be among them)" if lost else ""
-    return [{"interval": interval.index, "boundary": "forwarder", "phase": w.split(":")[0],
-             "why": w.split(": ", 1)[1] + tail} for w in why]
+    return [{"interval": interval.index, "boundary": "forwarder", "phase": phase, "why": reason + tail}
+            for phase, reason in why]
 
 
 def _missing(interval: Interval, found: dict[str, ProbeEvent], seen: dict[str, ProbeEvent],

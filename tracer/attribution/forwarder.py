@@ -27,15 +27,15 @@ from ollama_tracer.vocabulary import FORWARDER_REQUEST, FORWARDER_RESPONSE, PROC
 def _accepted(events: list[ProbeEvent], roles: Roles) -> dict[tuple[int, int], list[tuple[int, bool]]]:
     """(pid, fd) -> [(time, accepted?)]: what each forwarder fd number was, over time (once per capture)."""
     line = timeline(events)
-    cached = line.derived.get("forwarder_fds")
-    if cached is not None and cached[0] is roles:
-        return cached[1]  # type: ignore[no-any-return]
-    opened: dict[tuple[int, int], list[tuple[int, bool]]] = {}
-    for e in line.of_kind("AC"):
-        if roles.get(e.pid) == PROCESS_FORWARDER:
-            opened.setdefault((e.pid, e.fd), []).append((e.time_ns, e.kind == "A"))
-    line.derived["forwarder_fds"] = (roles, opened)
-    return opened
+
+    def build() -> dict[tuple[int, int], list[tuple[int, bool]]]:
+        opened: dict[tuple[int, int], list[tuple[int, bool]]] = {}
+        for e in line.of_kind("AC"):
+            if roles.get(e.pid) == PROCESS_FORWARDER:
+                opened.setdefault((e.pid, e.fd), []).append((e.time_ns, e.kind == "A"))
+        return opened
+
+    return line.once("forwarder_fds", build, roles)
 
 
 def _is_client_side(opened: dict[tuple[int, int], list[tuple[int, bool]]], e: ProbeEvent) -> bool:
@@ -52,11 +52,12 @@ def _response_out(e: ProbeEvent) -> bool:
 
 
 def forwarder_phases(events: list[ProbeEvent], roles: Roles, read: ProbeEvent | None, first_write: ProbeEvent | None,
-                     since_ns: int, written_ns: int | None = None, why: list[str] | None = None) -> list[Phase]:
+                     since_ns: int, written_ns: int | None = None,
+                     why: list[tuple[str, str]] | None = None) -> list[Phase]:
     """The forwarder's two hops around one request: ``read`` is the server's read of it (R),
     ``first_write`` its first response write (SW); ``since_ns``: when the request was built;
     ``written_ns``: when the client finished writing it, if its span says. ``why``: where to say
-    why a hop is left out."""
+    why a hop is left out, as (its phase, the reason)."""
     if PROCESS_FORWARDER not in roles.values():
         return []
     opened = _accepted(events, roles)
@@ -65,10 +66,10 @@ def forwarder_phases(events: list[ProbeEvent], roles: Roles, read: ProbeEvent | 
         arrivals = [e for e in between(events, since_ns, read.time_ns)
                     if roles.get(e.pid) == PROCESS_FORWARDER and _request_in(e) and _is_client_side(opened, e)]
         if why is not None and len(arrivals) != 1:
-            why.append(f"{FORWARDER_REQUEST}: " + (
-                "no request was seen arriving at the forwarder between the request's start and the server's read"
-                if not arrivals else f"{len(arrivals)} requests crossed the forwarder between the request's start "
-                "and the server's read, and which is whose is unknown"))
+            why.append((FORWARDER_REQUEST,
+                        "no request was seen arriving at the forwarder between the request's start and the server's "
+                        "read" if not arrivals else f"{len(arrivals)} requests crossed the forwarder between the "
+                        "request's start and the server's read, and which is whose is unknown"))
         if len(arrivals) == 1:  # more: another client's request crossed too, and which is whose is unknown
             start = arrivals[0].time_ns
             if written_ns is not None and since_ns <= written_ns <= start:
@@ -80,7 +81,7 @@ def forwarder_phases(events: list[ProbeEvent], roles: Roles, read: ProbeEvent | 
         out = next((e for e in since(events, max(since_ns, first_write.time_ns))
                     if roles.get(e.pid) == PROCESS_FORWARDER and _response_out(e) and _is_client_side(opened, e)), None)
         if out is None and why is not None:
-            why.append(f"{FORWARDER_RESPONSE}: the forwarder was not seen passing the response to a client")
+            why.append((FORWARDER_RESPONSE, "the forwarder was not seen passing the response to a client"))
         if out is not None:
             phases.append(Phase(FORWARDER_RESPONSE, first_write.time_ns, out.time_ns, SOURCE_EBPF, PROCESS_FORWARDER,
                                 {"forwarder_pid": out.pid, "forwarder_fd": out.fd}))

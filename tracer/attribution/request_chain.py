@@ -164,8 +164,8 @@ def _sequences(events: list[ProbeEvent], runner_pid: int) -> Overlaps:
     ``POST /completion`` read → its terminator written, EOF or close (finished), or the next POST
     read on that connection (replaced: the earlier one's end was not seen)."""
     line = timeline(events)
-    key = f"sequences:{runner_pid}"
-    if key not in line.derived:
+
+    def build() -> Overlaps:
         active: dict[int, int] = {}  # fd -> when its request was read
         spans = []
         for e in line:
@@ -179,8 +179,9 @@ def _sequences(events: list[ProbeEvent], runner_pid: int) -> Overlaps:
                                      or (e.kind == "R" and e.value <= 0 and e.value != -11) or e.kind == "X"):
                 spans.append(Span(e.fd, active.pop(e.fd), e.time_ns, FINISHED))
         spans.extend(Span(fd, read_at, None) for fd, read_at in active.items())
-        line.derived[key] = Overlaps(spans)
-    return line.derived[key]  # type: ignore[no-any-return]
+        return Overlaps(spans)
+
+    return line.once(f"sequences:{runner_pid}", build)
 
 
 def own_events(window: list[ProbeEvent], chain: Chain, per_token_symbols: set[str], *,
