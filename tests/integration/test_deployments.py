@@ -62,19 +62,19 @@ def container_server(request: pytest.FixtureRequest, testbed_v034: dict[str, Any
     yield from _layout("container", request.param)
 
 
-def _capture(server: dict[str, Any], out: Path, host: str | None = None,
-             iterations: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
-    def attempt() -> tuple[dict[str, Any], dict[str, Any]]:
-        target = host or server["host"]
-        proc = run_tracer("capture", "-o", str(out), "--force", "--ollama-host", target, "--",
-                          sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", target,
-                          "--model", "tracer-llama:test", "--iterations", str(iterations),
-                          "--interrupt-after-ms", "300",
-                          "--request-timeout", "30", timeout=400)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return (json.loads((out / "attribution.json").read_text()), json.loads((out / "capture.json").read_text()))
+def _capture_once(target: str, out: Path, iterations: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One capture of the interrupt benchmark against ``target``: attribution.json, capture.json."""
+    proc = run_tracer("capture", "-o", str(out), "--force", "--ollama-host", target, "--",
+                      sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", target,
+                      "--model", "tracer-llama:test", "--iterations", str(iterations),
+                      "--interrupt-after-ms", "300",
+                      "--request-timeout", "30", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (json.loads((out / "attribution.json").read_text()), json.loads((out / "capture.json").read_text()))
 
-    return retry_after_stall(server, attempt)  # type: ignore[no-any-return]
+
+def _capture(server: dict[str, Any], out: Path, iterations: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
+    return retry_after_stall(server, lambda: _capture_once(server["host"], out, iterations))  # type: ignore[no-any-return]
 
 
 def _check_intervals(attribution: dict[str, Any], also: Collection[str] = ()) -> list[dict[str, Any]]:
@@ -158,19 +158,30 @@ def test_the_container_under_attach_by_its_published_port(container_server: dict
     assert intervals and all(iv["coverage"] >= 0.98 for iv in intervals)
 
 
-def _through_delay_forwarder(server: dict[str, Any], upstream_port: int, delay_s: float,
+def _through_delay_forwarder(server: dict[str, Any], delay_s: float,
                              out: Path) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
     """A capture through our own forwarder holding each request ``delay_s``: the measured
-    intervals, capture.json, and what the forwarder printed of its holds."""
-    relay = subprocess.Popen([sys.executable, str(Path(REPO) / "tests" / "targets" / "delay_forwarder.py"),
-                              str(upstream_port), str(delay_s)], stdout=subprocess.PIPE, text=True, cwd=REPO)
-    try:
-        assert relay.stdout is not None
-        port = int(relay.stdout.readline())
-        attribution, capture = _capture(server, out, host=f"http://127.0.0.1:{port}", iterations=7)
-    finally:
-        relay.terminate()
-        said, _ = relay.communicate(timeout=30)
+    intervals, capture.json, and what the forwarder printed of its holds.
+
+    The forwarder passes requests to the server docker-proxy forwards to, found again on each
+    attempt: a restart after the stall keeps the published port but not the server's own."""
+
+    def attempt() -> tuple[dict[str, Any], dict[str, Any], str]:
+        _, docker_proxy = follow(int(server["host"].rsplit(":", 1)[1]))
+        assert docker_proxy is not None
+        relay = subprocess.Popen([sys.executable, str(Path(REPO) / "tests" / "targets" / "delay_forwarder.py"),
+                                  str(docker_proxy.target.port), str(delay_s)], stdout=subprocess.PIPE, text=True,
+                                 cwd=REPO)
+        try:
+            assert relay.stdout is not None
+            port = int(relay.stdout.readline())
+            attribution, capture = _capture_once(f"http://127.0.0.1:{port}", out, iterations=7)
+        finally:
+            relay.terminate()
+            said, _ = relay.communicate(timeout=30)
+        return attribution, capture, said
+
+    attribution, capture, said = retry_after_stall(server, attempt)
     assert capture["ollama"]["deployment"]["forwarder"]["name"] == "delay-forwarder"
     assert capture["ollama"]["deployment"]["forwarder"]["how"] == "connection"  # followed, not told
     return _check_intervals(attribution, {"forwarder.request"}), capture, said
@@ -183,12 +194,9 @@ def test_a_delay_in_the_forwarder_lands_in_the_forwarders_phase(container_server
     the request's first bytes → its send of them, on its own clock) is paired with the phase, which
     runs from the client's end of writing (or the forwarder's read) to the server's read: the
     phase less the hold must not move, and the server's own receive must not grow."""
-    _, docker_proxy = follow(int(container_server["host"].rsplit(":", 1)[1]))
-    assert docker_proxy is not None
     arms = {}
     for delay_s in (0.0, 0.04):
-        intervals, _, said = _through_delay_forwarder(container_server, docker_proxy.target.port, delay_s,
-                                                      tmp_path / f"c{delay_s}")
+        intervals, _, said = _through_delay_forwarder(container_server, delay_s, tmp_path / f"c{delay_s}")
         arms[delay_s] = [
             (phases["forwarder.request"]["duration_ms"], forwarder_held_ms(said, phases["client.request"]["start_ns"]),
              sum(p["duration_ms"] for p in interval["phases"] if p["name"] == "server.receive"))
