@@ -103,6 +103,14 @@ def comm(pid: int) -> str:
     return _read(f"/proc/{pid}/comm").strip()
 
 
+def is_llama_server(pid: int) -> bool:
+    """llama.cpp's server, by its binary's name: run alone when it is the pid a capture traces."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/exe")).name == LLAMA_SERVER
+    except OSError:
+        return comm(pid) == LLAMA_SERVER
+
+
 def is_ollama(pid: int) -> bool:
     """An Ollama server or runner: its comm, or its binary's name, is ``ollama`` (or starts with it,
     as a versioned ``ollama-0.13.5`` does) or ``llama-server``. Never a forwarder to follow."""

@@ -274,6 +274,11 @@ SERVER_PID: Final = "server.pid"  # the server process of that request
 
 # -- GenAI attribute values --------------------------------------------------------------------------------
 PROVIDER_OLLAMA: Final = "ollama"  # gen_ai.provider.name
+PROVIDER_LLAMA_CPP: Final = "llama.cpp"  # llama.cpp's llama-server run alone, or llama-cpp-python in process
+GENAI_PROVIDERS: Final = frozenset({PROVIDER_OLLAMA, PROVIDER_LLAMA_CPP})  # the calls an interval can start at
+# Names the provider of the OpenAI-compatible calls (/v1/...), which both engines serve: a capture
+# sets it to llama.cpp when the server it traces is llama-server alone.
+ENV_GENAI_PROVIDER: Final = "TRACER_GENAI_PROVIDER"
 # llama.cpp's server: its binary's and process's name (Ollama v0.30+'s runner, or run alone).
 LLAMA_SERVER: Final = "llama-server"
 # Ollama's designs (collectors.probe_catalogue.design_of): Go runners (v0.13 … v0.29), llama-server

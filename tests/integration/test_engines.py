@@ -29,6 +29,13 @@ def _bench(*args: str, out: Path, env: dict[str, str] | None = None) -> Any:
                       timeout=300, env=env)
 
 
+def _providers(capture: Path) -> set[str]:
+    """gen_ai.provider.name of the calls a capture recorded (its spans.jsonl, the client's and the server's)."""
+    rows = [json.loads(line) for line in (capture / "spans.jsonl").read_text().splitlines() if line.strip()]
+    return {row["attributes"]["gen_ai.provider.name"] for row in rows
+            if "gen_ai.provider.name" in row.get("attributes", {})}
+
+
 def _host(testbed_engines: dict[str, Any], model: str) -> str:
     return next(s["host"] for s in testbed_engines["llama_servers"] if s["model"] == model)
 
@@ -134,6 +141,7 @@ def test_a_capture_around_llama_server_alone_splits_its_own_phases(testbed_engin
                       str(INTERRUPT_MS), "--request-timeout", "60", "--json", str(bench), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "raw" / "ebpf_meta.json").read_text())["plan"]["design"] == "llama-server-alone"
+    assert _providers(out) == {"llama.cpp"}  # the engine's own name, on /v1 as on /completion
     attribution = json.loads((out / "attribution.json").read_text())
     measured = [iv for iv in attribution["intervals"] if not iv["warmup"] and iv["kind"] == "interrupt"]
     assert len(measured) == 6, attribution["intervals"]
@@ -166,6 +174,7 @@ def test_a_capture_around_llama_cpp_python_finds_its_interrupts(testbed_engines:
     attribution = json.loads((out / "attribution.json").read_text())
     measured = [iv for iv in attribution["intervals"] if not iv["warmup"]]
     assert [iv["kind"] for iv in measured] == ["interrupt"] * 4, attribution["intervals"]
+    assert _providers(out) == {"llama.cpp"}
     for iv in measured:
         names = [p["name"] for p in iv["phases"]]
         assert names[:3] == ["client.interrupt", "client.gap", "client.request"] and "client.first_token" in names

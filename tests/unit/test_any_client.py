@@ -14,9 +14,16 @@ from ollama_tracer.attribution.server_requests import (
     untracked_requests,
 )
 from ollama_tracer.collectors.ebpf_events import ProbeEvent, join_split_reads
-from ollama_tracer.instrument.genai import operation_for_path, stream_part, streams_by_default, whole_body_parts
+from ollama_tracer.instrument.genai import (
+    operation_for_path,
+    provider_for_path,
+    stream_part,
+    streams_by_default,
+    whole_body_parts,
+)
 from ollama_tracer.vocabulary import (
     CLIENT_PORT,
+    ENV_GENAI_PROVIDER,
     GEN_AI_PROVIDER_NAME,
     SEEN_FROM_SERVER,
     TRACER_CANCELLED,
@@ -64,6 +71,28 @@ def test_endpoints(path: str, operation: str | None, streams: bool) -> None:
     assert operation_for_path(path) == operation
     if operation:
         assert streams_by_default(path) is streams
+
+
+def test_the_provider_is_the_engine_the_path_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama-server's own /completion is llama.cpp's, Ollama's API Ollama's; the OpenAI-compatible
+    path, which both serve, is Ollama's unless TRACER_GENAI_PROVIDER names a known provider."""
+    monkeypatch.delenv(ENV_GENAI_PROVIDER, raising=False)
+    assert [provider_for_path(p) for p in ("/completion", "/api/generate", "/v1/chat/completions")] == [
+        "llama.cpp", "ollama", "ollama"]
+    monkeypatch.setenv(ENV_GENAI_PROVIDER, "llama.cpp")
+    assert [provider_for_path(p) for p in ("/v1/completions", "/api/chat", "/completion")] == [
+        "llama.cpp", "ollama", "llama.cpp"]
+    monkeypatch.setenv(ENV_GENAI_PROVIDER, "vllm")  # not one the finder knows: the default stands
+    assert provider_for_path("/v1/chat/completions") == "ollama"
+
+
+def test_a_llama_cpp_call_is_an_interval_s_call_as_an_ollama_one_is() -> None:
+    clients = [{**_client(0, 60, 5001), "attributes": {GEN_AI_PROVIDER_NAME: "llama.cpp", TRACER_LOCAL_PORT: 5001}},
+               {**_client(100, 160, 5002), "attributes": {GEN_AI_PROVIDER_NAME: "other", TRACER_LOCAL_PORT: 5002}}]
+    added, counts = merge_server_requests(clients, [_server(1, 5001), _server(101, 5002)])
+    assert counts["matched_by_port"] == 1 and [s["spanId"] for s in added] == ["s101"]
+    spans = server_request_spans(_session(10, 5001, 0), ROLES, provider="llama.cpp")
+    assert [s["attributes"][GEN_AI_PROVIDER_NAME] for s in spans] == ["llama.cpp"]
 
 
 def E(kind: str, t: float, fd: int = -1, value: int = 0, text: str = "") -> ProbeEvent:

@@ -24,7 +24,10 @@ from ollama_tracer.collectors.otlp import ClientSpans
 from ollama_tracer.collectors.pyspy import PythonStacks
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.vocabulary import (
+    DESIGN_LLAMA_SERVER_ALONE,
     PROCESS_CLIENT,
+    PROVIDER_LLAMA_CPP,
+    PROVIDER_OLLAMA,
     SERVICE_BY_PROCESS,
     SERVICE_CLIENT,
     SERVICE_NAME,
@@ -150,7 +153,8 @@ def compute(directory: Path) -> ExportData:
     server_requests: dict[str, Any] | None = None
     untracked: list[dict[str, Any]] = []
     if ebpf is not None:
-        seen = server_request_spans(ebpf.events, ebpf.roles)
+        alone = (ebpf.meta.get("plan") or {}).get("design") == DESIGN_LLAMA_SERVER_ALONE
+        seen = server_request_spans(ebpf.events, ebpf.roles, PROVIDER_LLAMA_CPP if alone else PROVIDER_OLLAMA)
         untracked = untracked_requests(ebpf.events, ebpf.roles, seen)
         if meta.get("mode") == "attach":
             # No client: the requests are the ones the server read, seen through eBPF alone.

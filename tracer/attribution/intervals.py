@@ -15,9 +15,9 @@ from typing import Any
 from ollama_tracer.vocabulary import (
     CLIENT_INTERRUPT,
     GEN_AI_PROVIDER_NAME,
+    GENAI_PROVIDERS,
     PROCESS_CLIENT,
     PROCESS_PID,
-    PROVIDER_OLLAMA,
     SERVICE_INSTANCE_ID,
     SERVICE_NAME,
     SOURCE_EBPF,
@@ -56,7 +56,7 @@ class Interval:
 
 
 def _is_genai(span: Span) -> bool:
-    return bool(span.get("attributes", {}).get(GEN_AI_PROVIDER_NAME) == PROVIDER_OLLAMA)
+    return bool(span.get("attributes", {}).get(GEN_AI_PROVIDER_NAME) in GENAI_PROVIDERS)
 
 
 def _first_token_ns(span: Span) -> int | None:

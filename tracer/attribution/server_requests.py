@@ -34,6 +34,7 @@ from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
 from ollama_tracer.vocabulary import (
     CLIENT_PORT,
     GEN_AI_PROVIDER_NAME,
+    GENAI_PROVIDERS,
     GENERATION_ENDPOINTS,
     PROCESS_PID,
     PROCESS_SERVER,
@@ -71,7 +72,8 @@ def _id(*parts: object, size: int = 16) -> str:
     return hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=size // 2).hexdigest()
 
 
-def server_request_spans(events: list[ProbeEvent], roles: Roles) -> list[dict[str, Any]]:
+def server_request_spans(events: list[ProbeEvent], roles: Roles,
+                         provider: str = PROVIDER_OLLAMA) -> list[dict[str, Any]]:
     """One span per request the server read from a client, in time order."""
     runner_hops: set[tuple[int, int]] = set()  # the server's connections to runners, while open
     peers: dict[tuple[int, int], int] = {}
@@ -111,7 +113,7 @@ def server_request_spans(events: list[ProbeEvent], roles: Roles) -> list[dict[st
             open_requests[key] = {
                 "traceId": trace_id, "spanId": _id(trace_id, "request"), "parentSpanId": "",
                 "name": SPAN_SERVER_REQUEST, "kind": 2, "startTimeUnixNano": e.time_ns, "endTimeUnixNano": e.time_ns,
-                "attributes": {GEN_AI_PROVIDER_NAME: PROVIDER_OLLAMA, TRACER_SOURCE: SOURCE_EBPF,
+                "attributes": {GEN_AI_PROVIDER_NAME: provider, TRACER_SOURCE: SOURCE_EBPF,
                                TRACER_REQUEST_INDEX: index, SERVER_PID: e.pid, SERVER_FD: e.fd,
                                **({CLIENT_PORT: peers[key]} if peers.get(key) else {})},
                 "events": [], "status": {"code": 0, "message": ""},
@@ -187,7 +189,7 @@ def merge_server_requests(client_spans: list[dict[str, Any]],
     the capture) is matched by time alone: its span holds the server request's start. A server
     request that some unmatched client span holds is never added, so a request is counted once
     at most: when in doubt, the client's span wins."""
-    genai = [s for s in client_spans if s.get("attributes", {}).get(GEN_AI_PROVIDER_NAME) == PROVIDER_OLLAMA
+    genai = [s for s in client_spans if s.get("attributes", {}).get(GEN_AI_PROVIDER_NAME) in GENAI_PROVIDERS
              and s.get("attributes", {}).get(TRACER_SOURCE) != SOURCE_EBPF]
     server_ports = {int(s["attributes"][CLIENT_PORT]) for s in server_spans if s["attributes"].get(CLIENT_PORT)}
     taken: set[int] = set()

@@ -17,7 +17,7 @@ from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.vocabulary import (
     GEN_AI_PROVIDER_NAME,
     GEN_AI_REQUEST_MODEL,
-    PROVIDER_OLLAMA,
+    GENAI_PROVIDERS,
     TRACER_CANCELLED,
     TRACER_FIRST_TOKEN_NS,
 )
@@ -32,7 +32,7 @@ def unanswered(records: CaptureRecords) -> list[dict[str, Any]]:
     source = EbpfSource()
     for span in sorted(records.spans, key=lambda s: int(s["startTimeUnixNano"])):
         attributes = span.get("attributes", {})
-        if (attributes.get(GEN_AI_PROVIDER_NAME) != PROVIDER_OLLAMA or attributes.get(TRACER_CANCELLED)
+        if (attributes.get(GEN_AI_PROVIDER_NAME) not in GENAI_PROVIDERS or attributes.get(TRACER_CANCELLED)
                 or attributes.get(TRACER_FIRST_TOKEN_NS) is not None):
             continue
         start, end = int(span["startTimeUnixNano"]), int(span["endTimeUnixNano"])

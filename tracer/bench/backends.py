@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ollama_tracer.instrument.genai import StreamRecorder
-from ollama_tracer.vocabulary import LLAMA_SERVER
+from ollama_tracer.vocabulary import ENV_GENAI_PROVIDER, LLAMA_SERVER, PROVIDER_LLAMA_CPP
 from opentelemetry import trace
 
 BACKEND_OLLAMA = "ollama"
@@ -132,6 +132,8 @@ class LlamaServerBackend:
 
     def __init__(self, settings: StreamSettings) -> None:
         self.settings = settings
+        # The OpenAI-compatible calls' provider is not in their path (Ollama serves it too).
+        os.environ.setdefault(ENV_GENAI_PROVIDER, PROVIDER_LLAMA_CPP)
         if settings.client == "openai":
             import openai
             from ollama_tracer.instrument.httpx_client import HttpxInstrumentor

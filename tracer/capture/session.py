@@ -25,9 +25,10 @@ from ollama_tracer.autoinstrument import child_env
 from ollama_tracer.capture import directory as capture_directory
 from ollama_tracer.clock import ClockModel, ClockTicker
 from ollama_tracer.collectors.base import Collector, SessionInfo
-from ollama_tracer.deployment import describe
+from ollama_tracer.deployment import describe, is_llama_server
 from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.process_discovery import ollama_version_of, process_alive, server_settings
+from ollama_tracer.vocabulary import ENV_GENAI_PROVIDER, PROVIDER_LLAMA_CPP
 
 # Files a capture writes; --force removes exactly these, never anything else in the directory.
 CAPTURE_FILES = capture_files.OUTPUTS
@@ -237,6 +238,8 @@ def _run_command(command: list[str], options: CaptureOptions, session: SessionIn
     base[ENV_CAPTURE_DIR] = str(options.directory.resolve())
     if options.ollama_host:
         base.setdefault("OLLAMA_HOST", options.ollama_host)
+    if options.ollama_pid is not None and is_llama_server(options.ollama_pid):
+        base.setdefault(ENV_GENAI_PROVIDER, PROVIDER_LLAMA_CPP)  # its /v1 calls are llama.cpp's, not Ollama's
     env = base
     if options.auto_instrument:
         markers = session.raw_dir / "markers.txt"

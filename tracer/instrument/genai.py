@@ -32,6 +32,7 @@ from ollama_tracer.instrument.moments import ENV_CLIENT_MOMENTS, MOMENTS_AS_ATTR
 from ollama_tracer.vocabulary import (
     CLIENT_FIRST_TOKEN,
     CLIENT_REQUEST,
+    ENV_GENAI_PROVIDER,
     ERROR_TYPE,
     GEN_AI_INPUT_MESSAGES,
     GEN_AI_OPERATION_NAME,
@@ -45,11 +46,13 @@ from ollama_tracer.vocabulary import (
     GEN_AI_RESPONSE_TIME_TO_FIRST_CHUNK,
     GEN_AI_USAGE_INPUT_TOKENS,
     GEN_AI_USAGE_OUTPUT_TOKENS,
+    GENAI_PROVIDERS,
     GENERATION_ENDPOINTS,
     LLAMA_SERVER_COMPLETION,
     OLLAMA_CREATED_AT_FIRST_NS,
     OLLAMA_CREATED_AT_LAST_NS,
     OLLAMA_TIMING_ATTRIBUTES,
+    PROVIDER_LLAMA_CPP,
     PROVIDER_OLLAMA,
     SERVER_ADDRESS,
     SERVER_PORT,
@@ -68,7 +71,6 @@ from opentelemetry.trace import Span, SpanKind
 
 log = logging.getLogger("tracer.instrument")
 
-PROVIDER = PROVIDER_OLLAMA
 # Ollama's own API streams NDJSON by default; its OpenAI-compatible one streams server-sent
 # events (``data: {...}``, ending ``data: [DONE]``) and only when asked to (``"stream": true``).
 OPERATIONS = GENERATION_ENDPOINTS
@@ -90,6 +92,18 @@ def operation_for_path(path: str) -> str | None:
         if path.split("?")[0].rstrip("/").endswith(suffix):
             return operation
     return None
+
+
+def provider_for_path(path: str) -> str:
+    """gen_ai.provider.name of a call to ``path``: llama-server's own ``/completion`` is llama.cpp's,
+    Ollama's API is Ollama's, and the OpenAI-compatible one, which both serve, is Ollama's unless
+    ``TRACER_GENAI_PROVIDER`` names another known provider."""
+    if is_openai_path(path):
+        named = os.environ.get(ENV_GENAI_PROVIDER, "")
+        return named if named in GENAI_PROVIDERS else PROVIDER_OLLAMA
+    if path.split("?")[0].rstrip("/").endswith(LLAMA_SERVER_COMPLETION):
+        return PROVIDER_LLAMA_CPP
+    return PROVIDER_OLLAMA
 
 
 def is_openai_path(path: str) -> bool:
@@ -218,7 +232,7 @@ class StreamRecorder:
             self.model = str(body.get("model", ""))
             options = body.get("options") or {}
             attributes: dict[str, Any] = {
-                GEN_AI_PROVIDER_NAME: PROVIDER,
+                GEN_AI_PROVIDER_NAME: provider_for_path(parts.path),
                 GEN_AI_OPERATION_NAME: self.operation,
                 GEN_AI_REQUEST_MODEL: self.model,
                 GEN_AI_REQUEST_STREAM: stream,
