@@ -281,6 +281,7 @@ def prefill_case(server: Server, work: Path) -> dict[str, Any]:
 
 
 SLOT_HOLDS_MS = (25.0, 25.0 + DELAY_MS)  # the relay's hold of the interrupted stream's close, in turn
+CLOSE_SLACK_NS = 1_000_000  # the relay's clock (time.time_ns) against the phases' (eBPF's, converted): well under 1 ms
 
 
 def _close_of(interval: dict[str, Any], relay: DelayRelay) -> tuple[float, float] | None:
@@ -326,11 +327,14 @@ def slot_case(server: Server, work: Path) -> dict[str, Any]:
             relay.close()
     groups: dict[float, list[tuple[dict[str, Any], float]]] = {hold: [] for hold in SLOT_HOLDS_MS}
     not_held = 0
+    close_in_wait: list[bool] = []
     for iv in intervals:
         if (close := _close_of(iv, relay)) is None or close[1] <= 0:
             not_held += 1
             continue
         groups[close[0]].append((iv, close[1]))
+        if (inside := _close_in_wait(iv, relay, phases)) is not None:
+            close_in_wait.append(inside)
     short, long = (groups[hold] for hold in SLOT_HOLDS_MS)
     if len(short) < 3 or len(long) < 3:
         raise ValueError(f"only {len(short)} and {len(long)} interval(s) whose next request waited for a held close")
@@ -341,8 +345,27 @@ def slot_case(server: Server, work: Path) -> dict[str, Any]:
     return _row(f"slot wait (1 slot, close held {low:.0f} vs {high:.0f} ms)", "+".join(phases),
                 held[high] - held[low], waits[high] - waits[low], noise, holds_ms=list(SLOT_HOLDS_MS),
                 held_ms=[held[low], held[high]], intervals=[len(short), len(long)], not_held=not_held,
-                closes_ms=[(sent - seen) / 1e6 for seen, sent in relay.closes_ns],
+                closes_ms=[(sent - seen) / 1e6 for seen, sent in relay.closes_ns], close_in_wait=close_in_wait,
                 **_grew_most([iv for iv, _ in short], [iv for iv, _ in long]))
+
+
+def _close_in_wait(interval: dict[str, Any], relay: DelayRelay, phases: tuple[str, ...]) -> bool | None:
+    """Whether the moment the relay passed the interrupted stream's close on lies within the
+    interval's wait phases, when they had begun by then (None when they had not, or there are
+    none). It must: the slot cannot be free before the server can learn of the close, and the
+    request is waiting for it. Unlike the medians of the two holds, this holds per interval
+    whatever the load does to the server's time to notice the close (hundreds of ms beside
+    stress-ng, where the medians of 5 intervals then differ by chance more than 40 ms)."""
+    waits = [p for p in interval["phases"] if set(_names_in(p["name"])) & set(phases)]
+    closes = sorted((abs(seen - interval["start_ns"]), sent) for seen, sent in relay.closes_ns
+                    if interval["start_ns"] - 50_000_000 <= seen <= interval["end_ns"])  # as _close_of picks it
+    if not waits or not closes:
+        return None
+    sent = closes[0][1]
+    start, end = min(p["start_ns"] for p in waits), max(p["end_ns"] for p in waits)
+    if start > sent:
+        return None  # the close was passed on before the request began to wait
+    return sent <= end + CLOSE_SLACK_NS
 
 
 def _loads(interval: dict[str, Any]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import resource
@@ -31,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+TARGET_HALF_WIDTH = 0.01  # the resolution: a ratio known to ±1 %
 OFF = ["--no-ebpf", "--ollama-log", "/dev/null", "--gpu-rate", "0", "--pyspy-rate", "0", "--profile-hz", "0"]
 
 
@@ -140,12 +142,18 @@ def main() -> int:
                 f"{arm} {statistics.median(samples[arm]):.2f} ms" for arm in arms), file=sys.stderr)
     medians = {arm: statistics.median(values) for arm, values in samples.items()}
     ci = {arm: ratio_ci(samples[arm], samples[ARMS[arm][1]]) for arm in arms if ARMS[arm][1] != arm}
+    # The half-width reached, and the intervals per arm a half-width of 1 % would take (it
+    # shrinks as 1/sqrt(n)).
+    half = {arm: (high - low) / 2 for arm, (low, high) in ci.items()}
+    needed = {arm: math.ceil(len(samples[arm]) * (width / TARGET_HALF_WIDTH) ** 2) for arm, width in half.items()}
     result = {
         "model": args.model, "rounds": args.rounds, "intervals_per_arm": len(samples[arms[0]]),
         "median_ms": medians,
         "ratio_to_plain": {arm: medians[arm] / medians["plain"] for arm in arms if "plain" in medians},
         "ratio_to_baseline": {arm: medians[arm] / medians[ARMS[arm][1]] for arm in arms},
         "ratio_to_baseline_ci95": ci,
+        "half_width": half,
+        "intervals_for_1pct_half_width": needed,
         "baseline": {arm: ARMS[arm][1] for arm in arms},
         "cpu_s_per_interval": {arm: cpu[arm] / max(1, len(samples[arm])) for arm in arms},
         "uprobe_hits_per_request_median": statistics.median(hits) if hits else None,
@@ -164,6 +172,9 @@ def main() -> int:
               f"{low_high:>18}{result['cpu_s_per_interval'][arm]:>16.3f}")
     print("95 % CI: bootstrap of median(arm) / median(baseline) over the intervals; a CI that holds 1.0 is "
           "a cost this machine's noise cannot tell from none.")
+    for arm, width in half.items():
+        reached = "reached" if width <= TARGET_HALF_WIDTH else f"would need about {needed[arm]} intervals per arm"
+        print(f"{arm}: half-width {100 * width:.2f} % with {len(samples[arm])} intervals; 1 % {reached}")
     for arm, why in skipped.items():
         print(f"{arm}: not run ({why})")
     print(f"eBPF uprobe hits per request (median): {result['uprobe_hits_per_request_median']}")

