@@ -60,12 +60,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import STALLED, Stalled, heal  # the benchmarks share one way through the stall
+
 MODEL = "tracer-llama:test"
 COMM = "budget_probe"  # the microbenchmark binary's name, and its comm
 PRINT_U = ('printf("U %llu %d %d 0 %llu %llu\\n", nsecs, pid, tid, '
            '*(uint64*)(reg("sp") + 8), *(uint64*)(reg("sp") + 16))')
 PRINT_W = 'printf("W %llu %d %d %d %d %r\\n", nsecs, pid, tid, args->fd, args->count, buf(args->buf, 18))'
 PRINT_P = 'printf("P %llu %d %d\\n%s\\n", nsecs, pid, tid, ustack(perf, 32))'
+UPROBE_KINDS = frozenset("UGT")  # the capture's lines its uprobes print; the others are its tracepoints
 CAPTURE_FILTER = '(comm == "ollama" || comm == "llama-server")'  # the capture's: never this benchmark's comm
 
 C_SOURCE = r"""
@@ -173,10 +177,21 @@ class Bpftrace:
     def pid(self) -> int:
         return self.proc.pid
 
-    def stop(self) -> str:
-        """SIGINT (it prints its maps); everything it printed."""
+    def stop(self, wake: Callable[[], object] | None = None) -> str:
+        """SIGINT (it prints its maps); everything it printed. bpftrace 0.17 idle in epoll_wait
+        after a burst of printed events may not see the signal until another event comes:
+        ``wake`` makes one (a hit of its probe), and a bpftrace that still runs is killed."""
         self.proc.send_signal(signal.SIGINT)
-        self.proc.communicate(timeout=120)
+        try:
+            self.proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            if wake is not None:
+                wake()
+            try:
+                self.proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
         text = Path(self._out.name).read_text()
         self._out.close()
         return text
@@ -216,7 +231,7 @@ def unit_costs(rounds: int, work: Path) -> dict[str, Any]:
             try:
                 return _run_loop(binary, mode, n)
             finally:
-                probe.stop()
+                probe.stop(wake=lambda: _run_loop(binary, mode, 1))
         return arm
 
     print("unit costs: uprobe hits ...", file=sys.stderr, flush=True)
@@ -246,7 +261,7 @@ def unit_costs(rounds: int, work: Path) -> dict[str, Any]:
                 return _run_loop(binary, "spin", spin_ms)
             finally:
                 if probe is not None:
-                    probe.stop()
+                    probe.stop(wake=lambda: _run_loop(binary, "spin", 20))
         return arm
     s = _interleaved({"none": spin_with(None),
                       "profile": spin_with(f"profile:hz:99 /comm == \"{COMM}\"/ {{ {PRINT_P}; }}")}, rounds)
@@ -268,7 +283,7 @@ def unit_costs(rounds: int, work: Path) -> dict[str, Any]:
         _run_loop(binary, "call", calls)
         time.sleep(0.5)  # its reader drains the buffer
         per_line.append((_cpu_of(probe.pid) - before) * 1e6 / calls)
-        probe.stop()
+        probe.stop(wake=lambda: _run_loop(binary, "call", 1))
     costs["bpftrace_cpu_per_line_us"] = {"median": round(statistics.median(per_line), 3), "range": _spread(per_line),
                                          "rounds": rounds}
     return costs
@@ -343,6 +358,7 @@ def _span_cost(rounds: int, work: Path) -> dict[str, Any]:
 # -- part 2: counts per interval -------------------------------------------------------------------------------
 
 PROBE_LINE = re.compile(r"^(uprobe:\S+|tracepoint:\S+|profile:hz:\d+)\s+(/.*/\s*)?\{")
+COMM_FILTER = re.compile(r'comm == "[^"]+"(?: \|\| comm == "[^"]+")*')
 PRINTED_KIND = re.compile(r'printf\("([A-Z]) %llu %d %d (\d+ )?')
 
 
@@ -354,6 +370,8 @@ def counting_script(capture_script: str, probe_index: dict[str, str]) -> tuple[s
     names: dict[int, str] = {}
     out: list[str] = []
     seen_tracepoints: set[str] = set()
+    found = COMM_FILTER.search(capture_script)
+    comms = f"({found.group(0)})" if found else CAPTURE_FILTER  # its own (a versioned binary is its comm)
     for line in capture_script.splitlines():
         match = PROBE_LINE.match(line)
         if not match:
@@ -368,10 +386,10 @@ def counting_script(capture_script: str, probe_index: dict[str, str]) -> tuple[s
         elif probe.startswith("tracepoint:") and probe not in seen_tracepoints:
             seen_tracepoints.add(probe)
             number = len(seen_tracepoints)  # an integer key: a string one is 64 bytes in every entry
-            out.append(f"{probe} {{ if ({CAPTURE_FILTER}) {{ @t[{number}, nsecs / 1000000] = count(); }} "
+            out.append(f"{probe} {{ if ({comms}) {{ @t[{number}, nsecs / 1000000] = count(); }} "
                        f"else {{ @o[{number}, nsecs / 1000000] = count(); }} }}")
         elif probe.startswith("profile:"):
-            out.append(f"{probe} {{ if ({CAPTURE_FILTER}) {{ @p[nsecs / 1000000] = count(); }} "
+            out.append(f"{probe} {{ if ({comms}) {{ @p[nsecs / 1000000] = count(); }} "
                        f"else {{ @q[nsecs / 1000000] = count(); }} }}")
     return "\n".join(out) + "\n", names
 
@@ -396,14 +414,29 @@ def _in_windows(buckets: dict[int, int], windows: list[tuple[int, int]]) -> list
 
 
 def count_events(host: str, version: str, iterations: int, work: Path) -> dict[str, Any]:
+    """:func:`count_events_once`, once more after Ollama's interrupt stall (the server restarted)."""
+    try:
+        return count_events_once(host, version, iterations, work)
+    except Stalled as stall:
+        print(f"counts on {version}: Ollama stalled ({stall}); restarting it and counting again",
+              file=sys.stderr, flush=True)
+        heal(host)
+        return count_events_once(host, version, iterations, work)
+
+
+def count_events_once(host: str, version: str, iterations: int, work: Path) -> dict[str, Any]:
     """A capture with a counting bpftrace beside it: events per measured interval, per kind."""
     base = [sys.executable, "-m", "ollama_tracer"]
     bench = [*base, "bench", "interrupt", "--host", host, "--model", MODEL, "--interrupt-after-ms", "300",
              "--request-timeout", "60"]
     print(f"counts on {version}: a short capture for its probe script ...", file=sys.stderr, flush=True)
     first = work / f"script-{version}"
-    subprocess.run([*base, "capture", "-o", str(first), "--force", "--ollama-host", host, "--",
-                    *bench, "--iterations", "1"], check=True, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([*base, "capture", "-o", str(first), "--force", "--ollama-host", host, "--",
+                           *bench, "--iterations", "1"], capture_output=True, text=True, timeout=900, check=False)
+    if proc.returncode == STALLED:
+        raise Stalled(proc.stderr.strip().splitlines()[-1])
+    if proc.returncode != 0:
+        raise SystemExit(f"observer_budget: the first capture on {version} failed: {proc.stderr[-800:]}")
     meta = json.loads((first / "raw" / "ebpf_meta.json").read_text())
     script, names = counting_script((first / "raw" / "ebpf_script.bt").read_text(), meta.get("probe_index") or {})
     counter = Bpftrace(script, env={"BPFTRACE_MAP_KEYS_MAX": "200000"})
@@ -416,10 +449,14 @@ def count_events(host: str, version: str, iterations: int, work: Path) -> dict[s
                            *bench, "--iterations", str(iterations)], capture_output=True, text=True, timeout=1800)
     seconds = time.monotonic() - started
     text = counter.stop()
+    if proc.returncode == STALLED:
+        raise Stalled(proc.stderr.strip().splitlines()[-1])
     if proc.returncode != 0:
         raise SystemExit(f"observer_budget: the capture on {version} failed (exit {proc.returncode}): "
                          f"{proc.stderr[-800:]}")
     counts = parse_counts(text)
+    if not counts:
+        raise SystemExit(f"observer_budget: the counting bpftrace printed no maps on {version}: {text[-400:]}")
     attribution = json.loads((out / "attribution.json").read_text())
     intervals = [iv for iv in attribution["intervals"] if not iv["warmup"] and iv["kind"] == "interrupt"]
     windows_ns = [(int(iv["start_ns"]), int(iv["end_ns"])) for iv in intervals]
@@ -468,7 +505,8 @@ def _recorded(out: Path, windows: list[tuple[int, int]]) -> dict[str, list[int]]
     result: dict[str, list[int]] = {}
     ebpf = records.get(EbpfRecords)
     if ebpf is not None:
-        result["printed lines (eBPF)"] = count(e.time_ns for e in ebpf.events)
+        result["printed lines (uprobes)"] = count(e.time_ns for e in ebpf.events if e.kind in UPROBE_KINDS)
+        result["printed lines (tracepoints)"] = count(e.time_ns for e in ebpf.events if e.kind not in UPROBE_KINDS)
         result["stack samples"] = count(s.time_ns for s in ebpf.native_stacks)
     stacks = records.get(PythonStacks)
     if stacks is not None:  # slices of unchanged stacks: their overlap with a window × the rate
@@ -489,24 +527,35 @@ def budget(units: dict[str, Any], counts: dict[str, Any]) -> list[dict[str, Any]
     """Per collector: events per interval, expected µs per interval, and the share of the median."""
     u = {k: (v.get("median", 0.0) if isinstance(v, dict) else 0.0) for k, v in units.items()}
     per = counts["per_interval"]
-    printed = per.get("printed lines (eBPF)", 0.0)
+    printed_u, printed_t = per.get("printed lines (uprobes)", 0.0), per.get("printed lines (tracepoints)", 0.0)
+    # py-spy never stops the client (--nonblocking): a loss its microbenchmark cannot tell from 0 is 0.
+    pyspy_us = max(0.0, u["pyspy_sample_us"])
     rows = [
         ("eBPF probes (uprobes + syscall tracepoints)",
          per["uprobe hits"] + per["tracepoint firings (filter passed)"] + per["tracepoint firings (filter failed)"],
          per["uprobe hits"] * u["uprobe_hit_us"]
          + (per["tracepoint firings (filter passed)"] + per["tracepoint firings (filter failed)"])
          * u["tracepoint_filtered_us"]
-         + printed * max(0.0, u["tracepoint_printed_us"] - u["tracepoint_filtered_us"])),
+         + printed_u * max(0.0, u["uprobe_printed_us"] - u["uprobe_hit_us"])
+         + printed_t * max(0.0, u["tracepoint_printed_us"] - u["tracepoint_filtered_us"])),
         ("native stacks (profile 99 Hz)", per.get("stack samples", 0.0),
          per.get("stack samples", 0.0) * u["stack_sample_us"]),
         ("py-spy (100 Hz, non-blocking)", per.get("py-spy samples", 0.0),
-         per.get("py-spy samples", 0.0) * u["pyspy_sample_us"]),
+         per.get("py-spy samples", 0.0) * pyspy_us),
         ("client spans (OTLP)", per.get("spans exported", 0.0), per.get("spans exported", 0.0) * u["span_us"]),
         ("Ollama log (read by the tracer)", per.get("log lines", 0.0), 0.0),
     ]
     median_us = (counts["median_interval_ms"] or 0) * 1000
+    # CPU per second of capture off the path: bpftrace reading what it printed, py-spy sampling.
+    seconds = counts["capture_s"] or 1.0
+    totals = counts["totals"]
+    lines = totals.get("printed lines (uprobes)", 0) + totals.get("printed lines (tracepoints)", 0)
+    pyspy_cpu = units.get("pyspy_sample_us", {}).get("pyspy_cpu_us_per_sample", 0.0)
+    off_path_ms_per_s = {0: lines * u["bpftrace_cpu_per_line_us"] / seconds / 1000, 2: pyspy_cpu * 100 / 1000}
     return [{"collector": name, "events": round(events, 1), "added_us": round(added, 1),
-             "share": round(added / median_us, 5) if median_us else None} for name, events, added in rows]
+             "share": round(added / median_us, 5) if median_us else None,
+             "cpu_ms_per_s": round(off_path_ms_per_s.get(index, 0.0), 2)}
+            for index, (name, events, added) in enumerate(rows)]
 
 
 def main() -> int:
@@ -517,11 +566,16 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--ab", type=Path, help="benchmarks/overhead.py --json output to compare with")
     parser.add_argument("--units-only", action="store_true", help="the unit costs alone (no testbed needed)")
+    parser.add_argument("--units", type=Path, help="reuse the unit costs of an earlier run's --json")
     args = parser.parse_args()
+    # A background job of a shell script starts with SIGINT ignored, and its children inherit
+    # that: bpftrace would never stop to print its maps, nor py-spy to write its file. A handler
+    # here is reset to the default in every child at exec.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if os.geteuid() != 0:
         raise SystemExit("observer_budget: needs root (bpftrace and py-spy attach to other processes).")
     work = Path(tempfile.mkdtemp(prefix="observer-budget-"))
-    units = unit_costs(args.rounds, work)
+    units = json.loads(args.units.read_text())["units"] if args.units else unit_costs(args.rounds, work)
     print("\nunit costs on this machine (median of paired rounds):")
     for key, value in units.items():
         print(f"  {key:28s} {json.dumps(value)}")
@@ -548,12 +602,13 @@ def _print_budget(version: str, counts: dict[str, Any], rows: list[dict[str, Any
     print("  events per interval: " + ", ".join(f"{k} {v}" for k, v in counts["per_interval"].items()))
     print("  uprobe hits per interval, by function: "
           + ", ".join(f"{k} {v:.1f}" for k, v in counts["uprobe_hits_by_function"].items()))
-    print(f"  {'collector':46s} {'events':>8s} {'added µs':>10s} {'share':>8s}")
+    print(f"  {'collector':46s} {'events':>8s} {'added µs':>10s} {'share':>8s} {'off-path CPU ms/s':>18s}")
     total = 0.0
     for row in rows:
         total += row["added_us"]
         share = f"{100 * row['share']:.2f} %" if row["share"] is not None else "-"
-        print(f"  {row['collector']:46s} {row['events']:8.1f} {row['added_us']:10.1f} {share:>8s}")
+        print(f"  {row['collector']:46s} {row['events']:8.1f} {row['added_us']:10.1f} {share:>8s} "
+              f"{row['cpu_ms_per_s']:18.2f}")
     median_us = (counts["median_interval_ms"] or 0) * 1000
     share_total = total / median_us if median_us else None
     print(f"  {'all':46s} {'':8s} {total:10.1f} {100 * share_total:7.2f} %" if share_total is not None else "")

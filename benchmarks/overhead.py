@@ -78,6 +78,24 @@ def ratio_ci(values: list[float], baseline: list[float], resamples: int = 2000, 
     return [round(ratios[int(0.025 * resamples)], 4), round(ratios[int(0.975 * resamples) - 1], 4)]
 
 
+STALLED = 11  # `tracer bench` and `tracer capture`: Ollama accepted a request and sent nothing (the stall)
+
+
+class Stalled(Exception):
+    """Ollama's interrupt stall (README) ended an arm's run: the round is dropped, the server restarted."""
+
+
+def heal(host: str) -> None:
+    """Restart the testbed's server at ``host`` after the stall (it keeps its port)."""
+    from urllib.request import urlopen
+
+    with urlopen(f"{host}/api/version", timeout=10) as answer:  # the stall leaves /api/version answering
+        version = json.loads(answer.read())["version"]
+    # `testbed up` finds the stalled server (its models do not answer) and restarts it on its port.
+    subprocess.run([sys.executable, "-m", "ollama_tracer", "testbed", "up", "--ollama", version],
+                   capture_output=True, text=True, timeout=900, check=True)
+
+
 def run_arm(arm: str, host: str, model: str, iterations: int, base: Path, index: int) -> tuple[list[float], dict]:
     out = base / f"{arm}-{index}.json"
     bench = [sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", host, "--model", model,
@@ -88,7 +106,11 @@ def run_arm(arm: str, host: str, model: str, iterations: int, base: Path, index:
                                        "--force",
                                        "--ollama-host", host, *extra, "--", *bench]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode == STALLED:
+        raise Stalled(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "exit 11")
+    if proc.returncode != 0:
+        raise SystemExit(f"overhead: the {arm} arm failed (exit {proc.returncode}): {proc.stderr[-800:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     values = [it["interrupt_to_first_token_ms"] for it in json.loads(out.read_text())["iterations"]
               if not it["warmup"]]
@@ -128,11 +150,20 @@ def main() -> int:
     samples: dict[str, list[float]] = {arm: [] for arm in arms}
     cpu: dict[str, float] = dict.fromkeys(arms, 0.0)
     hits: list[int] = []
+    dropped: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
             order = arms[round_index % len(arms):] + arms[:round_index % len(arms)]
-            for arm in order:
-                values, info = run_arm(arm, args.host, args.model, args.iterations, Path(tmp), round_index)
+            try:
+                done = {arm: run_arm(arm, args.host, args.model, args.iterations, Path(tmp), round_index)
+                        for arm in order}
+            except Stalled as stall:  # every arm keeps the same rounds: this one is dropped for all
+                dropped.append(round_index + 1)
+                print(f"round {round_index + 1}/{args.rounds}: dropped, Ollama stalled ({stall}); restarting it",
+                      file=sys.stderr)
+                heal(args.host)
+                continue
+            for arm, (values, info) in done.items():
                 samples[arm] += values
                 cpu[arm] += info["cpu_s"]
                 for request in info.get("evidence", {}).get("gguf_scans_per_request", []):
@@ -158,6 +189,7 @@ def main() -> int:
         "cpu_s_per_interval": {arm: cpu[arm] / max(1, len(samples[arm])) for arm in arms},
         "uprobe_hits_per_request_median": statistics.median(hits) if hits else None,
         "skipped": skipped,
+        "rounds_dropped_for_the_stall": dropped,
     }
     if args.json:
         print(json.dumps(result, indent=2))
