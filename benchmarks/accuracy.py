@@ -291,13 +291,23 @@ def _close_of(interval: dict[str, Any], relay: DelayRelay) -> tuple[float, float
     close really kept the next request waiting: on a busy machine the client may send its next
     request late, and one sent after the close was passed on waited for nothing of the relay's."""
     began = min((p["start_ns"] for p in interval["phases"] if p["name"] == CLIENT_REQUEST), default=None)
+    close = _nearest_close(interval, relay)
+    if close is None or began is None:
+        return None
+    asked, sent = close
+    return asked, (sent - began) / 1e6
+
+
+def _nearest_close(interval: dict[str, Any], relay: DelayRelay) -> tuple[float, int] | None:
+    """The relay's close of ``interval``'s interrupted stream: the one it saw nearest the interrupt
+    (from 50 ms before it to the next first token), as (the hold asked, ms; when it passed it on, ns)."""
     closes = [(abs(seen - interval["start_ns"]), asked * 1000, sent)
               for (seen, sent), asked in zip(relay.closes_ns, relay.close_delays_s, strict=True)
               if interval["start_ns"] - 50_000_000 <= seen <= interval["end_ns"]]
-    if not closes or began is None:
+    if not closes:
         return None
     _distance, asked, sent = min(closes)
-    return asked, (sent - began) / 1e6
+    return asked, sent
 
 
 def slot_case(server: Server, work: Path) -> dict[str, Any]:
@@ -357,11 +367,10 @@ def _close_in_wait(interval: dict[str, Any], relay: DelayRelay, phases: tuple[st
     whatever the load does to the server's time to notice the close (hundreds of ms beside
     stress-ng, where the medians of 5 intervals then differ by chance more than 40 ms)."""
     waits = [p for p in interval["phases"] if set(_names_in(p["name"])) & set(phases)]
-    closes = sorted((abs(seen - interval["start_ns"]), sent) for seen, sent in relay.closes_ns
-                    if interval["start_ns"] - 50_000_000 <= seen <= interval["end_ns"])  # as _close_of picks it
-    if not waits or not closes:
+    close = _nearest_close(interval, relay)
+    if not waits or close is None:
         return None
-    sent = closes[0][1]
+    _asked, sent = close
     start, end = min(p["start_ns"] for p in waits), max(p["end_ns"] for p in waits)
     if start > sent:
         return None  # the close was passed on before the request began to wait

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engines import rotate  # the benchmarks rotate their arms alike
 from overhead import STALLED, Stalled, heal  # the benchmarks share one way through the stall
 
 MODEL = "tracer-llama:test"
@@ -205,9 +206,8 @@ def _run_loop(binary: Path, mode: str, n: int) -> float:
 def _interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
     """Each arm once per round, the order rotating: their values by arm."""
     values: dict[str, list[float]] = {name: [] for name in arms}
-    names = list(arms)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in rotate(list(arms), r):
             values[name].append(arms[name]())
     return values
 
@@ -462,9 +462,7 @@ def count_events_once(host: str, version: str, iterations: int, work: Path) -> d
     windows_ns = [(int(iv["start_ns"]), int(iv["end_ns"])) for iv in intervals]
     windows = [((a - offset_ns) // 1_000_000, (b - offset_ns) // 1_000_000) for a, b in windows_ns]
     per: dict[str, list[int]] = {}
-    uprobes = [sum(x) for x in zip(*(_in_windows(b, windows) for b in counts["u"].values()), strict=True)] \
-        if counts["u"] else [0] * len(windows)
-    per["uprobe hits"] = uprobes
+    per["uprobe hits"] = _sum_maps(counts["u"], windows)
     per["tracepoint firings (filter passed)"] = _sum_maps(counts["t"], windows)
     per["tracepoint firings (filter failed)"] = _sum_maps(counts["o"], windows)
     per["profile ticks (ours)"] = _sum_maps({"": counts["p"].get("", {})}, windows)

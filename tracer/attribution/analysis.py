@@ -12,6 +12,7 @@ from ollama_tracer import capture_files
 from ollama_tracer.attribution import attribute
 from ollama_tracer.attribution.correlate import Evidence, correlate
 from ollama_tracer.attribution.diagnosis import cache_slots, diagnose
+from ollama_tracer.attribution.ebpf_source import capture_design
 from ollama_tracer.attribution.server_requests import merge_server_requests, server_request_spans, untracked_requests
 from ollama_tracer.attribution.unanswered import unanswered
 from ollama_tracer.capture import directory as capture_directory
@@ -153,7 +154,7 @@ def compute(directory: Path) -> ExportData:
     server_requests: dict[str, Any] | None = None
     untracked: list[dict[str, Any]] = []
     if ebpf is not None:
-        alone = (ebpf.meta.get("plan") or {}).get("design") == DESIGN_LLAMA_SERVER_ALONE
+        alone = capture_design(ebpf.meta) == DESIGN_LLAMA_SERVER_ALONE
         seen = server_request_spans(ebpf.events, ebpf.roles, PROVIDER_LLAMA_CPP if alone else PROVIDER_OLLAMA)
         untracked = untracked_requests(ebpf.events, ebpf.roles, seen)
         if meta.get("mode") == "attach":

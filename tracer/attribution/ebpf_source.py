@@ -126,13 +126,13 @@ ALONE_BOUNDARIES: tuple[Boundary, ...] = tuple(
     Boundary(key, starts, optional) for key, starts, optional, _answers in ebpf_llama_server.ALONE_BOUNDARIES)
 
 
-def _design(meta: dict[str, Any] | None) -> str | None:
+def capture_design(meta: dict[str, Any] | None) -> str | None:
     return ((meta or {}).get("plan") or {}).get("design")
 
 
 def _on_llama_server(meta: dict[str, Any] | None) -> bool:
     """Ollama's llama-server design, or llama-server alone: the boundaries of ebpf_llama_server."""
-    return _design(meta) in (DESIGN_LLAMA_SERVER, DESIGN_ALONE)
+    return capture_design(meta) in (DESIGN_LLAMA_SERVER, DESIGN_ALONE)
 
 
 def _written(interval: Interval) -> int | None:
@@ -319,7 +319,7 @@ class EbpfSource:
                            client_fd: int | None, records_log: LogRecords | None = None) -> Found:
         """Ollama v0.30+: the round trips to llama-server, found on the wire, and its exported functions.
         llama-server alone: its own read of the request, its functions, and its first write."""
-        alone = _design(ebpf.meta) == DESIGN_ALONE
+        alone = capture_design(ebpf.meta) == DESIGN_ALONE
         order = ALONE_BOUNDARIES if alone else LLAMA_SERVER_BOUNDARIES
         found = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd, alone=alone)
         matching: dict[str, Any] = {"matched": 0, "matched_by_chain": 0, "unmatched": []}
@@ -387,7 +387,7 @@ class EbpfSource:
         window = between(ebpf.events, built, interval.end_ns)
         client_fd = connection_of(interval.request, ebpf.events, ebpf.roles)
         if _on_llama_server(ebpf.meta):
-            alone = _design(ebpf.meta) == DESIGN_ALONE
+            alone = capture_design(ebpf.meta) == DESIGN_ALONE
             found = ebpf_llama_server.boundaries(window, ebpf.roles, _symbol_keys(), client_fd, alone=alone)
             order = ALONE_BOUNDARIES if alone else LLAMA_SERVER_BOUNDARIES
         else:
@@ -522,9 +522,9 @@ class EbpfSource:
         if eof is None:
             return None
         keys = _symbol_keys()
-        if _design(meta) == DESIGN_ALONE:
+        if capture_design(meta) == DESIGN_ALONE:
             return None  # llama-server alone tears a request down inside its main loop: not followed yet
-        if _design(meta) == DESIGN_LLAMA_SERVER:
+        if capture_design(meta) == DESIGN_LLAMA_SERVER:
             removed = ebpf_llama_server.completion_closed(events, roles, eof)
             end_note = "llama-server saw the request's /completion connection close"
         elif concurrent and interval.cancelled is not None:

@@ -55,7 +55,8 @@ class Interval:
         return self.end_ns - self.start_ns
 
 
-def _is_genai(span: Span) -> bool:
+def is_genai(span: Span) -> bool:
+    """A call to an engine (its GenAI span, any known provider): where intervals start and end."""
     return bool(span.get("attributes", {}).get(GEN_AI_PROVIDER_NAME) in GENAI_PROVIDERS)
 
 
@@ -91,7 +92,7 @@ def _follows(cancelled: Span, start: int) -> bool:
 
 
 def find_intervals(spans: list[Span]) -> list[Interval]:
-    genai = sorted((s for s in spans if _is_genai(s)), key=lambda s: int(s["startTimeUnixNano"]))
+    genai = sorted((s for s in spans if is_genai(s)), key=lambda s: int(s["startTimeUnixNano"]))
     by_parent: dict[str, list[Span]] = {}
     by_id: dict[str, Span] = {}
     for span in spans:

@@ -29,12 +29,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from ollama_tracer.attribution.intervals import is_genai
 from ollama_tracer.attribution.overlaps import Overlaps, Span
 from ollama_tracer.collectors.ebpf_events import ProbeEvent, Roles
 from ollama_tracer.vocabulary import (
     CLIENT_PORT,
     GEN_AI_PROVIDER_NAME,
-    GENAI_PROVIDERS,
     GENERATION_ENDPOINTS,
     PROCESS_PID,
     PROCESS_SERVER,
@@ -189,8 +189,7 @@ def merge_server_requests(client_spans: list[dict[str, Any]],
     the capture) is matched by time alone: its span holds the server request's start. A server
     request that some unmatched client span holds is never added, so a request is counted once
     at most: when in doubt, the client's span wins."""
-    genai = [s for s in client_spans if s.get("attributes", {}).get(GEN_AI_PROVIDER_NAME) in GENAI_PROVIDERS
-             and s.get("attributes", {}).get(TRACER_SOURCE) != SOURCE_EBPF]
+    genai = [s for s in client_spans if is_genai(s) and s.get("attributes", {}).get(TRACER_SOURCE) != SOURCE_EBPF]
     server_ports = {int(s["attributes"][CLIENT_PORT]) for s in server_spans if s["attributes"].get(CLIENT_PORT)}
     taken: set[int] = set()
     added: list[dict[str, Any]] = []

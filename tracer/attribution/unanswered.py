@@ -12,12 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from ollama_tracer.attribution.ebpf_source import EbpfSource
-from ollama_tracer.attribution.intervals import Interval
+from ollama_tracer.attribution.intervals import Interval, is_genai
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.vocabulary import (
-    GEN_AI_PROVIDER_NAME,
     GEN_AI_REQUEST_MODEL,
-    GENAI_PROVIDERS,
     TRACER_CANCELLED,
     TRACER_FIRST_TOKEN_NS,
 )
@@ -32,7 +30,7 @@ def unanswered(records: CaptureRecords) -> list[dict[str, Any]]:
     source = EbpfSource()
     for span in sorted(records.spans, key=lambda s: int(s["startTimeUnixNano"])):
         attributes = span.get("attributes", {})
-        if (attributes.get(GEN_AI_PROVIDER_NAME) not in GENAI_PROVIDERS or attributes.get(TRACER_CANCELLED)
+        if (not is_genai(span) or attributes.get(TRACER_CANCELLED)
                 or attributes.get(TRACER_FIRST_TOKEN_NS) is not None):
             continue
         start, end = int(span["startTimeUnixNano"]), int(span["endTimeUnixNano"])
