@@ -411,7 +411,13 @@ def _load_row(case: str, want: str, cause: str, loaded: list[dict[str, Any]], wa
     row = _row(f"model load ({want})", "+".join(truth_phases), injected, grew, noise,
                named=f"{len(named)}/{len(loaded)}", overlapping_teardown=sum(map(_teardown_overlaps, loaded)),
                **_grew_most(warm, loaded))
-    row["named_ok"] = len(named) == len(loaded) and cause in {f["cause"] for f in diagnosis}
+    causes = sorted({f["cause"] for f in diagnosis})
+    row["named_ok"] = len(named) == len(loaded) and cause in causes
+    # What a failure needs to be read: each interval with a load that was not named, with what it
+    # was named instead (or that no load phase was attributed), and the diagnosis's causes.
+    row["unnamed"] = {iv["index"]: [p.get("attributes", {}).get("reason", "?")[:120] for p in _loads(iv)]
+                      or "no server.model_load phase" for iv in loaded if iv not in named}
+    row["causes"] = causes
     row["load_ms"] = statistics.median(_phase_ms(iv, SERVER_MODEL_LOAD) for iv in loaded)
     row["ok"] = row["ok"] and row["named_ok"]
     return {**row, "case": case}

@@ -263,11 +263,16 @@ def unit_costs(rounds: int, work: Path) -> dict[str, Any]:
                 if probe is not None:
                     probe.stop(wake=lambda: _run_loop(binary, "spin", 20))
         return arm
-    s = _interleaved({"none": spin_with(None),
-                      "profile": spin_with(f"profile:hz:99 /comm == \"{COMM}\"/ {{ {PRINT_P}; }}")}, rounds)
-    lost = 1 - statistics.median(s["profile"]) / statistics.median(s["none"])
-    costs["stack_sample_us"] = {"median": round(lost * 1e6 / 99, 2), "lost_share": round(lost, 5),
-                                "rounds": rounds}
+    # The capture's probe (samples counted in bpftrace maps, printed per flush) against the one it
+    # replaced (a printf per sample): the same busy loop, interleaved.
+    from ollama_tracer.collectors import ebpf_profile
+
+    counted = ebpf_profile.probe(99, f'comm == "{COMM}"') + f" END {{ {ebpf_profile.END}}}"
+    s = _interleaved({"none": spin_with(None), "counted": spin_with(counted),
+                      "printed": spin_with(f"profile:hz:99 /comm == \"{COMM}\"/ {{ {PRINT_P}; }}")}, rounds)
+    for arm, key in (("counted", "stack_sample_us"), ("printed", "stack_sample_printed_us")):
+        lost = 1 - statistics.median(s[arm]) / statistics.median(s["none"])
+        costs[key] = {"median": round(lost * 1e6 / 99, 2), "lost_share": round(lost, 5), "rounds": rounds}
 
     print("unit costs: py-spy samples ...", file=sys.stderr, flush=True)
     costs["pyspy_sample_us"] = _pyspy_cost(rounds, work)

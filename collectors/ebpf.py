@@ -34,6 +34,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,16 @@ class EbpfCollector:
         assert proc.stdout is not None
         out = capture_files.RawWriter(out_path)
         self._out = out
+        stacks = ebpf_profile.MapReader()
         try:
             for line in proc.stdout:  # read to the end even if the disk fills: bpftrace must not block
+                blocks = stacks.feed(line)
+                if blocks is not None:  # the stack samples' maps, printed every flush and at the end
+                    for block in blocks:
+                        self._first_sight(int(block.split(" ", 3)[2]), parent_pid)
+                        out.write(block)
+                    self._samples += len(blocks)
+                    continue
                 if line.startswith(READY):
                     ready.set()
                     continue
@@ -234,19 +243,20 @@ class EbpfCollector:
                 self._lines += 1
                 fields = line.split(" ", 3)
                 if len(fields) > 2 and fields[2].isdigit():
-                    pid = int(fields[2])
-                    if pid not in self._pids:
-                        self._pids.add(pid)
-                        self._parents[pid] = parent_pid(pid)  # whose process it is: this server's, or another's
-                        model = runner_model(pid)  # which model a runner serves, even once it has exited
-                        if model is not None:
-                            self._models[pid] = model
-                        # While it runs: a runner may be gone by the time the capture stops.
-                        self._maps[pid] = ebpf_profile.read_maps(pid)
-                    if line.startswith("P "):
-                        self._samples += 1
+                    self._first_sight(int(fields[2]), parent_pid)
         finally:
             out.close()
+
+    def _first_sight(self, pid: int, parent_pid: Callable[[int], int | None]) -> None:
+        if pid in self._pids:
+            return
+        self._pids.add(pid)
+        self._parents[pid] = parent_pid(pid)  # whose process it is: this server's, or another's
+        model = runner_model(pid)  # which model a runner serves, even once it has exited
+        if model is not None:
+            self._models[pid] = model
+        # While it runs: a runner may be gone by the time the capture stops.
+        self._maps[pid] = ebpf_profile.read_maps(pid)
 
     def _drain(self, quiet_s: float = 0.15, bound_s: float = 1.5) -> None:
         """Wait until no event has arrived for ``quiet_s`` (at most ``bound_s``) before stopping:

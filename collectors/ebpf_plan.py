@@ -23,7 +23,7 @@ READY = "TRACER_EBPF_READY"  # the program prints it once its probes are live
 # The fixed part of the program. Placeholders: {F} the process filter, {PRIMED} the sockets held at
 # start, {READY} the ready marker, {PROBES} the plan's probes (profile, uprobes), one per line.
 PROGRAM = Path(__file__).with_name("ebpf_program.bt")
-_PLACEHOLDER = re.compile(r"\{(F|PRIMED|READY|PROBES|CLEAR_SEEN)\}")
+_PLACEHOLDER = re.compile(r"\{(F|PRIMED|READY|PROBES|CLEAR_SEEN|PROFILE_END)\}")
 
 
 
@@ -256,7 +256,8 @@ def build_script(plan: ProbePlan, profile_hz: int = 0, held: list[HeldSocket] | 
                          f'{{ printf("{kind} %llu %d %d %lld %llu\\n", nsecs, pid, tid, {fd}, {goid}); }}')
     values = {"F": traced, "PRIMED": primed, "READY": READY, "PROBES": "".join(f"{line}\n" for line in lines),
               # a map no probe uses is an error to bpftrace: @seen exists only with per-token probes
-              "CLEAR_SEEN": "clear(@seen); " if any(spec.per_token for spec, _ in plan.attached.values()) else ""}
+              "CLEAR_SEEN": "clear(@seen); " if any(spec.per_token for spec, _ in plan.attached.values()) else "",
+              "PROFILE_END": ebpf_profile.END if profile_hz > 0 else ""}
     # One pass, so that nothing filled in (a binary's path, say) is itself taken for a placeholder.
     return _PLACEHOLDER.sub(lambda found: values[found.group(1)], PROGRAM.read_text(encoding="utf-8"))
 

@@ -1,9 +1,18 @@
 """Native stacks of the Ollama server and runners: a ``profile:hz:N`` probe in the eBPF collector.
 
 The probe runs in the same bpftrace process as the syscall and uprobe layers (one start-up, one
-reader), filtered by ``comm`` so only Ollama's own threads are sampled. Each sample is printed
-as a ``P`` header line followed by the user stack, one ``\\t<hex address> ...`` line per frame
-(leaf first) and a blank line. bpftrace runs with ``BPFTRACE_NO_USER_SYMBOLS=1``: resolving
+reader), filtered by ``comm`` so only Ollama's own threads are sampled. Samples are counted in
+the kernel, in a bpftrace map keyed by (millisecond, pid, tid, user stack), not printed one by
+one: a printed sample woke bpftrace and the collector's reader on the observed machine 99 times a
+second per busy thread (``benchmarks/observer_budget.py`` measures both). Two maps take turns
+(``@P0``, ``@P1``): every :func:`flush_ms` the probe switches to the other, and bpftrace prints and
+clears the one just filled, so nothing is lost between the print and the clear and a map never
+holds more than about :data:`FLUSH_ENTRIES` entries (bpftrace's default limit is 4096). The
+time resolution of a sample is therefore :data:`BUCKET_NS` (1 ms), a tenth of the sampling
+period. The collector's reader turns each printed entry back into ``count`` ``P`` blocks, at the
+middle of its millisecond: a ``P`` header line followed by the user stack, one
+``\\t<hex address> ...`` line per frame (leaf first) and a blank line, the format of the raw
+events file. bpftrace runs with ``BPFTRACE_NO_USER_SYMBOLS=1``: resolving
 symbols inside bpftrace would cost CPU on the machine being observed and gives ``[unknown]``
 for stripped binaries anyway. Addresses are resolved once, when the capture stops, with the
 binary's ELF symbols or Go's ``.gopclntab`` (which survives stripping) and ``/proc/PID/maps``
@@ -15,6 +24,8 @@ Go frames unwind by frame pointers; C/C++ code built without them (ggml) yields 
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +41,59 @@ RAW_SYMBOLS = capture_files.EBPF_SYMBOLS
 RAW_MAPS = capture_files.EBPF_MAPS
 
 
-def probe(hz: int, process_filter: str) -> str:
-    """The bpftrace clause; ``process_filter`` is the same predicate as the syscall layer's."""
-    return (f'profile:hz:{hz} /{process_filter}/ {{ printf("P %llu %d %d\\n%s\\n", nsecs, pid, tid, '
-            f"ustack(perf, {STACK_DEPTH})); }}")
+BUCKET_NS = 1_000_000  # a sample's time resolution: the map counts samples per millisecond
+FLUSH_ENTRIES = 2000  # samples a map may gather before it is printed (bpftrace's limit: 4096 keys)
+MAP_ENTRY = re.compile(r"^@P[01]\[(\d+), (\d+), (\d+), $")  # the first line of a printed entry
+MAP_COUNT = re.compile(r"^\]: (\d+)$")  # its last line
+
+
+def flush_ms(hz: int, cpus: int) -> int:
+    """How often a full map is printed: at most :data:`FLUSH_ENTRIES` samples (every CPU busy
+    with Ollama's threads) in between, and never more often than 10 times a second."""
+    return max(100, min(5000, FLUSH_ENTRIES * 1000 // max(1, hz * cpus)))
+
+
+def probe(hz: int, process_filter: str, cpus: int | None = None) -> str:
+    """The bpftrace clauses; ``process_filter`` is the same predicate as the syscall layer's."""
+    key = f"nsecs / {BUCKET_NS}, pid, tid, ustack(perf, {STACK_DEPTH})"
+    every = flush_ms(hz, cpus or os.cpu_count() or 1)
+    return (f"profile:hz:{hz} /{process_filter}/ {{ if (@pflip) {{ @P1[{key}] = count(); }} "
+            f"else {{ @P0[{key}] = count(); }} }}\n"
+            f"interval:ms:{every} {{ if (@pflip) {{ @pflip = 0; print(@P1); clear(@P1); }} "
+            "else { @pflip = 1; print(@P0); clear(@P0); } }")
+
+
+# For the program's END: what is left in both maps.
+END = "print(@P0); print(@P1); clear(@P0); clear(@P1); clear(@pflip); "
+
+
+class MapReader:
+    """Printed ``@P0``/``@P1`` entries, line by line, back into ``P`` blocks (see the module's
+    docstring). :meth:`feed` returns None for a line that is not part of an entry, else the
+    blocks it completes (empty until the entry's count line)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int, int] | None = None
+        self._frames: list[str] = []
+
+    def feed(self, line: str) -> list[str] | None:
+        if self._key is None:
+            found = MAP_ENTRY.match(line.rstrip("\n"))
+            if found is None:
+                return None
+            bucket, pid, tid = (int(g) for g in found.groups())
+            self._key, self._frames = (bucket, pid, tid), []
+            return []
+        if line.startswith("\t"):
+            self._frames.append(line if line.endswith("\n") else line + "\n")
+            return []
+        counted = MAP_COUNT.match(line.rstrip("\n"))
+        bucket, pid, tid = self._key
+        self._key = None
+        if counted is None:  # a damaged entry: its samples are dropped, the line read again
+            return self.feed(line)
+        block = f"P {bucket * BUCKET_NS + BUCKET_NS // 2} {pid} {tid}\n\n{''.join(self._frames)}\n"
+        return [block] * int(counted.group(1))
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ def _load_named(row: dict[str, Any]) -> None:
     naming it, and the phase that grew most. Its timing against a warm run is the harness's on
     a quiet machine: on a loaded one the warm run's surviving runner competes for the cores that
     a reload or an eviction frees, so the interval's growth says little about the load's cost."""
-    assert row["named_ok"], row
+    assert row["named_ok"], (f"{row['case']}: named in {row['named']} intervals; not named: {row['unnamed']}; "
+                             f"diagnosis causes: {row['causes']}")
     assert row["grew_most"].split("+")[0] == "server.model_load", row
     assert row["load_ms"] >= 100, row  # starting a runner: hundreds of ms here, warm intervals ~10-30 ms
 

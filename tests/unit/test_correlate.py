@@ -12,7 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ollama_tracer.attribution.correlate import Evidence, app_frame, correlate
 from ollama_tracer.clock import ClockModel
-from ollama_tracer.collectors.ebpf_profile import Symbolizer, parse_samples, probe, read_maps
+from ollama_tracer.collectors.ebpf_profile import (
+    BUCKET_NS,
+    FLUSH_ENTRIES,
+    MapReader,
+    Symbolizer,
+    flush_ms,
+    parse_samples,
+    probe,
+    read_maps,
+)
 from ollama_tracer.exporters import table
 
 from tests.unit.test_perfetto import T0, _data, _render, _thread_names, assert_properly_nested
@@ -197,6 +206,47 @@ def test_symbolizer_resolves_a_libc_function_through_this_process_maps() -> None
 def test_probe_is_filtered_like_the_syscall_layer() -> None:
     clause = probe(99, 'comm == "ollama"')
     assert clause.startswith('profile:hz:99 /comm == "ollama"/') and "ustack(perf, " in clause
+    assert "printf" not in clause  # counted in the kernel, printed per flush, not per sample
+
+
+def test_flushes_keep_a_map_under_bpftraces_key_limit() -> None:
+    for hz, cpus in ((99, 1), (99, 2), (99, 16), (99, 256), (999, 64), (1, 1)):
+        every = flush_ms(hz, cpus)
+        assert 100 <= every <= 5000
+        assert hz * cpus * every / 1000 <= FLUSH_ENTRIES or every == 100
+    assert f"interval:ms:{flush_ms(99, 2)} " in probe(99, "1", cpus=2)
+
+
+# What bpftrace 0.17 prints for print(@P0) of a (ms, pid, tid, ustack(perf)) key, and a damaged entry.
+PRINTED = "".join(line + "\n" for line in [
+    "@P0[10462085, 1363, 1364, ",  # the key's stack starts on the next line, after ", "
+    "\t7f9821faee2b 0x7f9821faee2b ([unknown])",
+    "\t7f9821bba9c0 0x7f9821bba9c0 ([unknown])",
+    "]: 2",
+    "R 5 6 7 8 9 POST /api",
+    "@P1[10462086, 7, 7, ",
+    "\t1 0x1 ([unknown])",
+    "@P1[10462090, 7, 8, ",
+    "\t7f00 0x7f00 ([unknown])",
+    "]: 1",
+])
+
+
+def test_printed_maps_become_the_raw_files_blocks() -> None:
+    reader, raw, other = MapReader(), [], []
+    for line in io.StringIO(PRINTED):
+        blocks = reader.feed(line)
+        if blocks is None:
+            other.append(line)
+        else:
+            raw.extend(blocks)
+    assert other == ["R 5 6 7 8 9 POST /api\n"]  # not an entry: the caller's to read
+    clock = ClockModel.measure()
+    samples = [b for b in parse_samples(io.StringIO("".join(raw)), clock) if b is not None]
+    middle = BUCKET_NS // 2
+    assert [(b[1], b[2], b[3]) for b in samples] == [(1363, 1364, (0x7f9821faee2b, 0x7f9821bba9c0))] * 2 + [
+        (7, 8, (0x7f00,))]  # the damaged entry (no count line) is dropped, the next one kept
+    assert samples[0][0] == clock.to_epoch("boottime", 10462085 * BUCKET_NS + middle)
 
 
 def test_perfetto_draws_gpu_counters_and_stack_tracks_that_nest() -> None:

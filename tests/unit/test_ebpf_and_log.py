@@ -12,7 +12,7 @@ from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.capture.directory import CaptureRecords
 from ollama_tracer.clock import ClockModel, ClockOffset
 from ollama_tracer.collectors.ebpf_events import EbpfRecords, ParseError, ProbeEvent, parse_line
-from ollama_tracer.collectors.ebpf_plan import plan_probes
+from ollama_tracer.collectors.ebpf_plan import build_script, plan_probes
 from ollama_tracer.collectors.ollama_log import parse_line as parse_log_line
 from ollama_tracer.collectors.probe_catalogue import design_for, probes_for
 from ollama_tracer.vocabulary import merged_name
@@ -165,6 +165,24 @@ def test_catalogue_by_version_and_missing_symbols(tmp_path: Path) -> None:
     assert probes_for("0.33.0") == probes_for("0.30.0") != ()  # llama-server design: its own catalogue entry
     plan = plan_probes(Path("/bin/true"), "0.13.5")
     assert plan.attached == {} and "github.com/ollama/ollama/server.getExistingName" in plan.missing
+
+
+@pytest.mark.parametrize("hz", [0, 99])
+def test_the_program_is_filled_in_and_bpftrace_parses_it(hz: int) -> None:
+    """Every placeholder of ebpf_program.bt is filled, with and without the stack sampler; where
+    bpftrace is installed, its parser accepts the result (``-d``, a dry run: nothing attaches)."""
+    import re
+    import shutil
+    import subprocess
+
+    script = build_script(plan_probes(Path("/bin/true"), "0.13.5"), hz, held=[])
+    assert not re.search(r"\{[A-Z_]+\}", script), script
+    assert ("@P0[" in script) == (hz > 0)
+    if shutil.which("bpftrace") is None:
+        return
+    parsed = subprocess.run(["bpftrace", "-d", "-"], input=script, capture_output=True, text=True, timeout=60)
+    assert "syntax error" not in parsed.stderr and "ERROR: " not in parsed.stderr.replace(
+        "ERROR: Unknown error -1: couldn't set RLIMIT_MEMLOCK", ""), parsed.stderr[-2000:]
 
 
 
