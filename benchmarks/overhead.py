@@ -4,7 +4,8 @@ Interleaves, in one run, `tracer bench interrupt` against the testbed:
 
 * ``plain``: the benchmark alone (spans go nowhere);
 * ``capture``: under `tracer capture` with client spans only (receiver + auto-instrumentation);
-* ``+log``, ``+ebpf`` (syscall tracepoints + catalogue uprobes), ``+pyspy`` (100 Hz), ``+nvml``
+* ``+log``, ``+syscalls`` (the eBPF collector's syscall tracepoints alone, ``--ebpf-layers
+  syscall``), ``+ebpf`` (syscall tracepoints + catalogue uprobes), ``+pyspy`` (100 Hz), ``+nvml``
   (100 Hz): ``capture`` plus that one collector; ``+profile``: ``+ebpf`` plus the 99 Hz stack
   probe. Each one's cost is its median against its baseline arm (``capture``, or ``+ebpf``
   for ``+profile``);
@@ -55,6 +56,7 @@ ARMS: dict[str, tuple[list[str] | None, str]] = {
     "plain": (None, "plain"),
     "capture": (OFF, "plain"),
     "+log": (_without(OFF, "--ollama-log"), "capture"),
+    "+syscalls": ([*_without(OFF, "--no-ebpf"), "--ebpf-layers", "syscall"], "capture"),  # tracepoints only
     "+ebpf": (_without(OFF, "--no-ebpf"), "capture"),
     "+profile": (_without(OFF, "--no-ebpf", "--profile-hz"), "+ebpf"),
     "+pyspy": (_without(OFF, "--pyspy-rate"), "capture"),
@@ -169,7 +171,7 @@ def main() -> int:
                 for request in info.get("evidence", {}).get("gguf_scans_per_request", []):
                     if arm == "+ebpf" and request.get("uprobe_hits") is not None:
                         hits.append(int(request["uprobe_hits"]))
-            print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
+            print(f"round {round_index + 1}/{args.rounds}, medians so far: " + ", ".join(
                 f"{arm} {statistics.median(samples[arm]):.2f} ms" for arm in arms), file=sys.stderr)
     medians = {arm: statistics.median(values) for arm, values in samples.items()}
     ci = {arm: ratio_ci(samples[arm], samples[ARMS[arm][1]]) for arm in arms if ARMS[arm][1] != arm}

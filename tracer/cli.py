@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Sequence
 
@@ -97,4 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # inside the try: a closed pipe shows here for output still buffered
+    except BrokenPipeError:
+        # The reader went away (`tracer testbed status --json | head`): nothing of ours failed,
+        # so no traceback. stdout now points at /dev/null, so that Python's own flush at exit
+        # does not raise again; the code is the shell's for a process a pipe ended.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = int(ExitCode.PIPE_CLOSED)
+    sys.exit(code)

@@ -27,6 +27,7 @@ class ExitCode(IntEnum):
     VERSION_NOT_SERVED = 14  # `testbed up --ollama V`: the Go module proxy does not serve Ollama V
     COMMAND_NOT_FOUND = 127  # the command given to `tracer capture` does not exist
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    PIPE_CLOSED = 141  # what read our output went away, e.g. `tracer ... | head` (128 + SIGPIPE)
 
 
 class TracerError(Exception):

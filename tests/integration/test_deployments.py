@@ -77,6 +77,13 @@ def _capture(server: dict[str, Any], out: Path, iterations: int = 3) -> tuple[di
     return retry_after_stall(server, lambda: _capture_once(server["host"], out, iterations))  # type: ignore[no-any-return]
 
 
+def _attach_ok(host: str, out: Path) -> None:
+    """attach around the unmodified script, which must succeed (raised inside the retry, so that a
+    script that timed out on a stalled server is tried again)."""
+    code, stderr = attach_while_script_runs(host, out)
+    assert code == 0, stderr
+
+
 def _check_intervals(attribution: dict[str, Any], also: Collection[str] = ()) -> list[dict[str, Any]]:
     intervals = measured(attribution)
     assert intervals, attribution.get("notes")
@@ -108,8 +115,7 @@ def test_the_system_service_is_found_and_traced_as_the_ollama_user(system_server
 
 def test_the_system_service_under_attach(system_server: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "a"
-    code, stderr = retry_after_stall(system_server, lambda: attach_while_script_runs(system_server["host"], out))
-    assert code == 0, stderr
+    retry_after_stall(system_server, lambda: _attach_ok(system_server["host"], out))
     attribution = json.loads((out / "attribution.json").read_text())
     intervals = [iv for iv in attribution["intervals"] if not iv["warmup"]]
     assert intervals
@@ -147,9 +153,7 @@ def test_the_container_is_traced_through_its_forwarder_and_its_own_root(containe
 
 def test_the_container_under_attach_by_its_published_port(container_server: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "a"
-    code, stderr = retry_after_stall(container_server,
-                                     lambda: attach_while_script_runs(container_server["host"], out))
-    assert code == 0, stderr
+    retry_after_stall(container_server, lambda: _attach_ok(container_server["host"], out))
     meta = json.loads((out / "raw" / "ebpf_meta.json").read_text())
     server_pid, forwarder = follow(int(container_server["host"].rsplit(":", 1)[1]))
     assert forwarder is not None and meta["pid"] == server_pid  # the server behind docker-proxy, not docker-proxy

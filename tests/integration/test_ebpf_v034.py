@@ -24,6 +24,7 @@ from tests.conftest import (
     attach_while_script_runs,
     check_order_and_sums,
     measured,
+    phase_line,
     retry_after_stall,
     run_tracer,
     v034_server,
@@ -65,7 +66,9 @@ def test_symbol_layer_on_llama_server(testbed_v034: dict[str, Any], tmp_path: Pa
     plan = json.loads((tmp_path / "cap" / "raw" / "ebpf_meta.json").read_text())["plan"]
     assert plan["design"] == "llama-server"
     attached = {entry["key"] for entry in plan["attached"].values()}
-    assert {"runner_handler", "admit", "decode", "sample"} <= attached  # llama-server's shared libraries
+    assert {"runner_handler", "slot", "decode", "sample"} <= attached  # llama-server's shared libraries
+    # the per-token functions no boundary reads are not probed: each hit costs ~23 µs on the path
+    assert not attached & {"admit", "token"}, attached
     for interval in measured(attribution):
         assert interval["coverage"] >= 0.98, interval
         check_order_and_sums(interval)
@@ -284,12 +287,15 @@ def test_a_cold_start_inside_the_interrupt_interval(testbed_v034: dict[str, Any]
     out = tmp_path / "cap"
     target = str(Path(REPO) / "tests" / "targets" / "cold_then_interrupt.py")
 
+    said: list[str] = []
+
     def attempt() -> None:
         proc = run_tracer("capture", "-o", str(out), "--force", "--ollama-host", server["host"], "--",
                           sys.executable, target, "tracer-llama:test",
                           env={"OLLAMA_HOST": server["host"], "TARGET_TIMEOUT_S": "60", "TARGET_ITERATIONS": "3"},
                           timeout=400)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        said[:] = [line for line in proc.stderr.splitlines() if line.startswith("target:")]
 
     retry_after_stall(server, attempt)
     attribution = json.loads((out / "attribution.json").read_text())
@@ -301,27 +307,39 @@ def test_a_cold_start_inside_the_interrupt_interval(testbed_v034: dict[str, Any]
     ebpf = load_records(out, load_capture_meta(out)).get(EbpfRecords)
     assert ebpf is not None
     first_seen: dict[int, int] = {}
-    for event in ebpf.events:
-        first_seen.setdefault(event.pid, event.time_ns)
-    started = [t for pid, t in first_seen.items() if ebpf.roles.get(pid) == "runner"]
+    for event in ebpf.events:  # the earliest event of each pid (stack samples come in per flush)
+        first_seen[event.pid] = min(first_seen.get(event.pid, event.time_ns), event.time_ns)
+    started = {pid: t for pid, t in first_seen.items() if ebpf.roles.get(pid) == "runner"}
+    # a runner's opens of the model's blob: it reading the weights, the heart of its start-up
+    blob_opens = {pid: [e.time_ns for e in ebpf.events if e.pid == pid and e.kind == "O" and "/blobs/sha256-" in e.text]
+                  for pid in started}
     loaded = 0
     for interval in interrupts:
         check_order_and_sums(interval)
         assert interval["coverage"] >= 0.98, interval
         loads = [p for p in interval["phases"] if p["name"].startswith("server.model_load")]
-        if not any(interval["start_ns"] <= t <= interval["end_ns"] for t in started):
+        new = [pid for pid, t in started.items() if interval["start_ns"] <= t <= interval["end_ns"]]
+        if not new:
             assert loads == [], interval["phases"]  # no runner started: no load reported
             continue
         loaded += 1
-        # keep_alive 0 ended the model's previous runner: the load is named for that, with its pid
-        reason = loads[0]["attributes"]["reason"]
-        assert len(loads) == 1 and reason.startswith("expired: this model's runner (pid "), interval["phases"]
-        assert loads[0]["attributes"]["previous_runner_pid"] != loads[0]["attributes"]["runner_pid"]
-        # Starting a runner takes hundreds of ms here (a warm interval ~10 ms): the load phase, not
-        # the schedule before it, holds that time, and no other server phase comes close.
-        server_phases = [p for p in interval["phases"] if p["process"] == "server" and p is not loads[0]]
-        assert loads[0]["duration_ms"] >= 100, interval["phases"]
-        assert all(p["duration_ms"] < loads[0]["duration_ms"] / 2 for p in server_phases), interval["phases"]
+        why = f"{phase_line(interval)}; runners first seen at " \
+              f"{[(pid, (t - interval['start_ns']) / 1e6) for pid, t in started.items()]} ms from the interval's " \
+              f"start; the target said {said}"
+        # keep_alive 0 ended the model's previous runner: the load is named for that, with both pids
+        assert len(loads) == 1 and len(new) == 1, why
+        load, pid = loads[0], new[0]
+        assert load["attributes"]["reason"].startswith("expired: this model's runner (pid "), why
+        assert load["attributes"]["runner_pid"] == pid != load["attributes"]["previous_runner_pid"], why
+        # The runner's start-up, from its first event to its last open of the model's blob in the
+        # interval, lies inside the load phase, so no other phase holds any of it. (How long the
+        # phase is beyond that is Ollama's own doing: v0.13's WaitUntilRunning polls every 250 ms,
+        # so a runner ready at the first poll makes a load of tens of ms, and one a moment later
+        # about 300 ms. A test that asked for 100 ms asserted on that chance, and failed in CI.)
+        opens = [t for t in blob_opens[pid] if t <= interval["end_ns"]]
+        assert opens, why
+        assert load["start_ns"] <= started[pid] and max(opens) <= load["end_ns"], \
+            f"{why}; the runner's blob opens at {[(t - interval['start_ns']) / 1e6 for t in opens]} ms"
     assert loaded >= 1, "keep_alive 0 never unloaded the model before the next request"
     if 2 * loaded >= len(interrupts):  # the rule's own bar: a cause in at least half the intervals
         assert "model_expired" in {f["cause"] for f in attribution["diagnosis"]}

@@ -21,7 +21,7 @@ import pytest
 import requests
 from ollama_tracer.testbed.runtime import free_loopback_port
 
-from tests.conftest import REPO, attach_while_script_runs, heal_testbed, run_tracer
+from tests.conftest import REPO, attach_while_script_runs, heal_testbed, retry_after_stall, run_tracer
 
 pytestmark = pytest.mark.integration
 LLAMA = "tracer-llama:test"
@@ -281,13 +281,12 @@ def test_proxy_soak_memory_stays_flat(testbed: dict[str, Any], tmp_path: Path) -
 
 def test_attach_to_a_running_ollama_while_a_plain_script_interrupts(testbed: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "attach"
-    code, _ = attach_while_script_runs(testbed["ollama_host"], out)
-    if code != 0:  # the script timed out: Ollama v0.13's interrupt deadlock (README); heal and retry once
-        print("\nNOTE: the script stalled under attach (Ollama v0.13 interrupt deadlock); healing and retrying",
-              file=sys.stderr)
-        heal_testbed(testbed)
-        code, _ = attach_while_script_runs(testbed["ollama_host"], out)
-    assert code == 0
+    def attempt() -> None:  # a script that timed out on Ollama's interrupt stall (README) is tried again
+        code, stderr = attach_while_script_runs(testbed["ollama_host"], out)
+        assert code == 0, stderr
+
+    retry_after_stall({"version": testbed["ollama_version"], "host": testbed["ollama_host"],
+                       "models": testbed["models"]}, attempt)
     attribution = json.loads((out / "attribution.json").read_text())
     interrupts = [iv for iv in attribution["intervals"] if iv["kind"] == "interrupt"]
     assert len(interrupts) >= 2, [(iv["kind"], iv["duration_ms"]) for iv in attribution["intervals"]]

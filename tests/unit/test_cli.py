@@ -56,3 +56,19 @@ def test_a_subcommands_help_builds_only_that_subcommand(capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         main(["report", "--help"])
     assert "--format" in capsys.readouterr().out
+
+
+
+@pytest.mark.parametrize("size", [10, 100_000])  # still buffered at the end; written while it runs
+def test_a_reader_that_went_away_ends_it_quietly(size: int) -> None:
+    """`tracer testbed status --json | head`: the pipe's reader closed before the output was
+    written. No traceback, and the shell's code for it (128 + SIGPIPE). The entry point runs a
+    command that prints, as every subcommand does, into a real pipe already closed."""
+    code = (f"import ollama_tracer.cli as cli; cli.main = lambda argv=None: print('x' * {size}) or 0; "
+            "cli.entry()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before it starts (Python alone takes tens of ms): its writes fail
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == ExitCode.PIPE_CLOSED, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

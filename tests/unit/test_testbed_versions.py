@@ -235,7 +235,7 @@ def test_a_failed_build_leaves_the_other_versions_running(tmp_path: Path, monkey
         return ollama_build.OllamaBinaries(version=version, symbols=tmp_path / f"ollama-{version}")
 
     def server_up(state: TestbedState, state_path: Path, directory: Path, version: str, binary: Path, *,
-                  stripped: bool, progress: object) -> None:
+                  stripped: bool, progress: object, restart: bool = False) -> None:
         started.append(version)
 
     monkeypatch.setenv("TRACER_CACHE_DIR", str(tmp_path / "cache"))

@@ -88,6 +88,10 @@ class TestbedCommand:
         up.add_argument("--llama-server", action="store_true",
                         help="also start upstream llama.cpp's llama-server alone (no Ollama in front), one per "
                              f"synthetic model, from the v{standalone.LLAMA_SERVER_FROM} build (built if missing)")
+        up.add_argument("--restart", action="store_true",
+                        help="restart the servers of these versions and layout even when they answer, on the "
+                             "same ports (a server left in a bad state); without it, a running server is "
+                             "reused unless a model no longer answers")
         up.add_argument("--json", action="store_true", help="print the testbed description as JSON")
         down = actions.add_parser("down", help="stop what `tracer testbed up` started")
         down.add_argument("--ollama", metavar="VERSION", action="append", type=parse_versions,
@@ -121,7 +125,8 @@ class TestbedCommand:
             return _print(describe(state, server.key), args.json)
         versions = requested_versions(args.ollama)
         state = up(directory, with_jaeger=args.with_jaeger, progress=stderr_progress,
-                   versions=versions, stripped=args.stripped, layout=args.layout, prefix=args.prefix)
+                   versions=versions, stripped=args.stripped, layout=args.layout, prefix=args.prefix,
+                   restart=args.restart)
         if args.llama_server:
             standalone.up(directory, stderr_progress)
         return _print(describe(state, runtime.server_key(versions[0], args.layout)), args.json)
@@ -148,9 +153,10 @@ def _running_server(state: runtime.TestbedState, version: str | None) -> runtime
 
 def up(directory: Path, *, with_jaeger: bool, progress: Progress, versions: list[str] | None = None,
        stripped: bool = False, layout: str = layouts.PLAIN,
-       prefix: Path = layouts.DEFAULT_PREFIX) -> runtime.TestbedState:
-    """Build (once) and start the testbed, or reuse it. Concurrent callers (several test runs
-    healing at once) take turns: the second finds the first's fresh server and reuses it."""
+       prefix: Path = layouts.DEFAULT_PREFIX, restart: bool = False) -> runtime.TestbedState:
+    """Build (once) and start the testbed, or reuse it (``restart``: start the named servers
+    afresh, on their ports, even if they answer). Concurrent callers (several test runs healing at
+    once) take turns: the second finds the first's fresh server and reuses it."""
     import fcntl
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -158,13 +164,15 @@ def up(directory: Path, *, with_jaeger: bool, progress: Progress, versions: list
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             return _up(directory, with_jaeger=with_jaeger, progress=progress,
-                       versions=versions or [DEFAULT_VERSION], stripped=stripped, layout=layout, prefix=prefix)
+                       versions=versions or [DEFAULT_VERSION], stripped=stripped, layout=layout, prefix=prefix,
+                       restart=restart)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _up(directory: Path, *, with_jaeger: bool, progress: Progress, versions: list[str],
-        stripped: bool, layout: str = layouts.PLAIN, prefix: Path = layouts.DEFAULT_PREFIX) -> runtime.TestbedState:
+        stripped: bool, layout: str = layouts.PLAIN, prefix: Path = layouts.DEFAULT_PREFIX,
+        restart: bool = False) -> runtime.TestbedState:
     state_path = directory / "state.json"
     state = runtime.TestbedState.load(state_path)
     cache = cache_dir()
@@ -184,10 +192,10 @@ def _up(directory: Path, *, with_jaeger: bool, progress: Progress, versions: lis
                 progress(f"Ollama v{version} has no release-form build in the testbed; running {binaries.symbols}")
             if layout == layouts.PLAIN:
                 _server_up(state, state_path, directory, version, binaries.pick(stripped),
-                           stripped=stripped and binaries.stripped is not None, progress=progress)
+                           stripped=stripped and binaries.stripped is not None, progress=progress, restart=restart)
             else:
                 _deployed_up(state, state_path, directory, version, binaries, layout=layout, prefix=prefix,
-                             stripped=stripped, progress=progress)
+                             stripped=stripped, progress=progress, restart=restart)
         except TracerError as err:
             # Other versions' builds and servers stay as they are; report the first failure at the end.
             progress(f"Ollama v{version}: {err.message}")
@@ -201,10 +209,13 @@ def _up(directory: Path, *, with_jaeger: bool, progress: Progress, versions: lis
 
 
 def _server_up(state: runtime.TestbedState, state_path: Path, directory: Path, version: str, binary: Path, *,
-               stripped: bool, progress: Progress) -> None:
+               stripped: bool, progress: Progress, restart: bool = False) -> None:
     existing = state.server(version)
+    if restart and existing is not None and existing.process.alive():
+        progress(f"restarting ollama serve {version} (pid {existing.process.pid}), as asked")
     reusable = (
-        existing is not None
+        not restart
+        and existing is not None
         and existing.process.alive()
         and existing.binary == str(binary)
         and runtime.ollama_version(existing.host) is not None
@@ -241,7 +252,7 @@ def _server_up(state: runtime.TestbedState, state_path: Path, directory: Path, v
 
 def _deployed_up(state: runtime.TestbedState, state_path: Path, directory: Path, version: str,
                  binaries: ollama_build.OllamaBinaries, *, layout: str, prefix: Path, stripped: bool,
-                 progress: Progress) -> None:
+                 progress: Progress, restart: bool = False) -> None:
     """A server of the system or container layout (``testbed.layouts``), from the release tree."""
     release = binaries.symbols.parent.parent
     if not (release / "lib" / "ollama").is_dir():
@@ -254,7 +265,10 @@ def _deployed_up(state: runtime.TestbedState, state_path: Path, directory: Path,
             shutil.copy2(binaries.symbols, release / "bin" / "ollama")
     key = runtime.server_key(version, layout)
     existing = state.server(key)
-    if existing is not None and existing.alive() and runtime.ollama_version(existing.host) is not None and (
+    if restart and existing is not None and existing.alive():
+        progress(f"restarting the {layout} server {version} on {existing.host}, as asked")
+    if not restart and existing is not None and existing.alive() and \
+            runtime.ollama_version(existing.host) is not None and (
             not existing.models or runtime.models_respond(existing.host, existing.models)):
         progress(f"reusing the {layout} server {version} on {existing.host}")
         server = existing
