@@ -102,8 +102,9 @@ def heal_server(server: dict[str, Any], force: bool = False) -> bool:
         server.update(server["restart"]())
         return True
     layout = ["--layout", server["layout"]] if server.get("layout", "plain") != "plain" else []
-    # --restart: on v0.34 the stuck request can clear before `up` asks the models again, and a
-    # server reused then stalls again at once (a CI run saw three in a row); start it afresh.
+    # --restart: on v0.34 the stuck request can clear before `up` asks the models again, and `up`
+    # then reused the server (a CI run saw three stalls in about ten interrupts on one reused
+    # that way); start it afresh.
     run_tracer("testbed", "up", "--ollama", server["version"], *layout, "--restart", "--json",
                timeout=600, check=True)
     return True
