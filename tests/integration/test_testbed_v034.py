@@ -115,6 +115,21 @@ def test_second_up_is_fast(testbed_v034: dict[str, Any]) -> None:
     assert elapsed < 30, f"a cached `testbed up --ollama 0.34.4` took {elapsed:.1f} s"
 
 
+def test_restart_starts_an_answering_server_afresh_on_its_port(testbed_v034: dict[str, Any]) -> None:
+    """`testbed up --restart`: a new process on the same port, even though the old one answered
+    (the suite's heal after a v0.34 stall that cleared); both models stream on it."""
+    # as it is now (another test may have restarted it since the session's fixture)
+    before = _server(json.loads(run_tracer("testbed", "status", "--json", timeout=60, check=True).stdout), "0.34.4")
+    assert before["host"] == _server(testbed_v034, "0.34.4")["host"]
+    proc = run_tracer("testbed", "up", "--ollama", "0.34.4", "--restart", "--json", timeout=300, check=True)
+    after = _server(json.loads(proc.stdout), "0.34.4")
+    assert after["host"] == before["host"] and after["pid"] != before["pid"], (before, after)
+    assert "as asked" in proc.stderr
+    for model in MODELS:
+        chunks, _ = stream_generate(after["host"], model, num_predict=4)
+        assert chunks[-1]["done"] is True
+
+
 def test_stripped_binary_runs_and_is_recorded(testbed_v034: dict[str, Any]) -> None:
     host = _server(testbed_v034, "0.34.4")["host"]
     try:
