@@ -46,15 +46,17 @@ from ollama_tracer.collectors.base import SessionInfo
 from ollama_tracer.collectors.ebpf_plan import (
     READY,
     ProbePlan,
+    build_in_process_script,
     build_script,
     existing_sockets,
+    plan_in_process,
     plan_probes,
     probe_index,
     process_names,
 )
 from ollama_tracer.collectors.probe_catalogue import DESIGN_NOTES
 from ollama_tracer.errors import ExitCode, TracerError
-from ollama_tracer.vocabulary import PROCESS_FORWARDER, PROCESS_OTHER, SOURCE_EBPF
+from ollama_tracer.vocabulary import PROCESS_CLIENT, PROCESS_FORWARDER, PROCESS_OTHER, SOURCE_EBPF
 
 PATH_BYTES = 200  # bpftrace v0.17's largest string: the file paths of openat events
 
@@ -105,8 +107,12 @@ class EbpfCollector:
     name = SOURCE_EBPF
 
     def __init__(self, *, ollama_pid: int | None = None, layers: str = "all",
-                 profile_hz: int = ebpf_profile.DEFAULT_HZ, ready_timeout_s: float = 30.0) -> None:
+                 profile_hz: int = ebpf_profile.DEFAULT_HZ, ready_timeout_s: float = 30.0,
+                 in_process: Path | None = None) -> None:
         self.ollama_pid = ollama_pid
+        # llama.cpp inside the command's own process (llama-cpp-python): this libllama.so is probed
+        # in the command's processes, and no server is looked for.
+        self.in_process = in_process
         self.layers = layers
         self.profile_hz = profile_hz  # 0: no stack sampling
         self._maps: dict[int, list[ebpf_profile.Mapping]] = {}
@@ -141,6 +147,9 @@ class EbpfCollector:
         from ollama_tracer.ollama_host import host_and_port
         from ollama_tracer.process_discovery import ollama_version_of
 
+        if self.in_process is not None:
+            self._start_in_process(session, self.in_process)
+            return
         # A published container port: the server is behind a forwarder, whose hop is traced too.
         behind, forwarder = follow(host_and_port(session.ollama_host)[1]) if session.ollama_host else (None, None)
         pid = self.ollama_pid or session.ollama_pid or behind
@@ -157,6 +166,35 @@ class EbpfCollector:
         self._forwarder = forwarder.pid if forwarder is not None else None
         held = [h for comm in [*process_names(self._plan), *extra] for h in existing_sockets(comm)]
         script = build_script(self._plan, self.profile_hz, held, extra_comms=extra)
+        self._launch(session, script)
+        from ollama_tracer.process_discovery import children_of
+
+        # A runner already running is older than its first event: it cannot have started inside
+        # the capture (an idle runner of another model prints nothing until it is used).
+        self._meta = {"pid": pid, "binary": str(binary), "plan": self._plan.to_json(),
+                      "probe_index": probe_index(self._plan), "roles": {},
+                      "sockets_at_start": [asdict(h) for h in held if h.local_port],
+                      "children_at_start": children_of(pid),
+                      "forwarder": asdict(forwarder) if forwarder is not None else None}
+        self._write_meta()
+
+    def _start_in_process(self, session: SessionInfo, library: Path) -> None:
+        """The command's own processes (this process's descendants, followed in the kernel): the
+        probes of its libllama and the stacks of the processes that call into it."""
+        if not library.is_file():
+            raise TracerError(f"{library} is not a file: pass the libllama.so that llama-cpp-python loads "
+                              "(--in-process PATH, or $LLAMA_CPP_LIB_PATH).", ExitCode.USAGE)
+        self._plan = plan_in_process(library, self.layers)
+        self._directory = session.directory
+        self._launch(session, build_in_process_script(self._plan, os.getpid(), self.profile_hz))
+        self._meta = {"pid": os.getpid(), "binary": str(library), "plan": self._plan.to_json(),
+                      "probe_index": probe_index(self._plan), "roles": {}, "in_process": True,
+                      "sockets_at_start": [], "children_at_start": [], "forwarder": None}
+        self._write_meta()
+
+    def _launch(self, session: SessionInfo, script: str) -> None:
+        """Start bpftrace on ``script``; returns once its probes are live."""
+        assert self._plan is not None
         self._clock = session.clock
         capture_files.write_text(session.directory / capture_files.EBPF_SCRIPT, script)
         argv = [system.bpftrace_path() or "bpftrace", "-B", "line"]
@@ -189,20 +227,12 @@ class EbpfCollector:
                 message = self._stderr_summary(session.directory)
                 self._kill()
                 raise TracerError(f"bpftrace did not start ({message}).", ExitCode.PERMISSION)
-        from ollama_tracer.process_discovery import children_of
-
-        # A runner already running is older than its first event: it cannot have started inside
-        # the capture (an idle runner of another model prints nothing until it is used).
-        self._meta = {"pid": pid, "binary": str(binary), "plan": self._plan.to_json(),
-                      "probe_index": probe_index(self._plan), "roles": {},
-                      "sockets_at_start": [asdict(h) for h in held if h.local_port],
-                      "children_at_start": children_of(pid),
-                      "forwarder": asdict(forwarder) if forwarder is not None else None}
-        self._write_meta()
 
     def _role(self, pid: int, server: int) -> str:
         from ollama_tracer.process_discovery import role_of
 
+        if self.in_process is not None:
+            return PROCESS_CLIENT  # only the command's own processes print anything
         parent = self._parents.get(pid)
         if self._forwarder is not None and self._forwarder in (pid, parent):  # socat forks one per connection
             return PROCESS_FORWARDER
@@ -252,7 +282,9 @@ class EbpfCollector:
             return
         self._pids.add(pid)
         self._parents[pid] = parent_pid(pid)  # whose process it is: this server's, or another's
-        model = runner_model(pid)  # which model a runner serves, even once it has exited
+        # which model a runner serves, even once it has exited (in process, no runner: the
+        # command's own --model is not a blob)
+        model = runner_model(pid) if self.in_process is None else None
         if model is not None:
             self._models[pid] = model
         # While it runs: a runner may be gone by the time the capture stops.
@@ -324,7 +356,7 @@ class EbpfCollector:
                 stats["profile_hz"] = self.profile_hz
                 stats.update(ebpf_profile.symbolize_capture(
                     self._directory, self._clock, {pid: m for pid, m in self._maps.items() if m},
-                    Path(self._meta["binary"])))
+                    Path(self._meta["binary"]) if self.in_process is None else None))
         if self._plan is not None:
             stats["probes_attached"] = len(self._plan.attached)
             stats["probes_missing"] = self._plan.missing

@@ -10,14 +10,14 @@ template, ``ebpf_program.bt``, with the capture's processes, sockets and probes.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ollama_tracer.collectors import ebpf_profile
 from ollama_tracer.collectors.go_offsets import GoOffsets, read_offsets
 from ollama_tracer.collectors.probe_catalogue import ProbeSpec, design_of, probes_for_design
-from ollama_tracer.vocabulary import DESIGN_LLAMA_SERVER, LLAMA_SERVER
+from ollama_tracer.vocabulary import DESIGN_IN_PROCESS, DESIGN_LLAMA_SERVER, LLAMA_SERVER
 
 READY = "TRACER_EBPF_READY"  # the program prints it once its probes are live
 # The fixed part of the program. Placeholders: {F} the process filter, {PRIMED} the sockets held at
@@ -91,6 +91,45 @@ def plan_probes(binary: Path, version: str | None, layers: str = "all") -> Probe
     return plan
 
 
+def plan_in_process(library: Path, layers: str = "all") -> ProbePlan:
+    """llama.cpp inside the client's own process: the catalogue's ``IN_PROCESS`` probes, checked
+    against ``library`` (the libllama.so that llama-cpp-python loads)."""
+    plan = ProbePlan(binary=library, version=None, design=DESIGN_IN_PROCESS, library_dir=library.parent,
+                     goroutine_note="off: no Go code in the process")
+    specs = probes_for_design(DESIGN_IN_PROCESS, None) if layers == "all" else ()
+    plan.symbol_source = "dynsym" if specs else "none"
+    plan.missing = sorted(set(_plan_libraries(plan, [replace(spec, library=library.name) for spec in specs])))
+    return plan
+
+
+def build_in_process_script(plan: ProbePlan, ancestor: int, profile_hz: int = 0) -> str:
+    """The bpftrace program of an in-process capture: the probes fire in ``ancestor``'s
+    descendants only (the command and whatever it starts, followed through fork in the kernel: no
+    other process that maps the same libllama, a llama-server or an Ollama runner, prints a
+    thing), and the stacks are sampled in the processes that called into libllama. No syscall
+    layer: there is no connection to follow."""
+    # @mine's keys are cast to one type: a literal, pid and a tracepoint's pid_t are three, and a
+    # lookup with another key type than the map's finds nothing. @gen, @lib and @seen are first
+    # set for bpftrace's own pid, so that each exists whichever probes attached.
+    lines = [f"BEGIN {{ @mine[(int64){ancestor}] = 1; @gen[pid] = 0; @lib[pid] = 0; @seen[pid, 0] = 0; "
+             f'printf("{READY}\\n"); }}',
+             "tracepoint:sched:sched_process_fork /@mine[(int64)pid]/ { @mine[(int64)args->child_pid] = 1; }",
+             "tracepoint:sched:sched_process_exit /@mine[(int64)pid] && pid == tid/ "
+             "{ delete(@mine[(int64)pid]); delete(@lib[pid]); }"]
+    if profile_hz > 0:
+        lines.append(ebpf_profile.probe(profile_hz, "@lib[pid]"))
+    for index, (symbol, (spec, _)) in enumerate(sorted(plan.attached.items(), key=lambda i: i[1][1])):
+        event = f'printf("U %llu %d %d {index}\\n", nsecs, pid, tid);'
+        if spec.per_token:  # the first hit after the call's start only (see build_script)
+            lines.append(f"uprobe:{plan.targets[symbol]} /@mine[(int64)pid] && @seen[pid, {index}] != @gen[pid]/ "
+                         f"{{ @lib[pid] = 1; @seen[pid, {index}] = @gen[pid]; {event} }}")
+        else:
+            lines.append(f"uprobe:{plan.targets[symbol]} /@mine[(int64)pid]/ {{ @lib[pid] = 1; @gen[pid]++; {event} }}")
+    end = ebpf_profile.END if profile_hz > 0 else ""
+    lines.append(f"END {{ {end}clear(@seen); clear(@gen); clear(@mine); clear(@lib); }}")
+    return "\n".join(lines) + "\n"
+
+
 def library_dir(binary: Path) -> Path | None:
     """Where Ollama looks for its runner libraries, in its own order (ml/path.go): next to the
     binary's parent (an install's lib/ollama), beside the binary, or in a build tree."""
@@ -112,7 +151,7 @@ def _plan_libraries(plan: ProbePlan, specs: list[ProbeSpec]) -> list[str]:
         return []
     from ollama_tracer.collectors.symbols import SymbolTable
 
-    plan.library_dir = library_dir(plan.binary)
+    plan.library_dir = plan.library_dir or library_dir(plan.binary)
     missing: list[str] = []
     by_library: dict[str, list[ProbeSpec]] = {}
     for spec in specs:

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 from ollama_tracer.vocabulary import (
     DESIGN_GO_RUNNERS,
+    DESIGN_IN_PROCESS,
     DESIGN_LLAMA_SERVER,
     DESIGN_LLAMA_SERVER_ALONE,
     LLAMA_SERVER,
+    PROCESS_CLIENT,
     PROCESS_RUNNER,
     PROCESS_SERVER,
     RUNNER_ADMIT,
@@ -33,7 +35,7 @@ from ollama_tracer.vocabulary import (
 class ProbeSpec:
     key: str  # the boundary it marks, as the attribution knows it
     symbol: str  # a C++ one is its demangled qualified name, without parameters
-    process: str  # "server" or "runner"
+    process: str  # "server" or "runner"; "client" for llama.cpp inside the client (llama-cpp-python)
     language: str  # "go", "c" or "c++" (C symbols vanish from stripped binaries; Go ones stay in .gopclntab;
     # a shared library's exported ones stay in .dynsym)
     per_token: bool = False
@@ -109,6 +111,17 @@ V0_30 = (
     ProbeSpec("sample", "common_sampler_sample", PROCESS_RUNNER, "c++", per_token=True, library=_COMMON),
 )
 
+# llama.cpp inside the client's own process (llama-cpp-python 0.3.x, checked against 0.3.36): each
+# ``Llama.generate`` call builds its sampler chain first (llama_sampler_chain_init, once per call:
+# it re-arms the per-token probes), evaluates the prompt (llama_decode, then once per token) and
+# samples (llama_sampler_sample, once per token). All three are libllama's public C API, exported
+# from any build of it.
+IN_PROCESS = (
+    ProbeSpec("call", "llama_sampler_chain_init", PROCESS_CLIENT, "c", library=_LLAMA),
+    ProbeSpec("decode", "llama_decode", PROCESS_CLIENT, "c", per_token=True, library=_LLAMA),
+    ProbeSpec("sample", "llama_sampler_sample", PROCESS_CLIENT, "c", per_token=True, library=_LLAMA),
+)
+
 # Keyed by "major.minor": the newest entry not newer than the server is used.
 CATALOGUE: dict[str, tuple[ProbeSpec, ...]] = {"0.13": V0_13, "0.30": V0_30}
 
@@ -140,6 +153,8 @@ def probes_for_design(design: str, version: str | None) -> tuple[ProbeSpec, ...]
     """On llama-server alone, the runner functions of the llama-server design's entry, in the server."""
     if design == DESIGN_ALONE:
         return tuple(spec for spec in CATALOGUE["0.30"] if spec.library is not None)
+    if design == DESIGN_IN_PROCESS:
+        return IN_PROCESS
     return probes_for(version)
 
 
@@ -169,5 +184,9 @@ DESIGN_NOTES = {
     DESIGN_ALONE: "llama.cpp's llama-server alone: it is the server, and the functions its shared libraries "
                   f"export split {SERVER_RECEIVE}, {RUNNER_ADMIT}, {RUNNER_PREFILL} and {RUNNER_SAMPLE}; "
                   "without them they stay merged.",
+    DESIGN_IN_PROCESS: "llama.cpp inside the client's own process (llama-cpp-python): ONE process, no server and no "
+                       f"network hop. Its libllama's llama_decode and llama_sampler_sample split the call into "
+                       f"{RUNNER_ADMIT} (call → prompt evaluation), {RUNNER_PREFILL} (→ first sample) and "
+                       f"{RUNNER_SAMPLE} (→ the token handed back), all in the client process.",
     "unknown": "Ollama's version is unknown: only the syscall layer is used, and phases are merged as above.",
 }

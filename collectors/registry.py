@@ -34,6 +34,7 @@ class CollectorOptions:
     gpu_rate_hz: float = 100.0  # 0: no NVML sampling
     pyspy_rate_hz: int = 100  # 0: no py-spy
     pyspy_pid: int | None = None  # attach py-spy to this process instead of the command
+    in_process: Path | None = None  # llama.cpp in the command's process: probe this libllama.so, no server
 
 
 def make_collectors(options: CollectorOptions | None = None) -> list[Collector]:
@@ -42,7 +43,7 @@ def make_collectors(options: CollectorOptions | None = None) -> list[Collector]:
     if options.ebpf:
         # First, so that its probes are live before anything else starts the workload.
         collectors.append(EbpfCollector(ollama_pid=options.ollama_pid, layers=options.ebpf_layers,
-                                        profile_hz=options.profile_hz))
+                                        profile_hz=options.profile_hz, in_process=options.in_process))
     if options.ollama_unit and options.ollama_log is None:
         collectors.append(JournaldCollector(options.ollama_unit, record_content=options.record_content))
     else:

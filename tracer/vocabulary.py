@@ -282,10 +282,13 @@ ENV_GENAI_PROVIDER: Final = "TRACER_GENAI_PROVIDER"
 # llama.cpp's server: its binary's and process's name (Ollama v0.30+'s runner, or run alone).
 LLAMA_SERVER: Final = "llama-server"
 # Ollama's designs (collectors.probe_catalogue.design_of): Go runners (v0.13 … v0.29), llama-server
-# as the runner (v0.30+), or llama-server alone with no Ollama in front.
+# as the runner (v0.30+), or llama-server alone with no Ollama in front; or no server at all.
 DESIGN_GO_RUNNERS: Final = "go-runners"
 DESIGN_LLAMA_SERVER: Final = "llama-server"
 DESIGN_LLAMA_SERVER_ALONE: Final = "llama-server-alone"
+# llama.cpp inside the client's own process (llama-cpp-python): one process, no server; its libllama's
+# calls split the call into runner.admit, runner.prefill and runner.sample, in the client process.
+DESIGN_IN_PROCESS: Final = "in-process"
 # The generation endpoints followed everywhere (instrumentations, proxy, the server-side request
 # finder), with their gen_ai.operation.name: Ollama's own API (NDJSON streams), its
 # OpenAI-compatible one (server-sent events), and llama.cpp's llama-server's own (server-sent

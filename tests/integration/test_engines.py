@@ -10,10 +10,12 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ollama_tracer.bench.interrupt import DEFAULT_SECOND_PROMPT
 
 from tests.conftest import REPO, check_order_and_sums, forwarder_held_ms, forwarder_hold_check, run_tracer
 
@@ -162,23 +164,91 @@ def test_a_capture_around_llama_server_alone_splits_its_own_phases(testbed_engin
     assert abs(gap) <= max(1.5, 0.25 * statistics.median(theirs)), (ours, theirs)
 
 
-def test_a_capture_around_llama_cpp_python_finds_its_interrupts(testbed_engines: dict[str, Any],
-                                                                 tmp_path: Path) -> None:
-    """In-process, there is no server to probe: the bench's own GenAI spans of each call give the
-    capture its intervals (the interrupt, then the next call's first token), with client phases."""
-    out = tmp_path / "cap"
+@pytest.mark.parametrize("model", MODELS)
+def test_a_capture_around_llama_cpp_python_splits_the_call_inside_its_one_process(
+        testbed_engines: dict[str, Any], tmp_path: Path, model: str) -> None:
+    """In process there is no server: the bench's own GenAI spans of each call give the capture its
+    intervals (the interrupt, then the next call's first token), and the probes on the libllama the
+    bench loaded split the call into admission, prefill and sampling, in the client process, said
+    to be one process. Cross-checked against llama.cpp's own timer: its prompt-evaluation time is
+    the prompt's llama_decode, which our prefill holds (with the return to Python around it)."""
+    out, bench = tmp_path / "cap", tmp_path / "bench.json"
     proc = run_tracer("capture", "-o", str(out), "--force", "--", sys.executable, "-m", "ollama_tracer", "bench",
-                      "interrupt", "--backend", "llama-cpp-python", "--model", MODELS[1], "--iterations", "4",
-                      "--interrupt-after-ms", str(INTERRUPT_MS), timeout=600, env={"OLLAMA_HOST": "127.0.0.1:9"})
+                      "interrupt", "--backend", "llama-cpp-python", "--model", model, "--iterations", "6",
+                      "--interrupt-after-ms", str(INTERRUPT_MS), "--json", str(bench), timeout=600,
+                      env={"OLLAMA_HOST": "127.0.0.1:9"})
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "one process, no server" in proc.stderr
+    assert json.loads((out / "raw" / "ebpf_meta.json").read_text())["plan"]["design"] == "in-process"
+    assert _providers(out) == {"llama.cpp"}
     attribution = json.loads((out / "attribution.json").read_text())
     measured = [iv for iv in attribution["intervals"] if not iv["warmup"]]
-    assert [iv["kind"] for iv in measured] == ["interrupt"] * 4, attribution["intervals"]
-    assert _providers(out) == {"llama.cpp"}
+    assert [iv["kind"] for iv in measured] == ["interrupt"] * 6, attribution["intervals"]
+    assert attribution["summary"]["coverage"] >= 0.95, attribution["summary"]
+    own = {it["trace_id"]: it["second_stage_timings"]["prompt_eval_ms"]
+           for it in json.loads(bench.read_text())["iterations"]}
+    ours, theirs = [], []
     for iv in measured:
         names = [p["name"] for p in iv["phases"]]
         assert names[:3] == ["client.interrupt", "client.gap", "client.request"] and "client.first_token" in names
-        assert all(p["source"] == "client" for p in iv["phases"])
+        ebpf = [p for p in iv["phases"] if p["source"] == "ebpf"]
+        assert [p["name"] for p in ebpf] == ["runner.admit", "runner.prefill", "runner.sample"], names
+        assert {p["process"] for p in ebpf} == {"client"}
+        for a, b in itertools.pairwise(iv["phases"]):
+            assert a["end_ns"] <= b["start_ns"] + 1_000, (a, b)  # in order, never overlapping
+        ours.append(next(p["duration_ms"] for p in ebpf if p["name"] == "runner.prefill"))
+        theirs.append(own[iv["trace_id"]])
+    gap = statistics.median(o - t for o, t in zip(ours, theirs, strict=True))
+    assert -0.5 <= gap <= max(1.5, 0.25 * statistics.median(theirs)), (ours, theirs)
+
+
+def _phase_medians(capture: Path) -> dict[str, float]:
+    """Each phase's median over a capture's measured intervals, in ms."""
+    summary = json.loads((capture / "attribution.json").read_text())["summary"]
+    return {p["name"]: p["median_ms"] for p in summary["phases"]}
+
+
+@pytest.mark.parametrize("backend", ["llama-server", "llama-cpp-python"])
+def test_a_longer_prompt_lands_in_the_prefill_and_nowhere_else(testbed_engines: dict[str, Any], tmp_path: Path,
+                                                               backend: str) -> None:
+    """Ground truth by injected work: the same bench twice, the second call's prompt 8 times longer
+    the second time. The extra prompt evaluation is prefill work, so runner.prefill (with the first
+    sample) must grow by what the engine's own prompt timer says it grew (within a quarter, or
+    1.5 ms), and no other phase may move by more than 1 ms or a quarter of that. Nothing in the
+    attribution knows the prompt's length.
+
+    Each prompt differs at its first token from every prompt before it, in this run or an earlier
+    one: llama-server keeps earlier prompts' states in RAM (for the server's life) and would
+    otherwise restore the second prompt instead of evaluating it. Found by this test: until the
+    slot probe gated it, the interrupted stream's last decode (llama-server decodes for it until
+    its next write fails, after the new request's handler ran) was taken for the prefill, and the
+    real prefill went to client.first_token."""
+    model, nonce = MODELS[1], time.time_ns()
+    host = _host(testbed_engines, model)
+    phases, own = {}, {}
+    for label, repeat in (("short", 1), ("long", 8)):
+        out, bench = tmp_path / label, tmp_path / f"{label}.json"
+        where = ["--host", host, "--client", "native"] if backend == "llama-server" else []
+        proc = run_tracer("capture", "-o", str(out), "--force", *(["--ollama-host", host] if where else []), "--",
+                          sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--backend", backend, *where,
+                          "--model", model, "--iterations", "8", "--interrupt-after-ms", str(INTERRUPT_MS),
+                          "--request-timeout", "60", "--json", str(bench),
+                          "--second-prompt", f"{nonce}-{{iteration}}: " + " ".join([DEFAULT_SECOND_PROMPT] * repeat),
+                          timeout=600, env={"OLLAMA_HOST": "127.0.0.1:9"} if not where else None)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        phases[label] = _phase_medians(out)
+        own[label] = statistics.median(it["second_stage_timings"]["prompt_eval_ms"]
+                                       for it in json.loads(bench.read_text())["iterations"] if not it["warmup"])
+    deltas = {name: round(phases["long"].get(name, 0.0) - phases["short"].get(name, 0.0), 3)
+              for name in sorted(set(phases["short"]) | set(phases["long"]))}
+    engine = own["long"] - own["short"]
+    ours = deltas["runner.prefill"] + deltas.get("runner.sample", 0.0)
+    shown = {"deltas": deltas, "engine_prompt_ms": own}  # what a failure shows
+    assert engine > 3.0, shown  # the step is real: several ms of extra prompt evaluation
+    assert abs(ours - engine) <= max(1.5, 0.25 * engine), shown
+    for name, moved in deltas.items():
+        if name not in ("runner.prefill", "runner.sample"):
+            assert abs(moved) <= max(1.0, engine / 4), (name, shown)
 
 
 def test_a_delay_in_front_of_llama_server_lands_in_the_forwarder_not_in_it(testbed_engines: dict[str, Any],

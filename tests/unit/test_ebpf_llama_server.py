@@ -235,6 +235,29 @@ def test_llama_server_alone_is_its_own_server_and_runner() -> None:
     assert set(found) == {"R", "RW"}
 
 
+def test_the_interrupted_streams_last_decode_is_not_the_next_requests_prefill() -> None:
+    """After an interrupt llama-server keeps decoding for the cancelled stream until its next write
+    fails; the new request's handler has run by then, but its task waits for the one slot. Its
+    prefill is the first batch after the slot took its task (launch_slot_with_task), so the old
+    stream's decode and sample count as admission, and the first sample is the new request's.
+    (A longer prompt moved client.first_token, not runner.prefill, until this was fixed.)"""
+    events = [
+        _io("R", 1, SERVER, 8, "POST /completion H"),
+        _u(1.8, SERVER, "server_routes::handle_completions_impl"),
+        _u(2.4, SERVER, "llama_process"), _u(2.9, SERVER, "common_sampler_sample"),  # the old stream's token
+        _io("W", 3.0, SERVER, 7, "data: {\"index\":0"),  # to the old connection: it fails, the slot is freed
+        _u(3.4, SERVER, "server_context_impl::launch_slot_with_task"),
+        _io("W", 3.5, SERVER, 8, "HTTP/1.1 200 OK"),
+        _u(3.6, SERVER, "llama_process"), _u(11.0, SERVER, "common_sampler_sample"),
+        _io("W", 11.2, SERVER, 8, "data: {\"index\":0"),
+    ]
+    assert _alone(events) == [("server.receive", 1, 1.8), ("runner.admit", 1.8, 3.6),
+                              ("runner.prefill", 3.6, 11.0), ("runner.sample", 11.0, 11.2)]
+    # Without the slot probe (an older build), the first batch after the handler is all there is.
+    unslotted = [e for e in events if "launch_slot" not in e.text]
+    assert ("runner.prefill", 2.4, 2.9) in _alone(unslotted)
+
+
 def test_a_binary_named_llama_server_is_the_alone_design_with_its_runner_probes() -> None:
     assert design_of("llama-server", None) == DESIGN_ALONE
     assert design_of("ollama", "0.34.4") == "llama-server" and design_of("ollama", None) == "unknown"

@@ -151,8 +151,16 @@ def boundaries(window: list[ProbeEvent], roles: Roles, keys: dict[str, tuple[str
     on_client = ("R", "RW") if alone else ("R", "SW")  # the boundaries on the client's own connection
     if alone:
         rules["RC"] = rules["RC"][:1]  # its handler's probe; no stand-in: the read is R itself
+    slot = probe("slot", runner)
     for key, _starts, _optional, answers in ALONE_BOUNDARIES if alone else BOUNDARIES:
         hit: ProbeEvent | None = None
+        if key == "PF":
+            # The prefill is the first batch after the slot took this request's task: until the
+            # interrupted stream's slot is released (its next token's write fails), llama-server
+            # still decodes and samples for it, after this request's handler ran. Those are not
+            # this request's; without the slot probe, the first batch after the handler is taken.
+            launched = next((e for e in window if e.time_ns >= after and slot(e)), None)
+            after = launched.time_ns if launched is not None else after
         for rule in rules[key]:
             candidates = [e for e in window if e.time_ns >= after and rule(e)]
             if key in on_client and client_fd is not None:

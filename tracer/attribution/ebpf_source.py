@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ollama_tracer.attribution import ebpf_llama_server, model_loads
+from ollama_tracer.attribution.ebpf_in_process import in_process_phases
 from ollama_tracer.attribution.forwarder import forwarder_phases
 from ollama_tracer.attribution.intervals import Interval
 from ollama_tracer.attribution.overlaps import Overlaps, Span
@@ -61,6 +62,7 @@ from ollama_tracer.collectors.probe_catalogue import DESIGN_ALONE
 from ollama_tracer.model import Phase
 from ollama_tracer.vocabulary import (
     CLIENT_FIRST_TOKEN,
+    DESIGN_IN_PROCESS,
     DESIGN_LLAMA_SERVER,
     FORWARDER_REQUEST,
     FORWARDER_RESPONSE,
@@ -233,6 +235,8 @@ class EbpfSource:
         built = int(interval.request["startTimeUnixNano"])
         window = between(events, built, interval.end_ns)
         client_fd = connection_of(interval.request, events, roles)
+        if capture_design(ebpf.meta) == DESIGN_IN_PROCESS:
+            return Found(*in_process_phases(interval, ebpf))
         if _on_llama_server(ebpf.meta):
             return self._find_llama_server(interval, ebpf, window, client_fd, records.get(LogRecords))
         found = self._boundaries(window, roles, client_fd)

@@ -57,7 +57,8 @@ class Interval:
 
 def is_genai(span: Span) -> bool:
     """A call to an engine (its GenAI span, any known provider): where intervals start and end."""
-    return bool(span.get("attributes", {}).get(GEN_AI_PROVIDER_NAME) in GENAI_PROVIDERS)
+    provider = span.get("attributes", {}).get(GEN_AI_PROVIDER_NAME)
+    return isinstance(provider, str) and provider in GENAI_PROVIDERS  # a damaged row's list is no provider
 
 
 def _first_token_ns(span: Span) -> int | None:

@@ -32,10 +32,45 @@ from ollama_tracer.commands.arguments import (
     rate,
 )
 from ollama_tracer.deployment import server_pid
-from ollama_tracer.errors import ExitCode
+from ollama_tracer.errors import ExitCode, TracerError
 from ollama_tracer.exporters import table as table_exporter
 from ollama_tracer.exporters import write_outputs
 from ollama_tracer.ollama_host import resolve_host
+
+AUTO = "auto"  # --in-process without a path: find the library
+
+
+def _bench_in_process(command: list[str]) -> bool:
+    """``tracer bench interrupt --backend llama-cpp-python``: our own bench, in process."""
+    from itertools import pairwise
+
+    return "bench" in command and ("--backend=llama-cpp-python" in command
+                                   or ("--backend", "llama-cpp-python") in set(pairwise(command)))
+
+
+def in_process_library(given: str) -> Path:
+    """The libllama.so that llama-cpp-python loads: the one given (a file, or a directory holding
+    it), else $LLAMA_CPP_LIB_PATH's, the installed package's own, or the testbed's build."""
+    import importlib.util
+    import os
+
+    from ollama_tracer.testbed.standalone import lib_dir
+
+    if given != AUTO:
+        path = Path(given).expanduser()
+        candidates = [path / "libllama.so" if path.is_dir() else path]
+    else:
+        env = os.environ.get("LLAMA_CPP_LIB_PATH")
+        candidates = [Path(env) / "libllama.so"] if env else []
+        spec = importlib.util.find_spec("llama_cpp")  # found, not imported: importing it loads the library
+        if spec is not None and spec.origin:
+            candidates.append(Path(spec.origin).parent / "lib" / "libllama.so")
+        candidates.append(lib_dir() / "libllama.so")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise TracerError(f"no libllama.so for the in-process probes (looked at {', '.join(map(str, candidates))}); "
+                      "pass --in-process PATH, or --no-ebpf.", ExitCode.USAGE)
 
 
 class CaptureCommand:
@@ -55,6 +90,11 @@ class CaptureCommand:
                             help="all: syscall tracepoints plus catalogue uprobes (default); syscall: tracepoints only")
         parser.add_argument("--ollama-pid", type=int,
                             help="the Ollama server's pid (default: the process listening on the --ollama-host port)")
+        parser.add_argument("--in-process", nargs="?", const=AUTO, metavar="LIBLLAMA",
+                            help="the command runs llama.cpp in its own process (llama-cpp-python), no server: "
+                                 "probe its libllama.so (this file or directory; default: $LLAMA_CPP_LIB_PATH's, "
+                                 "the package's own, or the testbed's) in the command's processes. On by itself "
+                                 "for `tracer bench interrupt --backend llama-cpp-python`")
         add_log_arguments(parser)
         parser.add_argument("--profile-hz", type=rate, default=DEFAULT_HZ, metavar="HZ",
                             help=f"eBPF native stack samples of the server and runners per second "
@@ -74,9 +114,15 @@ class CaptureCommand:
     def run(self, args: argparse.Namespace) -> int:
         command = resolve_command(args.cmd)
         directory = args.output or default_directory(command)
-        host = resolve_host(args.ollama_host)
-        ollama_pid = args.ollama_pid or server_pid(host)
-        log, unit = log_source(args, host, ollama_pid)
+        in_process = args.in_process or (AUTO if _bench_in_process(command) else None)
+        library = in_process_library(in_process) if in_process and not args.no_ebpf else None
+        # In process there is no server: nothing is asked of an Ollama that may run beside it.
+        host = None if in_process else resolve_host(args.ollama_host)
+        ollama_pid = None if in_process else args.ollama_pid or server_pid(host)
+        log, unit = (None, None) if in_process else log_source(args, host, ollama_pid)
+        if in_process:
+            print(f"tracer: llama.cpp runs inside the command's own process (one process, no server); "
+                  f"probing {library or 'nothing (--no-ebpf)'}.", file=sys.stderr)
         result = run_capture(
             CaptureOptions(command=command, directory=directory, force=args.force, ollama_host=host,
                            ollama_pid=ollama_pid, record_content=args.record_content,
@@ -85,7 +131,7 @@ class CaptureCommand:
                 ebpf=not args.no_ebpf, ollama_pid=ollama_pid, ebpf_layers=args.ebpf_layers,
                 profile_hz=args.profile_hz, ollama_log=log, ollama_unit=unit,
                 record_content=args.record_content, gpu_rate_hz=args.gpu_rate, pyspy_rate_hz=args.pyspy_rate,
-                pyspy_pid=args.pyspy_pid)),
+                pyspy_pid=args.pyspy_pid, in_process=library)),
             progress=lambda message: print(message, file=sys.stderr),
         )
         if not result.command_started:

@@ -7,6 +7,7 @@ from typing import Any, TextIO
 from ollama_tracer.attribution.analysis import ExportData
 from ollama_tracer.units import accuracy_statement
 from ollama_tracer.units import format_ms as _ms
+from ollama_tracer.vocabulary import DESIGN_IN_PROCESS
 from rich.console import Console
 from rich.table import Table
 
@@ -69,6 +70,10 @@ def render(outfile: TextIO, data: ExportData, show: tuple[str, ...] = ()) -> Non
     table.add_row("interval", "", "", _ms(interval["median_ms"]), _ms(interval["p95_ms"]), "100.0 %", *blanks,
                   style="bold")
     console.print(table)
+    ebpf = ((data.meta.get("collectors") or {}).get("ebpf") or {}).get("stats") or {}
+    if ebpf.get("design") == DESIGN_IN_PROCESS:
+        console.print("(one process: llama.cpp runs inside the client (llama-cpp-python), so its runner.* phases "
+                      "are library calls in the client process, not a separate runner)", highlight=False)
     statement = accuracy_statement()
     if statement:
         console.print(f"({statement})", highlight=False)
