@@ -54,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,12 @@ TARGETS = REPO / "tests" / "targets"
 MODEL, OTHER_MODEL = "tracer-llama:test", "tracer-gemma3:test"
 DELAY_MS = 40.0
 # ~700 tokens more, different in every iteration from its first token: llama-server's prompt
-# cache (v0.34) would otherwise serve it from the second iteration on.
-LONG_PROMPT = "{iteration} " + " ".join(["the quick brown fox jumps over the lazy dog"] * 80)
+# cache (v0.34) would otherwise serve it from the second iteration on. The run is in it too: that
+# cache keeps earlier prompts' states in RAM for the server's life, so an earlier run's
+# "{iteration} ..." would be restored, not evaluated.
+RUN = time.time_ns()
+LONG_PROMPT = f"{RUN} {{iteration}} " + " ".join(["the quick brown fox jumps over the lazy dog"] * 80)
+SHORT_PROMPT = f"{RUN} {{iteration}} and again"
 
 Server = dict[str, Any]  # version, host; "restart": how to get a fresh one after a stall
 
@@ -264,7 +269,7 @@ def prefill_case(server: Server, work: Path) -> dict[str, Any]:
     per request, so a machine whose prefill times come in two clusters (a loaded one) compares
     like with like."""
     offsets, truth, spreads, arms = {}, {}, [], []
-    for label, prompt in (("short", "{iteration} and again"), ("long", LONG_PROMPT)):
+    for label, prompt in (("short", SHORT_PROMPT), ("long", LONG_PROMPT)):
         out = work / f"prefill-{label}"
         arms.append(_measured(_capture(server, out, "--second-prompt", prompt)))
         runner_says = _prompt_eval_ms(out)

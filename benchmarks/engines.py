@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,13 @@ ENGINES: dict[str, tuple[str, str, str | None]] = {
 }
 BASELINES = ("ollama 0.13.5", "ollama 0.34.4")
 # Its own prompt every iteration, from its first token on: no engine's prompt cache (Ollama's
-# runner, llama-server's slot, llama-cpp-python's) can serve the second stage's prefill.
-SECOND_PROMPT = "{iteration}: now answer a different question: explain, in detail, how rivers shape cities."
+# runner, llama-server's slot, llama-cpp-python's) can serve the second stage's prefill. The run,
+# round and engine are in it too: llama-server keeps earlier prompts' states in RAM for its whole
+# life (its --cache-ram), and restored "{iteration}: ..." of an earlier round or run instead of
+# evaluating it (prompt_eval_count 1), which once made its prefill look shorter than it is.
+SECOND_PROMPT = "{run}-{round}-{engine}-{{iteration}}: now answer a different question: explain, in detail, how " \
+                "rivers shape cities."
+RUN = time.time_ns()
 STALLED = 11
 
 
@@ -77,12 +83,13 @@ def hosts(description: dict[str, Any], engine: str, model: str) -> list[str]:
 
 
 def run_engine(description: dict[str, Any], engine: str, model: str, iterations: int, interrupt_ms: float,
-               out: Path) -> tuple[list[dict[str, Any]], bool]:
+               out: Path, round_index: int = 0) -> tuple[list[dict[str, Any]], bool]:
     """The measured iterations of one bench run, and whether the server stalled first."""
     backend, client, version = ENGINES[engine]
+    prompt = SECOND_PROMPT.format(run=RUN, round=round_index, engine=list(ENGINES).index(engine))
     args = ["bench", "interrupt", "--backend", backend, "--client", client, "--model", model,
             "--iterations", str(iterations), "--warmup", "1", "--interrupt-after-ms", str(interrupt_ms),
-            "--num-predict", "16", "--second-prompt", SECOND_PROMPT, "--request-timeout", "30", "--json", str(out)]
+            "--num-predict", "16", "--second-prompt", prompt, "--request-timeout", "30", "--json", str(out)]
     proc = _tracer(*args, *hosts(description, engine, model), timeout=600)
     stalled = proc.returncode == STALLED and version is not None
     if stalled:  # the v0.13 interrupt deadlock: `testbed up` restarts that server on the same port
@@ -140,7 +147,7 @@ def main() -> int:
                 for engine in rotate(engines, round_index):
                     out = Path(tmp) / f"{engine.replace(' ', '_')}-{model.replace(':', '_')}-{round_index}.json"
                     measured, stalled = run_engine(description, engine, model, args.iterations,
-                                                   args.interrupt_after_ms, out)
+                                                   args.interrupt_after_ms, out, round_index)
                     samples[(engine, model)] += measured
                     stalls[engine] = stalls.get(engine, 0) + int(stalled)
             print(f"engines: round {round_index + 1}/{args.rounds} done", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ each arm's median interval, its ratio to ``plain`` and to its baseline, and the 
 interval of the whole arm (benchmark, tracer and collectors: bpftrace and py-spy are children).
 
     python3 benchmarks/overhead.py --rounds 8 --iterations 8 [--model tracer-gemma3:test] [--json]
+    python3 benchmarks/overhead.py --backend llama-cpp-python --model tracer-llama:test --arms plain,capture,+ebpf
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+IN_PROCESS = "llama-cpp-python"  # the bench's backend that runs llama.cpp in its own process
 TARGET_HALF_WIDTH = 0.01  # the issue's resolution: a ratio known to ±1 %
 OFF = ["--no-ebpf", "--ollama-log", "/dev/null", "--gpu-rate", "0", "--pyspy-rate", "0", "--profile-hz", "0"]
 
@@ -98,15 +100,18 @@ def heal(host: str) -> None:
                    capture_output=True, text=True, timeout=900, check=True)
 
 
-def run_arm(arm: str, host: str, model: str, iterations: int, base: Path, index: int) -> tuple[list[float], dict]:
+def run_arm(arm: str, host: str, model: str, iterations: int, base: Path, index: int,
+            backend: str = "ollama") -> tuple[list[float], dict]:
     out = base / f"{arm}-{index}.json"
-    bench = [sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--host", host, "--model", model,
-             "--iterations", str(iterations), "--json", str(out)]
+    # llama-cpp-python runs in the bench's own process: no host, and the capture probes its libllama.
+    where = [] if backend == IN_PROCESS else ["--host", host]
+    bench = [sys.executable, "-m", "ollama_tracer", "bench", "interrupt", "--backend", backend, *where,
+             "--model", model, "--iterations", str(iterations), "--json", str(out)]
     extra = ARMS[arm][0]
     directory = base / f"cap-{arm.strip('+')}-{index}"
+    server = [] if backend == IN_PROCESS else ["--ollama-host", host]
     cmd = bench if extra is None else [sys.executable, "-m", "ollama_tracer", "capture", "-o", str(directory),
-                                       "--force",
-                                       "--ollama-host", host, *extra, "--", *bench]
+                                       "--force", *server, *extra, "--", *bench]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode == STALLED:
@@ -126,6 +131,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434"))
     parser.add_argument("--model", default="tracer-gemma3:test")
+    parser.add_argument("--backend", default="ollama", choices=("ollama", "llama-server", IN_PROCESS),
+                        help="the bench's engine (default ollama); llama-cpp-python: the in-process probes' cost")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ",".join(ARMS))
@@ -157,7 +164,8 @@ def main() -> int:
         for round_index in range(args.rounds):
             order = arms[round_index % len(arms):] + arms[:round_index % len(arms)]
             try:
-                done = {arm: run_arm(arm, args.host, args.model, args.iterations, Path(tmp), round_index)
+                done = {arm: run_arm(arm, args.host, args.model, args.iterations, Path(tmp), round_index,
+                                     args.backend)
                         for arm in order}
             except Stalled as stall:  # every arm keeps the same rounds: this one is dropped for all
                 dropped.append(round_index + 1)
@@ -180,7 +188,7 @@ def main() -> int:
     half = {arm: (high - low) / 2 for arm, (low, high) in ci.items()}
     needed = {arm: math.ceil(len(samples[arm]) * (width / TARGET_HALF_WIDTH) ** 2) for arm, width in half.items()}
     result = {
-        "model": args.model, "rounds": args.rounds, "intervals_per_arm": len(samples[arms[0]]),
+        "model": args.model, "backend": args.backend, "rounds": args.rounds, "intervals_per_arm": len(samples[arms[0]]),
         "median_ms": medians,
         "ratio_to_plain": {arm: medians[arm] / medians["plain"] for arm in arms if "plain" in medians},
         "ratio_to_baseline": {arm: medians[arm] / medians[ARMS[arm][1]] for arm in arms},
@@ -196,7 +204,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.model}: {result['intervals_per_arm']} intervals per arm, {args.rounds} rounds, interleaved")
+    print(f"{args.model} on {args.backend}: {result['intervals_per_arm']} intervals per arm, {args.rounds} rounds, "
+          "interleaved")
     print(f"{'arm':<10}{'median ms':>12}{'vs plain':>10}{'vs baseline':>22}{'95 % CI':>18}{'CPU s/interval':>16}")
     for arm in arms:
         base = ARMS[arm][1]

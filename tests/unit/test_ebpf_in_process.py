@@ -149,6 +149,9 @@ def test_the_real_program_prints_the_commands_calls_and_nothing_of_other_process
     finally:
         proc.send_signal(2)
         out, _ = proc.communicate(timeout=30)
+        if outsider.poll() is None:  # the test failed before letting it go: it must not poll forever
+            outsider.kill()
+            outsider.wait()
     events = [line.split() for line in out.splitlines() if line.startswith("U ")]
     pids = {fields[2] for fields in events}
     assert str(outsider.pid) not in pids

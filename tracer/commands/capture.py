@@ -94,7 +94,7 @@ class CaptureCommand:
                             help="the command runs llama.cpp in its own process (llama-cpp-python), no server: "
                                  "probe its libllama.so (this file or directory; default: $LLAMA_CPP_LIB_PATH's, "
                                  "the package's own, or the testbed's) in the command's processes. On by itself "
-                                 "for `tracer bench interrupt --backend llama-cpp-python`")
+                                 "for `tracer bench interrupt --backend llama-cpp-python`.")
         add_log_arguments(parser)
         parser.add_argument("--profile-hz", type=rate, default=DEFAULT_HZ, metavar="HZ",
                             help=f"eBPF native stack samples of the server and runners per second "
