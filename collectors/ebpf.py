@@ -156,7 +156,8 @@ class EbpfCollector:
         if forwarder is not None and forwarder.pid == pid:
             forwarder = None
         if pid is None:
-            raise TracerError(f"no Ollama server process found for {session.ollama_host}; pass --ollama-pid.",
+            raise TracerError(f"no Ollama server process found for {session.ollama_host}; pass --ollama-pid, or "
+                              "--in-process when the command runs llama.cpp itself (llama-cpp-python).",
                               ExitCode.OLLAMA_UNREACHABLE)
         binary = find_ollama_binary(pid)
         version = session.ollama_version or ollama_version_of(session.ollama_host)

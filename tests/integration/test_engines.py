@@ -202,6 +202,36 @@ def test_a_capture_around_llama_cpp_python_splits_the_call_inside_its_one_proces
     assert -0.5 <= gap <= max(1.5, 0.25 * statistics.median(theirs)), (ours, theirs)
 
 
+def test_a_users_own_llama_cpp_python_program_is_traced_without_a_change(testbed_engines: dict[str, Any],
+                                                                         tmp_path: Path) -> None:
+    """A program that calls llama_cpp.Llama itself (tests/targets/llama_cpp_app.py: streamed
+    completions it leaves early, a streamed chat it leaves after one chunk, a plain completion):
+    the auto-instrumentation wraps the library when the program imports it, each call is a
+    llama.cpp GenAI span, and with --in-process each interrupt's next call is split by the probes.
+    The program's own output is unchanged."""
+    from ollama_tracer.testbed.standalone import lib_dir
+
+    gguf = next(s["gguf"] for s in testbed_engines["llama_servers"] if s["model"] == MODELS[0])
+    out = tmp_path / "cap"
+    proc = run_tracer("capture", "--in-process", "-o", str(out), "--force", "--", sys.executable,
+                      str(Path(REPO) / "tests" / "targets" / "llama_cpp_app.py"), gguf, "3", timeout=600,
+                      env={"LLAMA_CPP_LIB_PATH": str(lib_dir()), "TARGET_LOAD_BACKENDS": "1",
+                           "OLLAMA_HOST": "127.0.0.1:9"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "target: done (1 choice)" in proc.stdout
+    rows = [json.loads(line) for line in (out / "raw" / "client_spans.jsonl").read_text().splitlines() if line]
+    calls = [r["attributes"] for r in rows if "gen_ai.provider.name" in r.get("attributes", {})]
+    assert {a["gen_ai.provider.name"] for a in calls} == {"llama.cpp"}
+    assert [a["gen_ai.operation.name"] for a in calls].count("chat") == 1 and len(calls) == 8, calls
+    assert sum(1 for a in calls if a.get("tracer.cancelled")) == 4  # three first stages, the chat
+    attribution = json.loads((out / "attribution.json").read_text())
+    assert [iv["kind"] for iv in attribution["intervals"]] == ["interrupt"] * 4, attribution["intervals"]
+    assert attribution["summary"]["coverage"] >= 0.95, attribution["summary"]
+    for iv in attribution["intervals"]:
+        ebpf = [p["name"] for p in iv["phases"] if p["source"] == "ebpf"]
+        assert ebpf == ["runner.admit", "runner.prefill", "runner.sample"], iv["phases"]
+
+
 def _phase_medians(capture: Path) -> dict[str, float]:
     """Each phase's median over a capture's measured intervals, in ms."""
     summary = json.loads((capture / "attribution.json").read_text())["summary"]

@@ -35,7 +35,7 @@ def _remove_bootstrap_from_pythonpath() -> None:
 
 def initialize() -> None:
     """Install the OTel SDK (from OTEL_*) and instrument the ollama client, requests and httpx
-    (with httpx2: the OpenAI SDK).
+    (with httpx2: the OpenAI SDK), and llama-cpp-python once the program imports it.
 
     Any failure is logged and swallowed: the traced program must run exactly as without us.
     """
@@ -46,6 +46,7 @@ def initialize() -> None:
         start_clock_marker()  # first: the OTel imports below take a while, py-spy is already sampling
     try:
         from ollama_tracer.instrument.httpx_client import HttpxInstrumentor
+        from ollama_tracer.instrument.llama_cpp_client import LlamaCppInstrumentor
         from ollama_tracer.instrument.ollama_client import OllamaInstrumentor
         from ollama_tracer.instrument.requests_client import RequestsInstrumentor
         from ollama_tracer.otel_setup import configure_from_env
@@ -55,6 +56,7 @@ def initialize() -> None:
         OllamaInstrumentor().instrument(record_content=record_content)
         RequestsInstrumentor().instrument(record_content=record_content)
         HttpxInstrumentor().instrument(record_content=record_content)  # plain httpx, the OpenAI SDK
+        LlamaCppInstrumentor().instrument(record_content=record_content)  # when it imports llama_cpp
         _write_marker()
         if provider is not None:
             atexit.register(provider.shutdown)  # flush what the program traced

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ollama_tracer.instrument.genai import StreamRecorder
+from ollama_tracer.instrument.llama_cpp_client import IN_PROCESS_URL  # the address its spans carry: no server
 from ollama_tracer.vocabulary import ENV_GENAI_PROVIDER, LLAMA_SERVER, PROVIDER_LLAMA_CPP
 from opentelemetry import trace
 
@@ -39,7 +40,6 @@ BACKENDS = (BACKEND_OLLAMA, BACKEND_LLAMA_SERVER, BACKEND_LLAMA_CPP_PYTHON)
 CLIENTS = {BACKEND_OLLAMA: ("sdk", "http"), BACKEND_LLAMA_SERVER: ("native", "openai"),
            BACKEND_LLAMA_CPP_PYTHON: ("library",)}
 DEFAULT_N_CTX = 4096  # Ollama's default num_ctx, for the engines whose context is fixed at load
-IN_PROCESS_URL = "inprocess://llama-cpp-python/completion"  # the address its spans carry: no server
 
 
 class StageStream:

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
@@ -355,3 +355,30 @@ class StreamRecorder:
             span.set_status(trace.Status(trace.StatusCode.ERROR, str(error)[:200]))
             span.set_attribute(ERROR_TYPE, type(error).__qualname__)
         span.end(end_time=end_ns)
+
+
+def traced_stream(stream: Iterator[Any], recorder: StreamRecorder,
+                  on_part: Callable[[Any], None]) -> Iterator[Any]:
+    """``stream``'s parts, each reported (``on_part``) just before it is handed on; the call's span
+    ends with the stream: done, cancelled (the caller closed it early: an interrupt, not an error;
+    the stream under it is closed at once, which closes an HTTP response's connection), or failed
+    (the error re-raised unchanged)."""
+    finished = False
+    try:
+        for part in stream:
+            on_part(part)
+            yield part
+        finished = True
+    except GeneratorExit:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        recorder.end(cancelled=True)
+        raise
+    except BaseException as err:
+        recorder.end(error=err)
+        raise
+    finally:
+        if finished:
+            recorder.end()
+

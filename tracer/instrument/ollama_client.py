@@ -17,7 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
-from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path
+from ollama_tracer.instrument.genai import StreamRecorder, operation_for_path, traced_stream
 from ollama_tracer.instrument.httpx_client import async_hook, sync_hook
 from opentelemetry import trace
 
@@ -88,25 +88,7 @@ def _wrap_sync(original: Callable[..., Any], tracer: trace.Tracer, record_conten
 
 
 def _traced_stream(stream: Iterator[Any], recorder: StreamRecorder) -> Iterator[Any]:
-    finished = False
-    try:
-        for part in stream:
-            recorder.chunk(_as_dict(part))
-            yield part
-        finished = True
-    except GeneratorExit:
-        # The caller closed the stream early: an interrupt, not an error.
-        stream_close = getattr(stream, "close", None)
-        if stream_close is not None:
-            stream_close()  # closes the httpx response, and with it the TCP connection
-        recorder.end(cancelled=True)
-        raise
-    except BaseException as err:
-        recorder.end(error=err)
-        raise
-    finally:
-        if finished:
-            recorder.end()
+    return traced_stream(stream, recorder, lambda part: recorder.chunk(_as_dict(part)))
 
 
 def _wrap_async(original: Callable[..., Any], tracer: trace.Tracer, record_content: bool) -> Callable[..., Any]:
