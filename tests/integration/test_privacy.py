@@ -58,6 +58,16 @@ def _containing(directory: Path, needle: str) -> list[str]:
     return found
 
 
+def _distinctive(completion: str) -> list[str]:
+    """The answer's words that no capture file can hold by chance: 6 characters or more, with a
+    digit and a character that is not a hex digit (the synthetic vocabulary's ``w000391``). A plain
+    word can be a span's own text (once seen: the answer had a word the spans also hold, likely
+    a finish reason such as ``length``), and a hex or digit run can be part of an id or a time."""
+    return [piece for piece in completion.split()
+            if len(piece) >= 6 and any(c.isdigit() for c in piece)
+            and any(c not in "0123456789abcdefABCDEF" for c in piece)]
+
+
 def test_no_prompt_or_completion_anywhere_without_record_content(testbed: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "cap"
     completion = _capture(testbed, out)
@@ -67,17 +77,19 @@ def test_no_prompt_or_completion_anywhere_without_record_content(testbed: dict[s
     assert len(_files(out)) >= 10  # raw/ holds every collector's output
     assert _containing(out, PROMPT) == []
     assert _containing(out, "quokka-zebra") == []
-    pieces = [piece for piece in completion.split() if len(piece) >= 6]  # distinctive words of the answer
-    leaked = {piece: _containing(out, piece) for piece in pieces}
-    assert not any(leaked.values()), leaked
+    pieces = _distinctive(completion)
+    assert pieces, completion  # the synthetic model's answer always has some
+    leaked = {piece: found for piece in pieces if (found := _containing(out, piece))}
+    assert not leaked, leaked
     # Files are user-only, directories too.
     for path in [out, *out.rglob("*")]:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o077 == 0, (str(path), oct(mode))
     # The opt-in records it: the grep above can fail.
     opted = tmp_path / "opted"
-    _capture(testbed, opted, "--record-content")
+    answer = _capture(testbed, opted, "--record-content")
     assert _containing(opted, PROMPT), "with --record-content the prompt is in the spans"
+    assert all(_containing(opted, piece) for piece in _distinctive(answer)), "and the answer's words too"
 
 
 def test_listeners_bind_loopback_only(testbed: dict[str, Any], tmp_path: Path) -> None:
